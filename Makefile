@@ -1,0 +1,57 @@
+# maglev-lb: `make test` installs everything it needs on a fresh Debian machine (as root) and
+# runs the whole suite; `make demo` runs the lab demo.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+# System packages: BPF toolchain, FRR for the router, tools the lab and tests drive.
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps
+
+.PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf clean
+
+all: deps
+
+deps: system-deps python-deps
+
+# Installs only what is missing, so a provisioned machine pays nothing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing system packages:$$missing (run as root, or apt-get install them)"; exit 1; fi; \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+python-deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(wildcard setup.py)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+bpf: deps
+	$(PY) -m node.forwarder.build
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: python-deps
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: deps
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: deps
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+demo: deps
+	$(VENV)/bin/maglev lab demo
+
+bench: deps
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build *.egg-info node/forwarder/bpf/*.o .pytest_cache

@@ -1,0 +1,1 @@
+"""Subcommands of `maglev`: one module each, discovered by node.cli."""

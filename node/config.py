@@ -1,0 +1,624 @@
+"""Configuration model: the node file and the VIP files.
+
+Every object an operator writes (a YAML file, or the same object over the HTTP API) goes through
+these pydantic models. Validation is strict on purpose: an unknown key is usually a typo that
+would otherwise silently fall back to a default, and a load balancer that guesses is worse than
+one that refuses. Errors name the file, the VIP and the field so the operator can fix them
+without reading code.
+
+Public API:
+- ``load_node_file(path) -> NodeConfig``
+- ``load_vip_file(path) -> list[VipConfig]``
+- ``load_vip_dir(path) -> dict[str, VipConfig]`` (checks duplicates across files)
+- ``parse_vip_object(data, source) -> VipConfig`` (the API path)
+- ``ConfigError`` carries a list of ``ConfigProblem`` (file, vip, field, message).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+
+def _parse_ip(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    try:
+        return ipaddress.ip_address(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 address") from None
+
+
+# One validator for both families, so a typo gets one plain message rather than two union ones.
+IPAddress = Annotated[
+    Union[ipaddress.IPv4Address, ipaddress.IPv6Address],
+    PlainValidator(_parse_ip),
+    PlainSerializer(str, return_type=str),
+]
+
+DEFAULT_TABLE_SIZE = 65537
+MIN_TABLE_SIZE = 7
+VIP_FILE_SUFFIXES = (".yaml", ".yml")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic primality test; table sizes are small enough for trial division."""
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
+class Strict(BaseModel):
+    """Base for every config object: unknown keys are errors, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Health checks
+# --------------------------------------------------------------------------------------------
+
+
+class CheckCommon(Strict):
+    """Scheduling and state-machine parameters shared by every check type."""
+
+    interval: float = Field(2.0, gt=0, description="seconds between probes")
+    timeout: float = Field(1.0, gt=0, description="seconds; must be below interval")
+    rise: int = Field(2, ge=1, le=100, description="consecutive successes to become UP")
+    fall: int = Field(3, ge=1, le=100, description="consecutive failures to become DOWN")
+    port: int | None = Field(None, ge=1, le=65535, description="probe port; default: backend port, then VIP port")
+    # Flap dampening: more than flap_threshold transitions within flap_window seconds hold the
+    # backend DOWN for hold_down seconds, doubling on each repeat up to hold_down_max.
+    flap_threshold: int = Field(6, ge=1)
+    flap_window: float = Field(60.0, gt=0)
+    hold_down: float = Field(10.0, ge=0)
+    hold_down_max: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> "CheckCommon":
+        if self.timeout >= self.interval:
+            raise ValueError(
+                f"timeout ({self.timeout} s) must be below interval ({self.interval} s), "
+                "or probes would overlap"
+            )
+        return self
+
+
+class TcpCheck(CheckCommon):
+    type: Literal["tcp"]
+
+
+class HttpCheck(CheckCommon):
+    type: Literal["http", "https"]
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = Field(None, description="Host header; default: the backend address")
+    expect_status: list[str] = Field(default_factory=lambda: ["200-399"])
+    body: str | None = Field(None, description="substring the body must contain")
+    body_regex: str | None = None
+    tls_verify: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _path_absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"path {v!r} must start with '/'")
+        return v
+
+    @field_validator("expect_status")
+    @classmethod
+    def _status_ranges(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_status_range(item)
+        if not v:
+            raise ValueError("expect_status must list at least one status or range")
+        return v
+
+    @field_validator("body_regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"body_regex does not compile: {exc}") from None
+        return v
+
+
+def parse_status_range(item: str | int) -> tuple[int, int]:
+    """'200-399' -> (200, 399); '204' -> (204, 204)."""
+    text = str(item).strip()
+    lo_s, _, hi_s = text.partition("-")
+    try:
+        lo = int(lo_s)
+        hi = int(hi_s) if hi_s else lo
+    except ValueError:
+        raise ValueError(f"status {text!r} is not a code or a range like 200-399") from None
+    if not (100 <= lo <= hi <= 599):
+        raise ValueError(f"status range {text!r} must lie within 100-599")
+    return lo, hi
+
+
+class UdpCheck(CheckCommon):
+    type: Literal["udp"]
+    payload: str = Field("ping", description="text sent; prefix with 'hex:' for raw bytes")
+    expect: str | None = Field(None, description="bytes the reply must contain ('hex:' allowed)")
+
+
+class DnsCheck(CheckCommon):
+    type: Literal["dns"]
+    query_name: str
+    query_type: Literal["A", "AAAA"] = "A"
+
+
+class ExecCheck(CheckCommon):
+    type: Literal["exec"]
+    command: list[str] = Field(min_length=1, description="argv, run without a shell")
+
+
+HealthCheck = Annotated[
+    Union[TcpCheck, HttpCheck, UdpCheck, DnsCheck, ExecCheck], Field(discriminator="type")
+]
+
+
+# --------------------------------------------------------------------------------------------
+# VIPs
+# --------------------------------------------------------------------------------------------
+
+
+class Backend(Strict):
+    address: IPAddress
+    port: int | None = Field(None, ge=1, le=65535)
+    weight: float = Field(1.0, gt=0)
+    state: Literal["active", "drain", "disabled"] = "active"
+    hash_key: str | None = Field(None, min_length=1)
+
+    @property
+    def key(self) -> str:
+        """The Maglev key: stable across nodes and restarts, so tables agree."""
+        if self.hash_key:
+            return self.hash_key
+        return backend_key(self.address, self.port)
+
+
+def backend_key(address: IPAddress, port: int | None) -> str:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}" if port else host
+
+
+class AnnouncePolicy(Strict):
+    min_healthy: int = Field(1, ge=1, description="announce only with at least this many healthy backends")
+    med: int | None = Field(None, ge=0, le=4294967295)
+    communities: list[str] = Field(default_factory=list)
+
+    @field_validator("communities")
+    @classmethod
+    def _community_format(cls, v: list[str]) -> list[str]:
+        for c in v:
+            m = re.fullmatch(r"(\d+):(\d+)", c)
+            if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
+                raise ValueError(f"community {c!r} must be ASN:VALUE with both parts 0-65535")
+        return v
+
+
+class VipConfig(Strict):
+    name: str
+    address: IPAddress
+    protocol: Literal["tcp", "udp"] = "tcp"
+    port: int | Literal["all"] = Field(..., description="a port 1-65535, or 'all'")
+    table_size: int = DEFAULT_TABLE_SIZE
+    backends: list[Backend] = Field(default_factory=list)
+    health_check: HealthCheck | None = None
+    announce: AnnouncePolicy = Field(default_factory=AnnouncePolicy)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"name {v!r} must be 1-63 characters of letters, digits, '.', '_' or '-'"
+            )
+        return v
+
+    @field_validator("port")
+    @classmethod
+    def _port_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 65535:
+            raise ValueError(f"port {v} must be 1-65535 or 'all'")
+        return v
+
+    @field_validator("table_size")
+    @classmethod
+    def _table_prime(cls, v: int) -> int:
+        if v < MIN_TABLE_SIZE:
+            raise ValueError(f"table_size {v} is too small (minimum {MIN_TABLE_SIZE})")
+        if not is_prime(v):
+            raise ValueError(f"table_size {v} is not prime (Maglev needs a prime; e.g. 65537 or 655373)")
+        return v
+
+    @model_validator(mode="after")
+    def _backends_consistent(self) -> "VipConfig":
+        keys: set[str] = set()
+        addrs: set[tuple[str, int | None]] = set()
+        for i, b in enumerate(self.backends):
+            if b.address.version != self.address.version:
+                raise ValueError(
+                    f"backends[{i}].address {b.address} is IPv{b.address.version} but the VIP "
+                    f"address {self.address} is IPv{self.address.version}; a VIP's backends must "
+                    "use the VIP's address family"
+                )
+            if (str(b.address), b.port) in addrs:
+                raise ValueError(f"backends[{i}] {b.key} is listed twice")
+            addrs.add((str(b.address), b.port))
+            if b.key in keys:
+                raise ValueError(f"backends[{i}] hash key {b.key!r} is used by another backend")
+            keys.add(b.key)
+        if len(self.backends) > self.table_size:
+            raise ValueError(
+                f"{len(self.backends)} backends do not fit a table of {self.table_size} entries"
+            )
+        return self
+
+    @property
+    def identity(self) -> tuple[str, str, int | str]:
+        """(address, protocol, port): what must be unique across the whole node."""
+        return (str(self.address), self.protocol, self.port)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.address}/{self.address.max_prefixlen}"
+
+    def backend_port(self, backend: Backend) -> int | None:
+        if backend.port:
+            return backend.port
+        return self.port if isinstance(self.port, int) else None
+
+
+class VipFile(Strict):
+    vips: list[VipConfig] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Node
+# --------------------------------------------------------------------------------------------
+
+
+class BgpPeer(Strict):
+    address: IPAddress
+    peer_as: int = Field(..., ge=1, le=4294967295)
+    hold_time: int | None = Field(None, description="override of bgp.hold_time for this peer")
+    local_address: IPAddress | None = Field(None, description="override; must match the peer's family")
+    passive: bool = False
+
+
+class BgpConfig(Strict):
+    local_as: int = Field(..., ge=1, le=4294967295)
+    router_id: ipaddress.IPv4Address
+    local_address: IPAddress
+    local_address_v6: ipaddress.IPv6Address | None = Field(
+        None, description="source for IPv6 peers when local_address is IPv4"
+    )
+    next_hop: Literal["self"] | IPAddress = "self"
+    hold_time: int = Field(3, description="seconds; 0 or 3-65535; 3 is FRR's and ExaBGP's minimum")
+    peers: list[BgpPeer] = Field(default_factory=list)
+    withdraw_delay: float = Field(2.0, ge=0, description="seconds between withdraw-all and stop")
+    graceful_shutdown: float = Field(
+        0.0, ge=0, description="seconds to announce with GRACEFUL_SHUTDOWN (65535:0) before withdrawing"
+    )
+    min_change_interval: float = Field(1.0, ge=0, description="a VIP's route changes at most this often")
+    flap_hold_down: float = Field(5.0, ge=0, description="initial hold-down for a flapping VIP route")
+    flap_hold_down_max: float = Field(120.0, ge=0)
+
+    @field_validator("hold_time")
+    @classmethod
+    def _hold_time(cls, v: int) -> int:
+        if v != 0 and not 3 <= v <= 65535:
+            raise ValueError(f"hold_time {v} must be 0 or 3-65535 (BGP, RFC 4271)")
+        return v
+
+    @model_validator(mode="after")
+    def _families(self) -> "BgpConfig":
+        seen: set[str] = set()
+        for i, p in enumerate(self.peers):
+            if str(p.address) in seen:
+                raise ValueError(f"peers[{i}].address {p.address} is listed twice")
+            seen.add(str(p.address))
+            if p.hold_time is not None:
+                BgpConfig._hold_time(p.hold_time)
+            local = self.local_for(p)
+            if local is None or local.version != p.address.version:
+                raise ValueError(
+                    f"peers[{i}].address {p.address} is IPv{p.address.version} but no local "
+                    f"IPv{p.address.version} address is configured (set local_address"
+                    + ("_v6" if p.address.version == 6 else "")
+                    + " or peers[].local_address)"
+                )
+        return self
+
+    def local_for(self, peer: BgpPeer) -> IPAddress | None:
+        if peer.local_address is not None:
+            return peer.local_address
+        if self.local_address.version == peer.address.version:
+            return self.local_address
+        if peer.address.version == 6:
+            return self.local_address_v6
+        return None
+
+
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+class ForwarderConfig(Strict):
+    interfaces: list[str] = Field(..., min_length=1)
+    xdp_mode: Literal["native", "generic"] = "native"
+    encap_source_v4: ipaddress.IPv4Address | None = None
+    encap_source_v6: ipaddress.IPv6Address | None = None
+    next_hop_mac: str | None = Field(
+        None, description="MAC of the gateway towards backends; unset: bpf_fib_lookup"
+    )
+    conntrack_size: int = Field(1_000_000, ge=1024)
+    udp_idle_timeout: float = Field(30.0, gt=0)
+    new_flow_rate_limit: int = Field(0, ge=0, description="new flows per second per CPU; 0 = unlimited")
+    mtu: int = Field(1500, ge=576, le=65535, description="MTU towards the backends")
+    bpffs: Path = Path("/sys/fs/bpf/maglev")
+    self_test_interval: float = Field(5.0, gt=0)
+    on_stop: Literal["detach", "keep"] = "detach"
+
+    @field_validator("next_hop_mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is not None and not MAC_RE.match(v):
+            raise ValueError(f"next_hop_mac {v!r} is not a MAC address like 02:00:00:00:00:01")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "ForwarderConfig":
+        if self.encap_source_v4 is None and self.encap_source_v6 is None:
+            raise ValueError("set encap_source_v4 and/or encap_source_v6 (the GRE outer source)")
+        return self
+
+
+class ApiConfig(Strict):
+    listen: str = "127.0.0.1"
+    port: int = Field(9180, ge=1, le=65535)
+    token_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_addr(cls, v: str) -> str:
+        ipaddress.ip_address(v)
+        return v
+
+
+class NodeConfig(Strict):
+    node_id: str
+    vip_dir: Path
+    run_dir: Path = Path("/run/maglev")
+    bgp: BgpConfig
+    forwarder: ForwarderConfig
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    warmup: float = Field(10.0, ge=0, description="seconds to wait for every backend's first verdict")
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"node_id {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, and errors operators can act on
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    vip: str | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.vip:
+            where += f": vip {self.vip!r}"
+        if self.field:
+            where += f": {self.field}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _loc_to_field(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            # Discriminated unions add the tag ('http') to the path; it is noise to operators.
+            if part in ("tcp", "http", "https", "udp", "dns", "exec") and out.endswith("health_check"):
+                continue
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _clean_msg(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def _problems_from_validation(
+    exc: ValidationError, file: str, data: Any, vips_key: bool
+) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        vip = None
+        if vips_key and len(loc) >= 2 and loc[0] == "vips" and isinstance(loc[1], int):
+            vip = _vip_name_at(data, loc[1])
+            loc = loc[2:]
+        msg = _clean_msg(err["msg"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/ for every valid key)"
+        problems.append(ConfigProblem(file, vip, _loc_to_field(loc) or None, msg))
+    return problems
+
+
+def _vip_name_at(data: Any, index: int) -> str:
+    try:
+        name = data["vips"][index].get("name")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        name = None
+    return str(name) if name else f"#{index}"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(path), None, None, f"cannot read: {exc.strerror}")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(str(path), None, None, f"invalid YAML: {exc}")]) from None
+
+
+def load_node_file(path: str | Path) -> NodeConfig:
+    path = Path(path)
+    data = _read_yaml(path)
+    return parse_node_object(data, str(path))
+
+
+def parse_node_object(data: Any, source: str) -> NodeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(source, None, None, "a node file must be a mapping")])
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from_validation(exc, source, data, False)) from None
+
+
+def parse_vip_file_object(data: Any, source: str) -> list[VipConfig]:
+    if data is None:
+        return []
+    if not isinstance(data, dict) or "vips" not in data:
+        raise ConfigError(
+            [ConfigProblem(source, None, None, "a VIP file must be a mapping with a 'vips' list")]
+        )
+    try:
+        vips = VipFile.model_validate(data).vips
+    except ValidationError as exc:
+        raise ConfigError(_problems_from_validation(exc, source, data, True)) from None
+    problems = _duplicate_problems([(source, v) for v in vips])
+    if problems:
+        raise ConfigError(problems)
+    return vips
+
+
+def parse_vip_object(data: Any, source: str = "<api>") -> VipConfig:
+    """Validate one VIP object (the HTTP API's PUT body)."""
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(source, None, None, "a VIP must be a JSON/YAML object")])
+    return parse_vip_file_object({"vips": [data]}, source)[0]
+
+
+def load_vip_file(path: str | Path) -> list[VipConfig]:
+    path = Path(path)
+    return parse_vip_file_object(_read_yaml(path), str(path))
+
+
+def vip_files(directory: str | Path) -> list[Path]:
+    """VIP files in a directory, sorted so every node reads them in the same order."""
+    d = Path(directory)
+    return sorted(
+        p for p in d.iterdir() if p.suffix in VIP_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def load_vip_dir(directory: str | Path) -> dict[str, VipConfig]:
+    """All VIPs of a directory by name. Any problem in any file rejects the whole set, so a
+    half-applied directory never reaches the data path."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError([ConfigProblem(str(d), None, None, "VIP directory does not exist")])
+    problems: list[ConfigProblem] = []
+    found: list[tuple[str, VipConfig]] = []
+    for path in vip_files(d):
+        try:
+            found.extend((str(path), v) for v in load_vip_file(path))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    problems.extend(_duplicate_problems(found, skip_same_file=True))
+    if problems:
+        raise ConfigError(problems)
+    return {v.name: v for _, v in found}
+
+
+def _duplicate_problems(
+    found: list[tuple[str, VipConfig]], skip_same_file: bool = False
+) -> list[ConfigProblem]:
+    problems = []
+    by_name: dict[str, str] = {}
+    by_identity: dict[tuple[str, str, int | str], tuple[str, str]] = {}
+    for source, vip in found:
+        if vip.name in by_name and not (skip_same_file and by_name[vip.name] == source):
+            problems.append(
+                ConfigProblem(source, vip.name, "name", f"duplicate VIP name, also defined in {by_name[vip.name]}")
+            )
+        by_name.setdefault(vip.name, source)
+        clash = _identity_clash(vip, by_identity)
+        if clash and not (skip_same_file and clash[0] == source):
+            other_src, other_name = clash
+            problems.append(
+                ConfigProblem(
+                    source,
+                    vip.name,
+                    "address",
+                    f"{vip.protocol} {vip.address} port {vip.port} overlaps VIP {other_name!r} in {other_src}",
+                )
+            )
+        by_identity.setdefault(vip.identity, (source, vip.name))
+    return problems
+
+
+def _identity_clash(
+    vip: VipConfig, seen: dict[tuple[str, str, int | str], tuple[str, str]]
+) -> tuple[str, str] | None:
+    """An 'all ports' VIP overlaps every port of the same address and protocol, and the other way
+    round: the data path could not tell which one a packet belongs to."""
+    addr, proto, port = vip.identity
+    if (addr, proto, port) in seen:
+        return seen[(addr, proto, port)]
+    for (a, p, o), where in seen.items():
+        if a == addr and p == proto and (o == "all" or port == "all"):
+            return where
+    return None

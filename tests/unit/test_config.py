@@ -1,0 +1,148 @@
+"""Config validation: every error class names the file, the VIP and the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.config import ConfigError, load_node_file, load_vip_dir, load_vip_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def vip(**over):
+    base = {
+        "name": "web",
+        "address": "10.100.0.1",
+        "port": 80,
+        "backends": [{"address": "10.0.1.1"}, {"address": "10.0.1.2"}],
+    }
+    base.update(over)
+    return base
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_vip_file(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_valid_file_loads(tmp_path):
+    vips = load_vip_file(write(tmp_path / "a.yaml", {"vips": [vip()]}))
+    assert vips[0].name == "web" and vips[0].table_size == 65537
+    assert [b.key for b in vips[0].backends] == ["10.0.1.1", "10.0.1.2"]
+
+
+def test_unknown_key_names_file_vip_field(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(wieght=3)]})
+    assert problems_of(f) == [f"{f}: vip 'web': wieght: unknown key (check the spelling; see configs/ for every valid key)"]
+
+
+def test_unknown_nested_key(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(health_check={"type": "http", "pth": "/x"})]})
+    (msg,) = problems_of(f)
+    assert "vip 'web': health_check.pth: unknown key" in msg
+
+
+def test_bad_address(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(backends=[{"address": "10.0.1.300"}])]})
+    (msg,) = problems_of(f)
+    assert msg == f"{f}: vip 'web': backends[0].address: '10.0.1.300' is not a valid IPv4 or IPv6 address"
+
+
+def test_family_mixup(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(backends=[{"address": "fd00::1"}])]})
+    (msg,) = problems_of(f)
+    assert "vip 'web'" in msg and "backends[0].address fd00::1 is IPv6" in msg and "IPv4" in msg
+
+
+@pytest.mark.parametrize("size,reason", [(100, "is not prime"), (5, "is too small"), (65536, "is not prime")])
+def test_table_size(tmp_path, size, reason):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(table_size=size)]})
+    (msg,) = problems_of(f)
+    assert f"vip 'web': table_size: table_size {size} {reason}" in msg
+
+
+def test_timeout_not_below_interval(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(health_check={"type": "tcp", "interval": 1, "timeout": 1})]})
+    (msg,) = problems_of(f)
+    assert "vip 'web': health_check" in msg and "timeout (1.0 s) must be below interval (1.0 s)" in msg
+
+
+def test_duplicate_name_in_file(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(), vip(address="10.100.0.2")]})
+    (msg,) = problems_of(f)
+    assert msg.startswith(f"{f}: vip 'web': name: duplicate VIP name")
+
+
+def test_duplicates_across_files(tmp_path):
+    write(tmp_path / "a.yaml", {"vips": [vip()]})
+    write(tmp_path / "b.yaml", {"vips": [vip()]})
+    write(tmp_path / "c.yaml", {"vips": [vip(name="other", port="all")]})
+    with pytest.raises(ConfigError) as info:
+        load_vip_dir(tmp_path)
+    msgs = [str(p) for p in info.value.problems]
+    assert any("b.yaml: vip 'web': name: duplicate VIP name, also defined in" in m and "a.yaml" in m for m in msgs)
+    assert any("b.yaml: vip 'web': address: tcp 10.100.0.1 port 80 overlaps VIP 'web'" in m for m in msgs)
+    assert any("vip 'other': address: tcp 10.100.0.1 port all overlaps" in m for m in msgs)
+
+
+def test_same_address_other_protocol_is_fine(tmp_path):
+    write(tmp_path / "a.yaml", {"vips": [vip(), vip(name="dns", protocol="udp")]})
+    assert sorted(load_vip_dir(tmp_path)) == ["dns", "web"]
+
+
+def test_invalid_yaml(tmp_path):
+    f = write(tmp_path / "a.yaml", "vips: [\n")
+    (msg,) = problems_of(f)
+    assert msg.startswith(f"{f}: invalid YAML")
+
+
+def test_node_peer_family_mixup(tmp_path):
+    data = yaml.safe_load((REPO / "configs/node.yaml").read_text())
+    data["bgp"]["peers"] = [{"address": "fd00::1", "peer_as": 65000}]
+    f = write(tmp_path / "node.yaml", data)
+    with pytest.raises(ConfigError) as info:
+        load_node_file(f)
+    (msg,) = [str(p) for p in info.value.problems]
+    assert f"{f}: bgp: peers[0].address fd00::1 is IPv6 but no local IPv6 address" in msg
+
+
+def test_node_hold_time(tmp_path):
+    data = yaml.safe_load((REPO / "configs/node.yaml").read_text())
+    data["bgp"]["hold_time"] = 2
+    f = write(tmp_path / "node.yaml", data)
+    with pytest.raises(ConfigError) as info:
+        load_node_file(f)
+    assert "bgp.hold_time: hold_time 2 must be 0 or 3-65535" in str(info.value)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_check_config_examples_valid():
+    r = run_cli("check-config", "configs/node.yaml", "configs/vips.d/web.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("configs/node.yaml: node 'lb-1'")
+    assert any(line.startswith("configs/vips.d/web.yaml: 2 VIP(s)") for line in lines)
+
+
+def test_check_config_lists_every_error(tmp_path):
+    f = write(tmp_path / "a.yaml", {"vips": [vip(table_size=100, bogus=1)]})
+    r = run_cli("check-config", str(f), str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2
+    assert "table_size 100 is not prime" in r.stdout
+    assert "bogus: unknown key" in r.stdout
+    assert "missing.yaml: no such file or directory" in r.stdout
+    assert "3 error(s)" in r.stdout

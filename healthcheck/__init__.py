@@ -1,0 +1,27 @@
+"""Health checking for maglev-lb: probes (tcp, http/https, udp, dns, exec), a per-backend state
+machine with flap dampening, and an asyncio monitor the node controller drives.
+
+Public API:
+- ``Target``, ``State``, ``ProbeResult``, ``Transition``, ``TargetStatus`` (healthcheck.types)
+- ``HealthMonitor(on_transition=None, *, clock=time.monotonic, on_probe=None)`` with
+  ``start()``, ``stop()``, ``update(targets)``, ``snapshot()``, ``events()``
+- ``probe(target) -> ProbeResult``: one probe, for ``maglev check``
+- ``StateMachine``: the pure rise/fall/dampening logic
+"""
+
+from healthcheck.monitor import HealthMonitor
+from healthcheck.probes import Prober, probe
+from healthcheck.state import StateMachine
+from healthcheck.types import ProbeResult, State, Target, TargetStatus, Transition
+
+__all__ = [
+    "HealthMonitor",
+    "ProbeResult",
+    "Prober",
+    "State",
+    "StateMachine",
+    "Target",
+    "TargetStatus",
+    "Transition",
+    "probe",
+]

@@ -1,0 +1,190 @@
+"""HealthMonitor: runs every target's probes on its own schedule and reports state changes.
+
+One asyncio task per target, so a slow probe (bounded by its timeout, which is below the interval)
+only ever delays its own target. Each target's first probe lands at a fixed offset inside its
+interval derived from a hash of the target, so thousands of backends are spread evenly rather
+than probed in one burst, and the spread is the same on every run and every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import xxhash
+
+from healthcheck.probes import Prober
+from healthcheck.state import StateMachine
+from healthcheck.types import ProbeResult, State, Target, TargetStatus, Transition
+
+log = logging.getLogger("maglev.health")
+
+# Called after every probe with (target, scheduled loop time, actual start loop time, result);
+# the bench measures lateness with it and tests observe the schedule.
+ProbeHook = Callable[[Target, float, float, ProbeResult], None]
+
+
+def first_offset(target: Target) -> float:
+    """Where in [0, interval) the target's probes fall: a stable hash, not a random draw."""
+    digest = xxhash.xxh64_intdigest(repr(target._key).encode())
+    return (digest / 2**64) * target.check.interval
+
+
+@dataclass
+class _Entry:
+    target: Target
+    machine: StateMachine
+    task: asyncio.Task[None] | None = None
+    active: bool = True
+
+
+class _EventStream:
+    """An async iterator of transitions that is subscribed from the moment it is created, so no
+    event falls between ``events()`` and the first ``await``."""
+
+    def __init__(self, monitor: "HealthMonitor") -> None:
+        self._monitor = monitor
+        self._queue: asyncio.Queue[Transition | None] = asyncio.Queue()
+        monitor._streams.append(self._queue)
+
+    def __aiter__(self) -> "_EventStream":
+        return self
+
+    async def __anext__(self) -> Transition:
+        item = await self._queue.get()
+        if item is None:
+            self.close()
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        if self._queue in self._monitor._streams:
+            self._monitor._streams.remove(self._queue)
+
+
+class HealthMonitor:
+    """Probes a desired set of targets; reports transitions by callback and by ``events()``."""
+
+    def __init__(
+        self,
+        on_transition: Callable[[Transition], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_probe: ProbeHook | None = None,
+    ) -> None:
+        self._on_transition = on_transition
+        self._on_probe = on_probe
+        self._clock = clock
+        self._entries: dict[Target, _Entry] = {}
+        self._streams: list[asyncio.Queue[Transition | None]] = []
+        self._prober: Prober | None = None
+        self._running = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._prober = Prober(self._clock)
+        self._running = True
+        for entry in self._entries.values():
+            self._spawn(entry)
+
+    async def stop(self) -> None:
+        """Cancel every probe (exec children are killed and reaped) and end event streams."""
+        self._running = False
+        tasks = [e.task for e in self._entries.values() if e.task is not None]
+        for entry in self._entries.values():
+            entry.task = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._prober is not None:
+            await self._prober.close()
+            self._prober = None
+        for queue in list(self._streams):
+            queue.put_nowait(None)
+
+    # ------------------------------------------------------------------ the desired set
+
+    def update(self, targets: Iterable[Target]) -> None:
+        """Make the probed set equal ``targets``: unchanged targets keep their state and schedule,
+        new ones start UNKNOWN, removed ones are cancelled at once and never probed again."""
+        wanted = set(targets)
+        for target in [t for t in self._entries if t not in wanted]:
+            entry = self._entries.pop(target)
+            entry.active = False
+            if entry.task is not None:
+                entry.task.cancel()
+        for target in wanted:
+            if target not in self._entries:
+                entry = _Entry(target, StateMachine(target, self._clock()))
+                self._entries[target] = entry
+                if self._running:
+                    self._spawn(entry)
+
+    def snapshot(self) -> dict[Target, TargetStatus]:
+        return {t: e.machine.status() for t, e in self._entries.items()}
+
+    def events(self) -> _EventStream:
+        """A stream of every transition from now on; it ends when the monitor stops."""
+        return _EventStream(self)
+
+    # ------------------------------------------------------------------ probing
+
+    def _spawn(self, entry: _Entry) -> None:
+        entry.task = asyncio.get_running_loop().create_task(
+            self._run(entry), name=f"health {entry.target.describe()}"
+        )
+
+    async def _run(self, entry: _Entry) -> None:
+        loop = asyncio.get_running_loop()
+        interval = entry.target.check.interval
+        next_at = loop.time() + first_offset(entry.target)
+        while entry.active:
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            started = loop.time()
+            assert self._prober is not None
+            result = await self._prober.probe(entry.target)
+            if not entry.active:
+                return  # removed while the probe was in flight: its verdict is meaningless
+            self._record(entry, next_at, started, result)
+            next_at += interval
+            now = loop.time()
+            if next_at < now:
+                # The loop stalled past a whole slot: skip the missed slots rather than bursting,
+                # and keep the target's phase so the spread holds.
+                next_at += math.ceil((now - next_at) / interval) * interval
+
+    def _record(self, entry: _Entry, scheduled: float, started: float, result: ProbeResult) -> None:
+        if self._on_probe is not None:
+            self._on_probe(entry.target, scheduled, started, result)
+        transition = entry.machine.record(result)
+        if transition is None:
+            return
+        self._log(transition)
+        if self._on_transition is not None:
+            try:
+                self._on_transition(transition)
+            except Exception:
+                log.exception("health: the transition callback failed for %s", entry.target.describe())
+        for queue in self._streams:
+            queue.put_nowait(transition)
+
+    @staticmethod
+    def _log(t: Transition) -> None:
+        level = logging.WARNING if t.new is State.DOWN else logging.INFO
+        log.log(
+            level,
+            "health: backend %s %s -> %s: %s",
+            t.target.describe(),
+            t.old.name,
+            t.new.name,
+            t.reason,
+        )

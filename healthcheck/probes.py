@@ -1,0 +1,324 @@
+"""One probe of one target, for every check type.
+
+A probe never raises for a network problem: it returns a ProbeResult with a short reason an
+operator can act on. The whole probe (connect, request, reading the reply) is bounded by the
+check's timeout.
+
+HTTP goes through one aiohttp session per Prober whose connector has ``force_close``: every probe
+opens a new connection, which is the point (a backend that cannot accept new connections is not
+healthy, whatever a kept-alive socket says), while the session's setup cost is paid once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import time
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+
+from healthcheck import dns
+from healthcheck.types import ProbeResult, Target
+
+BODY_LIMIT = 64 * 1024  # bytes of an HTTP body searched for the expected text
+UDP_REPLY_LIMIT = 65535
+USER_AGENT = "maglev-lb-healthcheck/1"
+
+_ERRNO_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EADDRNOTAVAIL: "address not available",
+    errno.ETIMEDOUT: "connection timed out",
+}
+
+
+class ProbeFailed(Exception):
+    """Raised inside a probe with the reason to report."""
+
+
+def os_reason(exc: OSError) -> str:
+    if exc.errno in _ERRNO_REASONS:
+        return _ERRNO_REASONS[exc.errno]
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def decode_bytes_option(text: str) -> bytes:
+    """Config payloads: plain text, or 'hex:' followed by hex digits for raw bytes."""
+    if text.startswith("hex:"):
+        return bytes.fromhex(text[4:])
+    return text.encode()
+
+
+def _sockaddr(target: Target, port: int) -> tuple[Any, ...]:
+    if target.address.version == 6:
+        return (str(target.address), port, 0, 0)
+    return (str(target.address), port)
+
+
+def _family(target: Target) -> int:
+    return socket.AF_INET6 if target.address.version == 6 else socket.AF_INET
+
+
+def _need_port(target: Target) -> int:
+    port = target.probe_port
+    if port is None:
+        raise ProbeFailed("no port to probe: set the check's port or the backend's port")
+    return port
+
+
+def status_ok(status: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(lo <= status <= hi for lo, hi in ranges)
+
+
+class Prober:
+    """Runs probes; owns the shared HTTP session. Use ``async with`` or ``close()``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._regex_cache: dict[str, re.Pattern[str]] = {}
+        self._status_cache: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+        self._probes: dict[str, Callable[[Target], Awaitable[str]]] = {
+            "tcp": self._tcp,
+            "http": self._http,
+            "https": self._http,
+            "udp": self._udp,
+            "dns": self._dns,
+            "exec": self._exec,
+        }
+
+    async def __aenter__(self) -> "Prober":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def probe(self, target: Target) -> ProbeResult:
+        """One probe; never raises except CancelledError."""
+        timeout = target.check.timeout
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                reason = await self._probes[target.check.type](target)
+            ok = True
+        except ProbeFailed as exc:
+            ok, reason = False, str(exc)
+        except TimeoutError:
+            ok, reason = False, f"timeout after {timeout:g} s"
+        except OSError as exc:
+            ok, reason = False, os_reason(exc)
+        latency = time.perf_counter() - start
+        return ProbeResult(ok, reason, latency, self.clock())
+
+    # ---------------------------------------------------------------- tcp
+
+    async def _tcp(self, target: Target) -> str:
+        sock = socket.socket(_family(target), socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, _sockaddr(target, _need_port(target)))
+        finally:
+            sock.close()
+        return "connected"
+
+    # ---------------------------------------------------------------- http
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(force_close=True, limit=0, ttl_dns_cache=None)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies must not follow us
+                timeout=aiohttp.ClientTimeout(total=None),  # the probe's own timeout bounds all
+                auto_decompress=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+        return self._session
+
+    def _status_ranges(self, expect: list[str]) -> list[tuple[int, int]]:
+        key = tuple(expect)
+        if key not in self._status_cache:
+            from node.config import parse_status_range
+
+            self._status_cache[key] = [parse_status_range(s) for s in expect]
+        return self._status_cache[key]
+
+    async def _http(self, target: Target) -> str:
+        check: Any = target.check
+        port = _need_port(target)
+        host = f"[{target.address}]" if target.address.version == 6 else str(target.address)
+        url = f"{check.type}://{host}:{port}{check.path}"
+        kwargs: dict[str, Any] = {"allow_redirects": False}
+        if check.host:
+            kwargs["headers"] = {"Host": check.host}
+        if check.type == "https":
+            kwargs["ssl"] = None if check.tls_verify else False
+            if check.host and check.tls_verify:
+                kwargs["server_hostname"] = check.host  # verify the name the clients use
+        try:
+            async with self._http_session().request(check.method, url, **kwargs) as resp:
+                status = resp.status
+                if not status_ok(status, self._status_ranges(check.expect_status)):
+                    raise ProbeFailed(f"HTTP {status}")
+                if check.body is None and check.body_regex is None:
+                    return f"HTTP {status}"
+                body = await _read_limited(resp)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ProbeFailed(f"TLS certificate not trusted: {_cert_detail(exc)}") from None
+        except aiohttp.ClientConnectorSSLError as exc:
+            raise ProbeFailed(f"TLS handshake failed: {_short(exc.os_error)}") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise ProbeFailed(os_reason(exc.os_error)) from None
+        except aiohttp.ServerDisconnectedError:
+            raise ProbeFailed("server closed the connection without a response") from None
+        except aiohttp.ClientResponseError as exc:
+            raise ProbeFailed(f"bad HTTP response: {exc.message}") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+            raise ProbeFailed(f"connection failed: {_short(exc)}") from None
+        except ssl.SSLError as exc:
+            raise ProbeFailed(f"TLS error: {_short(exc)}") from None
+        text = body.decode("utf-8", errors="replace")
+        if check.body is not None and check.body not in text:
+            raise ProbeFailed("body did not match")
+        if check.body_regex is not None:
+            pattern = self._regex_cache.get(check.body_regex)
+            if pattern is None:
+                pattern = self._regex_cache.setdefault(check.body_regex, re.compile(check.body_regex))
+            if not pattern.search(text):
+                raise ProbeFailed("body did not match")
+        return f"HTTP {status}, body matched"
+
+    # ---------------------------------------------------------------- udp
+
+    async def _udp_exchange(self, target: Target, port: int, payload: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(_family(target), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            # connect() makes the kernel drop datagrams from anyone else and turns an ICMP port
+            # unreachable into ECONNREFUSED on the next receive: a fast, precise "down".
+            await loop.sock_connect(sock, _sockaddr(target, port))
+            await loop.sock_sendall(sock, payload)
+            return await loop.sock_recv(sock, UDP_REPLY_LIMIT)
+        except ConnectionRefusedError:
+            raise ProbeFailed("port unreachable (ICMP)") from None
+        finally:
+            sock.close()
+
+    async def _udp(self, target: Target) -> str:
+        check: Any = target.check
+        reply = await self._udp_exchange(target, _need_port(target), decode_bytes_option(check.payload))
+        if check.expect is not None and decode_bytes_option(check.expect) not in reply:
+            raise ProbeFailed("reply did not match")
+        return f"reply of {len(reply)} bytes"
+
+    # ---------------------------------------------------------------- dns
+
+    async def _dns(self, target: Target) -> str:
+        check: Any = target.check
+        query_id = random.getrandbits(16)
+        try:
+            query = dns.build_query(query_id, check.query_name, check.query_type)
+        except ValueError as exc:
+            raise ProbeFailed(str(exc)) from None
+        reply = await self._udp_exchange(target, _need_port(target), query)
+        ok, reason = dns.judge_reply(reply, query_id, check.query_type)
+        if not ok:
+            raise ProbeFailed(reason)
+        return reason
+
+    # ---------------------------------------------------------------- exec
+
+    async def _exec(self, target: Target) -> str:
+        check: Any = target.check
+        port = target.probe_port
+        env = dict(os.environ)
+        env["MAGLEV_BACKEND_ADDRESS"] = str(target.address)
+        env["MAGLEV_BACKEND_PORT"] = "" if port is None else str(port)
+        try:
+            # Own process group, so the timeout kills the whole tree (a script's children too).
+            proc = await asyncio.create_subprocess_exec(
+                *check.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise ProbeFailed(f"command not found: {check.command[0]}") from None
+        except PermissionError:
+            raise ProbeFailed(f"command not executable: {check.command[0]}") from None
+        try:
+            output, _ = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+                # Reap even if we are being cancelled: no zombies.
+                await asyncio.shield(proc.wait())
+        line = _first_line(output)
+        if proc.returncode == 0:
+            return "exit 0" + (f": {line}" if line else "")
+        if proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            raise ProbeFailed(f"killed by {name}" + (f": {line}" if line else ""))
+        raise ProbeFailed(f"exit {proc.returncode}" + (f": {line}" if line else ""))
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _first_line(output: bytes | None) -> str:
+    if not output:
+        return ""
+    text = output.decode("utf-8", errors="replace").strip()
+    return text.splitlines()[0][:120] if text else ""
+
+
+async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < BODY_LIMIT:
+        chunk = await resp.content.read(BODY_LIMIT - len(chunks))
+        if not chunk:
+            break
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.replace("_", " ").lower()
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _cert_detail(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    cert_error = exc.certificate_error
+    detail = getattr(cert_error, "verify_message", None) or _short(cert_error)
+    return str(detail)
+
+
+async def probe(target: Target) -> ProbeResult:
+    """One probe with a throw-away Prober: what `maglev check` uses."""
+    async with Prober() as prober:
+        return await prober.probe(target)

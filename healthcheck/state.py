@@ -1,0 +1,115 @@
+"""The per-target state machine: rise/fall counting and flap dampening.
+
+It is pure (no I/O, no clock of its own: time comes from each result's ``at``), so its tests can
+drive it with a fake clock and exact sequences of results.
+
+Rules:
+- UNKNOWN -> UP after ``rise`` consecutive successes; UNKNOWN -> DOWN after ``fall`` failures.
+- UP -> DOWN after ``fall`` consecutive failures; DOWN -> UP after ``rise`` successes.
+- Flap dampening: UP<->DOWN transitions are remembered for ``flap_window`` seconds. A DOWN that
+  makes them more than ``flap_threshold`` starts a hold-down: the target stays DOWN until the hold
+  ends, whatever the probes say, and only then may ``rise`` successes bring it UP. Each hold that
+  starts within ``flap_window`` of the previous one's end lasts twice as long (up to
+  ``hold_down_max``); a quiet window resets it. Going DOWN is never delayed: that is the safe
+  direction for a load balancer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from healthcheck.types import ProbeResult, State, Target, Transition, TargetStatus
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:g} s"
+
+
+class StateMachine:
+    """Consumes probe results for one target; returns a Transition when its state changes."""
+
+    def __init__(self, target: Target, now: float) -> None:
+        check: Any = target.check
+        self.target = target
+        self.rise: int = check.rise
+        self.fall: int = check.fall
+        self.flap_threshold: int = check.flap_threshold
+        self.flap_window: float = check.flap_window
+        self.hold_down: float = check.hold_down
+        self.hold_down_max: float = max(check.hold_down_max, check.hold_down)
+        self.state = State.UNKNOWN
+        self.since = now
+        self.last: ProbeResult | None = None
+        self.transitions = 0
+        self.held_until: float | None = None
+        self._ok_run = 0
+        self._fail_run = 0
+        self._recent: deque[ProbeResult] = deque(maxlen=max(self.rise, self.fall))
+        self._flaps: deque[float] = deque()
+        self._next_hold = self.hold_down
+        self._last_hold_end: float | None = None
+
+    def status(self) -> TargetStatus:
+        return TargetStatus(self.state, self.since, self.last, self.transitions, self.held_until)
+
+    def record(self, result: ProbeResult) -> Transition | None:
+        now = result.at
+        self.last = result
+        self._recent.append(result)
+        if result.ok:
+            self._ok_run += 1
+            self._fail_run = 0
+        else:
+            self._fail_run += 1
+            self._ok_run = 0
+        if self.state is not State.UP and self._ok_run >= self.rise:
+            return self._to_up(now)
+        if self.state is not State.DOWN and self._fail_run >= self.fall:
+            return self._to_down(now, result)
+        return None
+
+    def _to_up(self, now: float) -> Transition | None:
+        reason = f"{self._ok_run} consecutive successes"
+        if self.held_until is not None:
+            if now < self.held_until:
+                return None  # flapping: held DOWN; the DOWN event already said until when
+            reason += f"; flap hold-down ended after {_fmt_s(self.held_until - self.since)}"
+            self.held_until = None
+        if self.state is State.DOWN:
+            self._flaps.append(now)
+        return self._change(State.UP, now, reason, dampened=False)
+
+    def _to_down(self, now: float, last: ProbeResult) -> Transition:
+        reason = f"{self._fail_run} consecutive failures, last: {last.reason}"
+        dampened = False
+        if self.state is State.UP:
+            self._flaps.append(now)
+            self._forget_old_flaps(now)
+            if len(self._flaps) > self.flap_threshold:
+                hold = self._start_hold(now)
+                dampened = True
+                reason += (
+                    f"; flapping ({len(self._flaps)} transitions within "
+                    f"{_fmt_s(self.flap_window)}): held DOWN for {_fmt_s(hold)}"
+                )
+        return self._change(State.DOWN, now, reason, dampened)
+
+    def _forget_old_flaps(self, now: float) -> None:
+        while self._flaps and self._flaps[0] < now - self.flap_window:
+            self._flaps.popleft()
+
+    def _start_hold(self, now: float) -> float:
+        quiet = self._last_hold_end is None or now - self._last_hold_end > self.flap_window
+        hold = self.hold_down if quiet else self._next_hold
+        self._next_hold = min(hold * 2, self.hold_down_max)
+        self.held_until = now + hold
+        self._last_hold_end = self.held_until
+        return hold
+
+    def _change(self, new: State, now: float, reason: str, dampened: bool) -> Transition:
+        old = self.state
+        self.state = new
+        self.since = now
+        self.transitions += 1
+        return Transition(self.target, old, new, reason, tuple(self._recent), dampened)

@@ -1,0 +1,103 @@
+"""The values the health checker hands to its users: what is probed, what a probe found, and
+what changed.
+
+They are plain frozen dataclasses so the controller can keep them in sets and dicts, log them and
+compare them without knowing anything about probes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from node.config import HealthCheck
+
+# Ports used when neither the check nor the backend names one; tcp/udp have no sensible default.
+DEFAULT_PORTS = {"http": 80, "https": 443, "dns": 53}
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One thing to probe: a backend address, the port the controller knows for it, and the check.
+
+    Equality and hashing use what is actually probed (address, effective port, the check's JSON),
+    so the same check of the same backend named by several VIPs collapses into one probe. The
+    pydantic model itself is not hashable (it holds lists), hence the precomputed key.
+    """
+
+    address: IPv4Address | IPv6Address
+    port: int | None
+    check: HealthCheck
+    _key: tuple[str, int | None, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        key = (str(self.address), self.probe_port, self.check.model_dump_json())
+        object.__setattr__(self, "_key", key)
+
+    @property
+    def probe_port(self) -> int | None:
+        """check.port overrides the controller's port; some types have a well-known default."""
+        if self.check.port is not None:
+            return self.check.port
+        if self.port is not None:
+            return self.port
+        return DEFAULT_PORTS.get(self.check.type)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Target):
+            return NotImplemented
+        return self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def describe(self) -> str:
+        """'10.1.0.11:80 (http /healthz)': what logs and events name."""
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        where = f"{host}:{self.probe_port}" if self.probe_port else host
+        detail = self.check.type
+        if self.check.type in ("http", "https"):
+            detail += f" {self.check.path}"
+        elif self.check.type == "dns":
+            detail += f" {self.check.query_type} {self.check.query_name}"
+        elif self.check.type == "exec":
+            detail += f" {self.check.command[0]}"
+        return f"{where} ({detail})"
+
+
+class State(enum.Enum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    reason: str  # short and human: "HTTP 503", "connection refused", "timeout after 1.0 s"
+    latency: float  # seconds from the start of the probe to its verdict
+    at: float  # clock time of the verdict (the monitor's clock; time.monotonic by default)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A change of a target's state. ``old == new == DOWN`` never happens: a hold-down is
+    announced on the DOWN transition that starts it (``dampened=True``), and the UP after it says
+    so in its reason."""
+
+    target: Target
+    old: State
+    new: State
+    reason: str
+    results: tuple[ProbeResult, ...]
+    dampened: bool
+
+
+@dataclass
+class TargetStatus:
+    state: State
+    since: float
+    last: ProbeResult | None
+    transitions: int
+    held_until: float | None

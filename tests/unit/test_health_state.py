@@ -1,0 +1,151 @@
+"""The health state machine, driven with exact result sequences and a fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from pydantic import TypeAdapter
+
+from healthcheck import ProbeResult, State, StateMachine, Target
+from node.config import HealthCheck
+
+_checks = TypeAdapter(HealthCheck)
+
+
+def make_target(**check: object) -> Target:
+    data = {"type": "tcp", **check}
+    return Target(ipaddress.ip_address("10.0.0.1"), 80, _checks.validate_python(data))
+
+
+class Driver:
+    """Feeds results at a fake time that advances one interval per probe."""
+
+    def __init__(self, **check: object) -> None:
+        self.now = 1000.0
+        self.machine = StateMachine(make_target(**check), self.now)
+        self.transitions = []
+
+    def feed(self, pattern: str, step: float = 1.0):
+        """pattern: 'o' success, 'x' failure. Returns transitions in order."""
+        out = []
+        for ch in pattern:
+            self.now += step
+            reason = "ok" if ch == "o" else "connection refused"
+            t = self.machine.record(ProbeResult(ch == "o", reason, 0.001, self.now))
+            if t is not None:
+                out.append(t)
+                self.transitions.append(t)
+        return out
+
+
+def test_unknown_to_up_after_exactly_rise_successes():
+    d = Driver(rise=3, fall=2)
+    assert d.feed("oo") == []
+    assert d.machine.state is State.UNKNOWN
+    [t] = d.feed("o")
+    assert (t.old, t.new) == (State.UNKNOWN, State.UP)
+    assert t.reason == "3 consecutive successes"
+    assert len(t.results) == 3 and all(r.ok for r in t.results)
+    assert not t.dampened
+
+
+def test_unknown_to_down_after_exactly_fall_failures():
+    d = Driver(rise=2, fall=3)
+    assert d.feed("xx") == []
+    [t] = d.feed("x")
+    assert (t.old, t.new) == (State.UNKNOWN, State.DOWN)
+    assert t.reason == "3 consecutive failures, last: connection refused"
+
+
+def test_fall_counts_only_consecutive_failures():
+    d = Driver(rise=1, fall=3)
+    d.feed("o")
+    assert d.feed("xxoxxoxx") == []  # never three in a row
+    assert d.machine.state is State.UP
+    [t] = d.feed("x")
+    assert (t.old, t.new) == (State.UP, State.DOWN)
+
+
+def test_down_to_up_needs_rise_consecutive_successes():
+    d = Driver(rise=2, fall=1)
+    d.feed("x")
+    assert d.feed("oxoxo") == []
+    [t] = d.feed("o")
+    assert (t.old, t.new) == (State.DOWN, State.UP)
+
+
+def test_steady_state_emits_nothing():
+    d = Driver(rise=1, fall=1)
+    d.feed("o")
+    assert d.feed("o" * 50) == []
+    d.feed("x")
+    assert d.feed("x" * 50) == []
+    assert d.machine.transitions == 2
+
+
+def test_status_reports_since_last_and_count():
+    d = Driver(rise=1, fall=1)
+    d.feed("o")
+    up_at = d.now
+    d.feed("ooo")
+    status = d.machine.status()
+    assert status.state is State.UP and status.since == up_at
+    assert status.last is not None and status.last.at == d.now
+    assert status.transitions == 1 and status.held_until is None
+
+
+def test_flapping_is_held_down_and_the_event_says_so():
+    d = Driver(rise=1, fall=1, flap_threshold=3, flap_window=100, hold_down=10, hold_down_max=40)
+    d.feed("o")  # UNKNOWN -> UP does not count as a flap
+    flips = d.feed("xoxo")  # 4 transitions, threshold 3 not exceeded yet... until the next DOWN
+    assert not any(t.dampened for t in flips)
+    [t] = d.feed("x")  # 5th UP<->DOWN transition
+    assert t.new is State.DOWN and t.dampened
+    assert "flapping (5 transitions within 100 s): held DOWN for 10 s" in t.reason
+    held_until = d.machine.held_until
+    assert held_until == pytest.approx(d.now + 10)
+    # Healthy probes during the hold change nothing.
+    assert d.feed("o" * 9) == []
+    assert d.machine.state is State.DOWN
+    [up] = d.feed("o")  # now == held_until: the hold is over
+    assert up.new is State.UP and "hold-down ended after 10 s" in up.reason
+    assert d.machine.held_until is None
+
+
+def test_hold_down_grows_with_repeated_flapping_up_to_the_max():
+    d = Driver(rise=1, fall=1, flap_threshold=2, flap_window=1000, hold_down=5, hold_down_max=12)
+    d.feed("o")
+    d.feed("xo")  # two transitions: at the threshold, not above it
+    holds = []
+    for _ in range(4):
+        # Each cycle: a DOWN that is held, then enough healthy probes to outlast any hold.
+        holds += [t.reason.split("held DOWN for ")[1] for t in d.feed("xo" + "o" * 20) if t.dampened]
+    assert holds == ["5 s", "10 s", "12 s", "12 s"]
+
+
+def test_hold_down_resets_after_a_quiet_window():
+    d = Driver(rise=1, fall=1, flap_threshold=2, flap_window=50, hold_down=5, hold_down_max=100)
+    d.feed("o")
+    [first] = [t for t in d.feed("xoxo" + "o" * 10) if t.dampened]
+    assert first.reason.endswith("held DOWN for 5 s")
+    d.feed("o" * 200)  # quiet for much longer than the window
+    damp = [t for t in d.feed("xoxoxo" + "o" * 10) if t.dampened]
+    assert damp[0].reason.endswith("held DOWN for 5 s")
+
+
+def test_flaps_outside_the_window_do_not_count():
+    d = Driver(rise=1, fall=1, flap_threshold=3, flap_window=5)
+    d.feed("o")
+    # One flip every 10 s: never more than one transition inside a 5 s window.
+    for _ in range(10):
+        assert not any(t.dampened for t in d.feed("x" + "o", step=10))
+    assert d.machine.held_until is None
+
+
+def test_going_down_is_never_delayed_by_dampening():
+    d = Driver(rise=1, fall=2, flap_threshold=1, flap_window=100, hold_down=30)
+    d.feed("o")
+    d.feed("xxo")
+    [t] = d.feed("xx")
+    assert t.new is State.DOWN and t.dampened

@@ -567,6 +567,11 @@ def vip_files(directory: str | Path) -> list[Path]:
 def load_vip_dir(directory: str | Path) -> dict[str, VipConfig]:
     """All VIPs of a directory by name. Any problem in any file rejects the whole set, so a
     half-applied directory never reaches the data path."""
+    return {name: vip for name, (_, vip) in load_vip_sources(directory).items()}
+
+
+def load_vip_sources(directory: str | Path) -> dict[str, tuple[Path, VipConfig]]:
+    """Like load_vip_dir, with the file each VIP came from (the API edits only its own files)."""
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError([ConfigProblem(str(d), None, None, "VIP directory does not exist")])
@@ -580,7 +585,13 @@ def load_vip_dir(directory: str | Path) -> dict[str, VipConfig]:
     problems.extend(_duplicate_problems(found, skip_same_file=True))
     if problems:
         raise ConfigError(problems)
-    return {v.name: v for _, v in found}
+    return {v.name: (Path(src), v) for src, v in found}
+
+
+def check_vip_set(found: list[tuple[str, VipConfig]]) -> list[ConfigProblem]:
+    """Duplicate names and overlapping (address, protocol, port) across already-valid VIPs from
+    several sources; used by the API to check a candidate set before writing anything."""
+    return _duplicate_problems(found, skip_same_file=False)
 
 
 def _duplicate_problems(

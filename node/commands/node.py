@@ -1,0 +1,90 @@
+"""`maglev node --config NODE.yaml`: run a load-balancer node until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from node.config import ConfigError, load_node_file
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "node",
+        help="run a node: health checks, forwarder, BGP, HTTP API",
+        description="Runs until SIGTERM/SIGINT (graceful: withdraw, wait, stop). SIGHUP reloads "
+        "the VIP directory.",
+    )
+    p.add_argument("--config", "-c", type=Path, required=True, metavar="NODE.yaml")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_node_file(args.config)
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config, args.config.resolve().parent))
+
+
+async def serve(config, base_dir: Path) -> int:
+    from aiohttp import web
+
+    from node.api import make_app, read_token
+    from node.runtime import build_controller
+
+    try:
+        token = read_token(_resolve(config.api.token_file, base_dir))
+    except (OSError, ValueError) as exc:
+        print(f"error: api.token_file: {exc}", file=sys.stderr)
+        return 2
+    controller = build_controller(config, base_dir)
+    try:
+        await controller.start()
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(f"error: {p}", file=sys.stderr)
+        print("error: the VIP directory is invalid at start; fix it and start again", file=sys.stderr)
+        await _abort(controller)
+        return 2
+    except Exception as exc:
+        print(f"error: node failed to start: {exc}", file=sys.stderr)
+        await _abort(controller)
+        return 1
+
+    runner = web.AppRunner(make_app(controller, token), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.api.listen, config.api.port)
+    await site.start()
+    controller.events.emit("api_listening", f"HTTP API on {config.api.listen}:{config.api.port}")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: controller.reload("SIGHUP"))
+    await stop.wait()
+    await runner.cleanup()
+    await controller.stop()
+    return 0
+
+
+async def _abort(controller) -> None:
+    try:
+        await controller.speaker.stop(graceful=False)
+        await controller.health.stop()
+        controller.forwarder.detach()
+        controller.forwarder.close()
+    except Exception:
+        pass
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    return path if path.is_absolute() else base / path

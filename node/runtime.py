@@ -1,0 +1,35 @@
+"""Wires the real components into a Controller (the unit tests wire fakes instead)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node.config import NodeConfig
+from node.controller import Controller
+from node.events import EventLog
+
+
+def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
+    from bgp import BgpSpeaker
+    from healthcheck import HealthMonitor
+    from node.forwarder.loader import Forwarder
+
+    run_dir = config.run_dir if config.run_dir.is_absolute() else base_dir / config.run_dir
+    events = EventLog(config.log_format)
+    controller_ref: list[Controller] = []
+
+    def on_bgp_change() -> None:
+        if controller_ref:
+            controller_ref[0].mark_dirty()
+
+    speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change)
+    controller = Controller(
+        config,
+        health_factory=lambda cb: HealthMonitor(on_transition=cb),
+        speaker=speaker,
+        forwarder=Forwarder(config.forwarder),
+        events=events,
+        base_dir=base_dir,
+    )
+    controller_ref.append(controller)
+    return controller

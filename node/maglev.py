@@ -45,8 +45,10 @@ DEFAULT_SIZE = 65537
 # Changing anything above (hashes, seeds, order, turn rule) changes every table: bump this and
 # say so loudly in the release notes. It is part of the digest so mixed versions show up.
 ALGORITHM_VERSION = 1
-_EMPTY = 0xFFFFFFFF  # marks a free slot during population; also the largest backend index + 1
+_EMPTY = 0xFFFFFFFF  # the C loop's free-slot marker, so table sizes must stay below it
 
+if array("I").itemsize != 4:  # pragma: no cover - the C loop hands back uint32s
+    _ext = None
 HAVE_EXTENSION = _ext is not None
 
 
@@ -57,8 +59,14 @@ class MaglevTable:
 
     size: int
     backends: tuple[str, ...]
-    entries: Sequence[int]  # array('I') of `size` backend indexes; empty if there are no backends
+    # array('I') of `size` backend indexes (empty without backends); it supports the buffer
+    # protocol for the forwarder's map update. Treat it as read-only: the digest is cached.
+    entries: Sequence[int] = field(repr=False)
     weights: tuple[float, ...] = field(default=())  # normalised, aligned with `backends`
+    _digest: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"MaglevTable(size={self.size}, backends={len(self.backends)}, digest={self.digest()})"
 
     def lookup(self, hash_value: int) -> str | None:
         """The backend key for a flow hash, or None when the table has no backends."""
@@ -83,7 +91,13 @@ class MaglevTable:
 
     def digest(self) -> str:
         """16 hex characters identifying size, backend keys and entries; equal on every node that
-        built the same table, so operators and the controller can compare nodes cheaply."""
+        built the same table, so operators and the controller can compare nodes cheaply.
+        Computed once: the table is immutable and callers ask often."""
+        if not self._digest:
+            self._digest.append(self._compute_digest())
+        return self._digest[0]
+
+    def _compute_digest(self) -> str:
         h = hashlib.sha256()
         h.update(b"maglev-lb table v%d\0" % ALGORITHM_VERSION)
         h.update(struct.pack("<QQ", self.size, len(self.backends)))
@@ -190,6 +204,8 @@ def populate(params: Sequence[tuple[int, int]], weights: Sequence[float], size: 
         return []
     if len(params) != len(weights) or len(params) > size:
         raise ValueError("need one weight per backend and no more backends than slots")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError("normalised weights must be finite numbers > 0")
     return list(_populate_array(params, weights, size))
 
 

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # System packages: BPF toolchain, FRR for the router, tools the lab and tests drive.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps gcc
 
 .PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf clean
 
@@ -26,7 +26,7 @@ system-deps:
 
 python-deps: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(wildcard setup.py)
+$(VENV)/.installed: pyproject.toml setup.py node/_maglev.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'

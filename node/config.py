@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+from node.maglev import is_prime
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -56,20 +57,6 @@ DEFAULT_TABLE_SIZE = 65537
 MIN_TABLE_SIZE = 7
 VIP_FILE_SUFFIXES = (".yaml", ".yml")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-def is_prime(n: int) -> bool:
-    """Deterministic primality test; table sizes are small enough for trial division."""
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    i = 3
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 2
-    return True
 
 
 class Strict(BaseModel):

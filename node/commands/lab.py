@@ -1,0 +1,163 @@
+"""`maglev lab ...`: a whole cluster (router, client, nodes, backends) in namespaces on this
+machine, and the demo. Needs root. See lab/lab.py for what each action does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lab.plan import MAX_BACKENDS, MAX_NODES, RUN_DIR, LabPlan
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="run a whole cluster in network namespaces on this machine (root)",
+        description="A router (FRR, ECMP), a client, N maglev nodes and M backends in network "
+        "namespaces: `up`, `status`, crash/stop/start nodes, kill/start backends, `exec`, "
+        "`down`, and `demo` (up, traffic, failures, summary, down).",
+    )
+    lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
+    up = lab_sub.add_parser("up", help="build the lab (removes an earlier one first)")
+    _sizes(up)
+    up.set_defaults(func=_up)
+    st = lab_sub.add_parser("status", help="router nexthops, node state and VIPs, backend health")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
+    for name, helptext, fn in (
+        ("kill-node", "crash node I: links down, SIGKILL its processes", _kill_node),
+        ("stop-node", "stop node I gracefully (SIGTERM: withdraw, wait, exit)", _stop_node),
+        ("start-node", "start node I again (links up)", _start_node),
+    ):
+        sp = lab_sub.add_parser(name, help=helptext)
+        sp.add_argument("index", type=int, metavar="I")
+        sp.set_defaults(func=fn)
+    for name, helptext, fn in (
+        ("kill-backend", "kill backend J's server (a backend failure)", _kill_backend),
+        ("start-backend", "start backend J's server again", _start_backend),
+    ):
+        sp = lab_sub.add_parser(name, help=helptext)
+        sp.add_argument("index", type=int, metavar="J")
+        sp.set_defaults(func=fn)
+    ex = lab_sub.add_parser("exec", help="run a command in a lab namespace: exec ROLE -- CMD...")
+    ex.add_argument("role", help="router, client, node-I or backend-J")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    ex.set_defaults(func=_exec)
+    dn = lab_sub.add_parser("down", help="remove every namespace, process, pin, mount and file")
+    dn.set_defaults(func=_down)
+    demo = lab_sub.add_parser("demo", help="up, traffic, a node crash, a backend failure, a graceful stop, down")
+    _sizes(demo)
+    demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")
+    demo.set_defaults(func=_demo)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _sizes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=3, help=f"maglev nodes, 1-{MAX_NODES} (default 3)")
+    p.add_argument("--backends", type=int, default=3, help=f"backends, 1-{MAX_BACKENDS} (default 3)")
+
+
+def _say(msg: str) -> None:
+    print(f"[lab] {msg}", flush=True)
+
+
+def _guard(fn):
+    """Turn lab errors into one clear line and exit code 1 (no traceback for expected failures)."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        from lab.lab import LabError
+        from lab.netns import NetnsError
+
+        try:
+            return int(fn(args) or 0)
+        except (LabError, NetnsError, ValueError) as exc:
+            print(f"maglev lab: error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _loaded():
+    from lab.lab import Lab
+
+    return Lab.load(RUN_DIR, _say)
+
+
+@_guard
+def _up(args: argparse.Namespace) -> int:
+    from lab.lab import Lab
+
+    Lab(LabPlan(nodes=args.nodes, backends=args.backends), _say).up()
+    _say("try: maglev lab status; maglev lab exec client -- curl -s http://10.100.0.1/")
+    return 0
+
+
+@_guard
+def _status(args: argparse.Namespace) -> int:
+    from lab.lab import format_status
+
+    st = _loaded().status()
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+@_guard
+def _kill_node(args: argparse.Namespace) -> int:
+    pids = _loaded().kill_node(args.index)
+    _say(f"node-{args.index} crashed: links down, SIGKILL to pids {', '.join(map(str, pids)) or 'none'}; "
+         "the router drops it when its 3 s hold timer expires")
+    return 0
+
+
+@_guard
+def _stop_node(args: argparse.Namespace) -> int:
+    took = _loaded().stop_node(args.index)
+    _say(f"node-{args.index} stopped gracefully in {took:.1f} s (VIPs withdrawn first)")
+    return 0
+
+
+@_guard
+def _start_node(args: argparse.Namespace) -> int:
+    pid = _loaded().start_node(args.index)
+    _say(f"node-{args.index} started (pid {pid}); it announces its VIPs after warm-up")
+    return 0
+
+
+@_guard
+def _kill_backend(args: argparse.Namespace) -> int:
+    pid = _loaded().kill_backend(args.index)
+    _say(f"backend-{args.index}'s server killed (pid {pid}); health checks take it out of the tables")
+    return 0
+
+
+@_guard
+def _start_backend(args: argparse.Namespace) -> int:
+    pid = _loaded().start_backend(args.index)
+    _say(f"backend-{args.index}'s server started (pid {pid})")
+    return 0
+
+
+@_guard
+def _exec(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return _loaded().exec(args.role, cmd)
+
+
+@_guard
+def _down(args: argparse.Namespace) -> int:
+    from lab.lab import Lab
+
+    try:
+        lab = Lab.load(RUN_DIR, _say)
+    except Exception:  # noqa: BLE001 - no or broken state file: still sweep namespaces and mounts
+        lab = Lab(LabPlan(), _say)
+    lab.down()
+    return 0
+
+
+@_guard
+def _demo(args: argparse.Namespace) -> int:
+    from lab.demo import run_demo
+
+    return run_demo(LabPlan(nodes=args.nodes, backends=args.backends), keep=args.keep)

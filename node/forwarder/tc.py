@@ -203,9 +203,16 @@ def _source_digest() -> str:
 def build_decap_object(cache_dir: Path | None = None) -> Path:
     """Compile decap.c once per source version and return the object's path.
 
-    Temporary: invokes clang here into a cache keyed by the sources' hash, until the node's
-    builder (node/forwarder/build.py) is the one place that compiles every bpf/*.c.
+    Uses the forwarder's builder (node/forwarder/build.py) once it lists "decap" among its
+    programs; until then compiles here, with the same kind of source-hash cache.
     """
+    try:
+        from node.forwarder import build as shared
+
+        if "decap" in getattr(shared, "PROGRAMS", ()):
+            return shared.build("decap", cache_dir)
+    except ImportError:
+        pass
     cache = cache_dir or Path(os.environ.get("MAGLEV_BPF_CACHE", Path.home() / ".cache" / "maglev-bpf"))
     obj = cache / f"decap-{_source_digest()}.o"
     if obj.exists():
@@ -365,12 +372,13 @@ class DecapProgram(_DecapMaps):
             raise
         return cls(obj, *fds)
 
-    def attach(self, ifindex: int) -> int:
-        """Attach on clsact ingress of ifindex (creating clsact if needed), replacing an
-        earlier copy of this filter atomically. Returns the attached program id."""
+    def attach(self, ifindex: int, create_hook: bool = True) -> int:
+        """Attach on clsact ingress of ifindex, replacing an earlier copy of this filter
+        atomically. Returns the attached program id. create_hook=False skips creating clsact
+        when the caller knows it exists (libbpf logs a kernel error for the redundant create)."""
         so = lib()
         hook = _hook(ifindex)
-        ret = so.bpf_tc_hook_create(ctypes.byref(hook))
+        ret = so.bpf_tc_hook_create(ctypes.byref(hook)) if create_hook else 0
         if ret and -ret != errno.EEXIST:
             raise _err("bpf_tc_hook_create", ret, f"clsact on ifindex {ifindex}")
         opts = _opts()

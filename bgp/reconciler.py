@@ -1,0 +1,270 @@
+"""Converge what ExaBGP announces to what the node wants, one acknowledged command at a time.
+
+The reconciler is a plain state machine with an injected clock and no I/O, so its rules are unit
+tested with a fake clock and a fake speaker:
+
+- **diff**: the owner sets the desired routes; the reconciler emits the announce/withdraw
+  commands that take the acknowledged state (``sent``) there; withdraws go first (a route that
+  must go is more urgent than one that may come).
+- **one in flight**: ExaBGP 5 answers every command with ``done``/``error``, and answers can come
+  out of order when several are in flight, so the driver sends the next command only after the
+  previous one is answered. ``error`` is retried with a growing back-off.
+- **resend**: when a session comes up or ExaBGP restarts, everything announced is sent again
+  (not a state change: no rate limit applies).
+- **rate limit**: a prefix's announced/withdrawn state changes at most once per
+  ``min_change_interval``; a change asked for sooner waits.
+- **flap hold-down**: a prefix whose desired state keeps flipping (``flap_threshold`` losses
+  within ``flap_window``) is held withdrawn for a hold-down that doubles with every repeat, up to
+  ``flap_hold_down_max``; it resets after a quiet ``flap_hold_down_max``. Holding it withdrawn is
+  the safe side: the other nodes still carry the VIP.
+- **stop**: ``withdraw_all()`` withdraws everything at once, ignoring rate limit and hold-down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from bgp.routes import IPNetwork, NextHop, Route, announce_command, withdraw_command
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One API line and what it means; ``route`` None is a withdraw."""
+
+    prefix: str
+    route: Route | None
+    text: str
+    resend: bool
+    generation: int
+
+
+@dataclass
+class _Prefix:
+    net: IPNetwork
+    hold_len: float
+    desired: Route | None = None
+    sent: Route | None = None  # acknowledged by ExaBGP
+    dirty: bool = False  # ExaBGP lost `sent` (restart) or a session came up: send it again
+    last_change: float = -math.inf
+    flaps: deque = field(default_factory=deque)
+    last_flap: float = -math.inf
+    hold_until: float = -math.inf
+    retry_at: float = -math.inf
+    errors: int = 0
+    last_error: str | None = None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        next_hop: NextHop = "self",
+        min_change_interval: float = 1.0,
+        flap_hold_down: float = 5.0,
+        flap_hold_down_max: float = 120.0,
+        flap_threshold: int = 3,
+        flap_window: float = 60.0,
+        retry_initial: float = 0.5,
+        retry_max: float = 10.0,
+    ):
+        self.clock = clock
+        self.next_hop = next_hop
+        self.min_change_interval = min_change_interval
+        self.flap_hold_down = flap_hold_down
+        self.flap_hold_down_max = max(flap_hold_down_max, flap_hold_down)
+        self.flap_threshold = max(1, flap_threshold)
+        self.flap_window = flap_window
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.extra_communities: tuple[str, ...] = ()
+        self.stopping = False
+        self.generation = 0
+        self.in_flight: Command | None = None
+        self.last_error: str | None = None
+        self._p: dict[str, _Prefix] = {}
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def set_desired(self, routes: Iterable[Route]) -> None:
+        now = self.clock()
+        wanted: dict[str, Route] = {}
+        for r in routes:
+            if not isinstance(r, Route):
+                raise TypeError(f"set_desired takes Route objects, got {r!r}")
+            wanted[r.key] = r
+        for key, route in wanted.items():
+            if key not in self._p:
+                self._p[key] = _Prefix(route.prefix, hold_len=self.flap_hold_down)
+        for key, p in self._p.items():
+            new = wanted.get(key)
+            if p.desired is not None and new is None:
+                self._record_flap(p, now)
+            p.desired = new
+        self._forget_idle(now)
+
+    def withdraw_all(self) -> None:
+        """Stop phase: withdraw everything now (no rate limit, no hold-down)."""
+        self.stopping = True
+
+    def set_extra_communities(self, communities: tuple[str, ...]) -> None:
+        """Add communities to every announcement (GRACEFUL_SHUTDOWN before a stop)."""
+        self.extra_communities = tuple(communities)
+
+    def resend_all(self) -> None:
+        """A session came up: send every announced route again."""
+        for p in self._p.values():
+            if p.sent is not None:
+                p.dirty = True
+
+    def channel_reset(self) -> None:
+        """ExaBGP (re)started: it knows nothing; drop the in-flight command and resend all."""
+        self.generation += 1
+        self.in_flight = None
+        self.resend_all()
+        for p in self._p.values():
+            p.retry_at = -math.inf
+
+    # -- the diff ------------------------------------------------------------------------------
+
+    def _target(self, p: _Prefix, now: float) -> tuple[Route | None, float | None]:
+        """(route ExaBGP should have now, time a deferred change becomes allowed)."""
+        if self.stopping:
+            return None, None
+        want = self._want(p)
+        deferred = None
+        if want is not None and now < p.hold_until:
+            want, deferred = None, p.hold_until
+        if (want is None) != (p.sent is None):
+            earliest = p.last_change + self.min_change_interval
+            if now < earliest:
+                return p.sent, earliest
+        return want, deferred
+
+    def next_command(self) -> Command | None:
+        """The next command to send, or None (idle, waiting, or one already in flight)."""
+        if self.in_flight is not None:
+            return None
+        now = self.clock()
+        best: tuple[int, str] | None = None
+        for key, p in self._p.items():
+            if now < p.retry_at:
+                continue
+            target, _ = self._target(p, now)
+            if target == p.sent and not (p.dirty and p.sent is not None):
+                continue
+            order = (0 if target is None else 1, key)
+            if best is None or order < best:
+                best = order
+        if best is None:
+            return None
+        key = best[1]
+        p = self._p[key]
+        target, _ = self._target(p, now)
+        resend = target == p.sent
+        text = announce_command(target, self.next_hop) if target is not None else withdraw_command(p.net)
+        self.in_flight = Command(key, target, text, resend, self.generation)
+        return self.in_flight
+
+    def on_result(self, command: Command, ok: bool, error: str | None = None) -> None:
+        """ExaBGP answered ``done`` (ok) or ``error`` (or the channel failed) for command."""
+        if command is not self.in_flight or command.generation != self.generation:
+            return  # answer for a command from before an ExaBGP restart: nothing to learn
+        self.in_flight = None
+        p = self._p.get(command.prefix)
+        if p is None:
+            return
+        now = self.clock()
+        if ok:
+            if (command.route is None) != (p.sent is None):
+                p.last_change = now
+            p.sent = command.route
+            p.dirty = False
+            p.errors, p.retry_at = 0, -math.inf
+            return
+        p.errors += 1
+        p.retry_at = now + min(self.retry_initial * 2 ** (p.errors - 1), self.retry_max)
+        p.last_error = self.last_error = f"{command.text!r} failed: {error or 'ExaBGP answered error'}"
+
+    # -- flap dampening ------------------------------------------------------------------------
+
+    def _record_flap(self, p: _Prefix, now: float) -> None:
+        if self.flap_hold_down <= 0:
+            return
+        if now - p.last_flap > self.flap_hold_down_max:
+            p.hold_len = self.flap_hold_down  # quiet long enough: forgive the history
+        p.last_flap = now
+        p.flaps.append(now)
+        while p.flaps and p.flaps[0] < now - self.flap_window:
+            p.flaps.popleft()
+        if len(p.flaps) >= self.flap_threshold:
+            p.hold_until = now + p.hold_len
+            p.hold_len = min(p.hold_len * 2, self.flap_hold_down_max)
+            p.flaps.clear()
+
+    def _forget_idle(self, now: float) -> None:
+        for key in [k for k, p in self._p.items()
+                    if p.desired is None and p.sent is None and not p.dirty and now >= p.hold_until
+                    and now - p.last_flap > self.flap_hold_down_max
+                    and (self.in_flight is None or self.in_flight.prefix != k)]:
+            del self._p[key]
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def next_wakeup(self) -> float | None:
+        """Earliest clock time at which a deferred change or a retry becomes due."""
+        now = self.clock()
+        times = []
+        for p in self._p.values():
+            target, deferred = self._target(p, now)
+            if deferred is not None:
+                times.append(deferred)
+            if p.retry_at > now and (target != p.sent or p.dirty):
+                times.append(p.retry_at)
+        return min(times) if times else None
+
+    def announced(self) -> set[str]:
+        return {k for k, p in self._p.items() if p.sent is not None and not p.dirty}
+
+    def _want(self, p: _Prefix) -> Route | None:
+        """The final intent for p, ignoring rate limit and hold-down."""
+        if self.stopping or p.desired is None:
+            return None
+        return p.desired.with_communities(self.extra_communities)
+
+    def converged(self) -> bool:
+        """Nothing in flight and ExaBGP holds exactly the final intent of every prefix."""
+        if self.in_flight is not None:
+            return False
+        return all(self._want(p) == p.sent and not (p.dirty and p.sent is not None) for p in self._p.values())
+
+    def pending(self) -> dict[str, str]:
+        """prefix -> what is still to do and why it waits."""
+        now = self.clock()
+        out = {}
+        for k, p in sorted(self._p.items()):
+            target, deferred = self._target(p, now)
+            want = self._want(p)
+            if want == p.sent and not (p.dirty and p.sent is not None):
+                continue
+            what = "withdraw" if want is None else ("resend" if want == p.sent else "announce")
+            if now < p.hold_until and p.desired is not None and not self.stopping:
+                why = f"held down for flapping, {p.hold_until - now:.1f} s left"
+            elif deferred is not None:
+                why = f"rate limited, {deferred - now:.1f} s left"
+            elif now < p.retry_at:
+                why = f"retry in {p.retry_at - now:.1f} s after: {p.last_error}"
+            else:
+                why = "in flight" if self.in_flight and self.in_flight.prefix == k else "queued"
+            out[k] = f"{what} ({why})"
+        return out
+
+    def hold_downs(self) -> dict[str, float]:
+        now = self.clock()
+        return {k: round(p.hold_until - now, 3) for k, p in sorted(self._p.items()) if p.hold_until > now}

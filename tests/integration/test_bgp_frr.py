@@ -1,0 +1,360 @@
+"""BgpSpeaker (real ExaBGP 5.0.15) against a real FRR 8.4 router, in network namespaces.
+
+Topology (one module-scoped lab, unique prefix, removed even on failure):
+
+    node1 (AS 65101) 10.77.1.2 / fd77:1::2 --.
+    node2 (AS 65102) 10.77.2.2 / fd77:2::2 ----  router (AS 65000, FRR, listen ranges,
+    node3 (AS 65103) 10.77.3.2 / fd77:3::2 --'   maximum-paths 8, multipath-relax, timers 1 3)
+    node4 (AS 65104) 10.77.4.2 / fd77:4::2 -- (subprocess controller, for the SIGKILL test)
+
+Every node announces VIP4 and VIP6; the router must install one multipath route per VIP with a
+nexthop per node, in its kernel FIB and in FRR's JSON. Measured times are printed (-s to see).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from bgp import BgpSpeaker, Route
+from lab.frr import FrrRouter, render_config
+from lab.netns import Netns, cleanup_prefix, unique_prefix, veth
+from node.config import BgpConfig
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+ROUTER_AS = 65000
+VIP4 = "10.77.100.1/32"
+VIP6 = "fd77:100::1/128"
+HOLD = 3
+EXABGP = [sys.executable, "-m", "exabgp", "server"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> float:
+    """Poll cond until true; return the seconds it took, fail with `what` on timeout."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+class LoopThread:
+    """One asyncio loop on a thread that lives as long as the lab.
+
+    ExaBGP's PR_SET_PDEATHSIG follows the thread that forked it, so the speakers' loop must
+    outlive the tests that use them; a module-lifetime thread gives exactly that.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn, *args):
+        async def _call():
+            return fn(*args)
+        return self.run(_call())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def node_config(i: int, **overrides) -> BgpConfig:
+    data = {
+        "local_as": 65100 + i,
+        "router_id": f"10.77.{i}.2",
+        "local_address": f"10.77.{i}.2",
+        "local_address_v6": f"fd77:{i}::2",
+        "hold_time": HOLD,
+        "peers": [{"address": f"10.77.{i}.1", "peer_as": ROUTER_AS},
+                  {"address": f"fd77:{i}::1", "peer_as": ROUTER_AS}],
+        "withdraw_delay": 0.5,
+        "min_change_interval": 0.2,
+        "flap_hold_down": 0,
+    }
+    data.update(overrides)
+    return BgpConfig.model_validate(data)
+
+
+def routes() -> list[Route]:
+    return [Route(ipaddress.ip_network(VIP4)), Route(ipaddress.ip_network(VIP6))]
+
+
+class Lab:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.router: FrrRouter | None = None
+        self.nodes: dict[int, Netns] = {}
+        self.speakers: dict[int, BgpSpeaker] = {}
+        self.loop: LoopThread | None = None
+
+    def build(self, n_nodes: int) -> None:
+        rns = Netns.create(f"{self.prefix}-r")
+        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
+                    "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy"):
+            rns.sysctl(key, 1)
+        for i in range(1, n_nodes + 1):
+            ns = Netns.create(f"{self.prefix}-n{i}")
+            ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
+            ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
+            ns.sysctl("net.ipv6.conf.all.keep_addr_on_down", 1)
+            veth(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}")
+            rns.add_address(f"{self.prefix}r{i}", f"10.77.{i}.1/24")
+            rns.add_address(f"{self.prefix}r{i}", f"fd77:{i}::1/64")
+            ns.add_address(f"{self.prefix}n{i}", f"10.77.{i}.2/24")
+            ns.add_address(f"{self.prefix}n{i}", f"fd77:{i}::2/64")
+            self.nodes[i] = ns
+        cfg = render_config(asn=ROUTER_AS, router_id="10.77.0.1",
+                            listen_ranges=["10.77.0.0/16", "fd77::/16"], timers=(1, HOLD))
+        self.router = FrrRouter(rns, cfg)
+        self.router.start()
+
+    def run_dir(self, i: int) -> Path:
+        return Path(f"/tmp/{self.prefix}-n{i}")
+
+    def exabgp_argv(self, i: int) -> list[str]:
+        return self.nodes[i].exec_argv(EXABGP)
+
+    def start_speaker(self, i: int, **overrides) -> BgpSpeaker:
+        sp = BgpSpeaker(node_config(i, **overrides), self.run_dir(i), exabgp_argv=self.exabgp_argv(i))
+        self.loop.run(sp.start())
+        self.speakers[i] = sp
+        return sp
+
+    def teardown(self) -> None:
+        if self.loop is not None:
+            for sp in self.speakers.values():
+                try:
+                    self.loop.run(sp.stop(graceful=False), timeout=10)
+                except Exception:
+                    pass
+            self.loop.close()
+        if self.router is not None:
+            self.router.stop()
+        cleanup_prefix(self.prefix)
+        for i in self.nodes:
+            shutil.rmtree(self.run_dir(i), ignore_errors=True)
+
+
+def node_hop(i: int, version: int) -> str:
+    return f"10.77.{i}.2" if version == 4 else f"fd77:{i}::2"
+
+
+def hops(nodes, version: int) -> set[str]:
+    return {node_hop(i, version) for i in nodes}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    if shutil.which("vtysh") is None:
+        pytest.fail("FRR (vtysh, /usr/lib/frr/bgpd) is not installed: apt-get install frr (see Makefile)")
+    lab = Lab(unique_prefix())
+    try:
+        lab.build(4)
+        lab.loop = LoopThread()
+        t0 = time.monotonic()
+        for i in (1, 2, 3):
+            lab.start_speaker(i)
+        for i in (1, 2, 3):
+            lab.loop.call(lab.speakers[i].set_desired, routes())
+        took = wait_for(lambda: lab.router.kernel_nexthops(VIP4) == hops((1, 2, 3), 4)
+                        and lab.router.kernel_nexthops(VIP6) == hops((1, 2, 3), 6), 30,
+                        "all three nodes as nexthops of both VIPs")
+        print(f"\n[bgp] 3 speakers started and converged at the router in {time.monotonic() - t0:.2f} s "
+              f"(routes in FIB {took:.2f} s after set_desired)")
+        yield lab
+    finally:
+        lab.teardown()
+
+
+def both_fibs(lab: Lab, nodes) -> bool:
+    r = lab.router
+    return r.kernel_nexthops(VIP4) == hops(nodes, 4) and r.kernel_nexthops(VIP6) == hops(nodes, 6)
+
+
+def test_all_nodes_announce_one_multipath_route(lab: Lab):
+    r = lab.router
+    # Kernel FIB: one route per VIP, multipath, one nexthop per node.
+    out4 = lab.router.ns.ip("-4", "route", "show", "exact", VIP4).stdout
+    assert out4.count("nexthop via") == 3, out4
+    out6 = lab.router.ns.ip("-6", "route", "show", "exact", VIP6).stdout
+    assert out6.count("nexthop via") == 3, out6
+    # FRR agrees: zebra's selected route has every node as an installed nexthop, bgpd has
+    # three multipath paths.
+    assert r.nexthops(VIP4) == hops((1, 2, 3), 4)
+    assert r.nexthops(VIP6) == hops((1, 2, 3), 6)
+    for vip in (VIP4, VIP6):
+        paths = r.bgp_paths(vip)
+        assert len(paths) == 3
+        assert sum(1 for p in paths if p.get("multipath") or p.get("bestpath", {}).get("overall")) == 3
+    # The speakers agree too.
+    for i in (1, 2, 3):
+        sp = lab.speakers[i]
+        assert sp.announced() == {VIP4, VIP6}
+        states = {k: v.state for k, v in sp.sessions().items()}
+        assert states == {f"10.77.{i}.1": "established", f"fd77:{i}::1": "established"}
+        st = sp.status()
+        assert st["healthy"] and st["pending"] == {} and st["restarts"] == 0
+        json.dumps(st)
+
+
+def test_one_node_withdraws_only_its_nexthop_goes(lab: Lab):
+    sp = lab.speakers[1]
+    lab.loop.call(sp.set_desired, [])
+    took = wait_for(lambda: both_fibs(lab, (2, 3)), 5, "node1's nexthops to go")
+    print(f"\n[bgp] API withdraw -> router FIB without node1: {took:.3f} s")
+    assert lab.router.nexthops(VIP4) == hops((2, 3), 4)
+    assert lab.router.nexthops(VIP6) == hops((2, 3), 6)
+    assert sp.announced() == set()
+    # Sessions stay up: only the routes went.
+    assert {v.state for v in sp.sessions().values()} == {"established"}
+    lab.loop.call(sp.set_desired, routes())
+    took = wait_for(lambda: both_fibs(lab, (1, 2, 3)), 5, "node1's nexthops to come back")
+    print(f"[bgp] API announce -> router FIB with node1 again: {took:.3f} s")
+
+
+def _established_from(lab: Lab, i: int) -> bool:
+    return f"10.77.{i}.2" in lab.router.established()
+
+
+def test_exabgp_killed_path_dropped_then_restarted(lab: Lab):
+    sp = lab.speakers[2]
+    pid = sp.proc.pid
+    os.kill(pid, signal.SIGKILL)
+    took = wait_for(lambda: both_fibs(lab, (1, 3)), HOLD, "node2's path to be dropped within the hold time")
+    print(f"\n[bgp] ExaBGP SIGKILLed -> router dropped node2's path in {took:.3f} s (hold time {HOLD} s)")
+    # The supervisor restarts ExaBGP and re-announces everything.
+    back = wait_for(lambda: both_fibs(lab, (1, 2, 3)), 15, "node2 back after the ExaBGP restart")
+    print(f"[bgp] ExaBGP restarted by the supervisor -> node2's path back in {back:.3f} s")
+    assert sp.proc.pid != pid and sp.restarts == 1 and sp.healthy
+    assert sp.announced() == {VIP4, VIP6}
+
+
+def test_exabgp_hung_path_dropped_by_hold_timer(lab: Lab):
+    sp = lab.speakers[3]
+    pid = sp.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        took = wait_for(lambda: both_fibs(lab, (1, 2)), HOLD + 1,
+                        "node3's path to be dropped by the hold timer")
+        print(f"\n[bgp] ExaBGP hung (SIGSTOP) -> router dropped node3's path in {took:.3f} s "
+              f"(hold time {HOLD} s)")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back = wait_for(lambda: both_fibs(lab, (1, 2, 3)), 20, "node3 back after SIGCONT")
+    print(f"[bgp] ExaBGP resumed -> node3's path back in {back:.3f} s")
+
+
+CONTROLLER = r"""
+import asyncio, ipaddress, json, sys
+from pathlib import Path
+from bgp import BgpSpeaker, Route
+from node.config import BgpConfig
+
+async def main():
+    cfg = BgpConfig.model_validate(json.loads(sys.argv[1]))
+    sp = BgpSpeaker(cfg, Path(sys.argv[2]), exabgp_argv=json.loads(sys.argv[3]))
+    await sp.start()
+    sp.set_desired([Route(ipaddress.ip_network(p)) for p in json.loads(sys.argv[4])])
+    while sp.announced() != set(json.loads(sys.argv[4])):
+        await asyncio.sleep(0.02)
+    print(json.dumps({"exabgp_pid": sp.proc.pid}), flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_controller_sigkill_withdraws_its_routes(lab: Lab):
+    cfg = node_config(4).model_dump(mode="json")
+    argv = [sys.executable, "-c", CONTROLLER, json.dumps(cfg), str(lab.run_dir(4)),
+            json.dumps(lab.exabgp_argv(4)), json.dumps([VIP4, VIP6])]
+    ctl = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=REPO, text=True)
+    try:
+        line = ctl.stdout.readline()
+        assert line, "the controller subprocess exited before announcing"
+        exabgp_pid = json.loads(line)["exabgp_pid"]
+        wait_for(lambda: both_fibs(lab, (1, 2, 3, 4)), 10, "node4's paths at the router")
+        ctl.kill()
+        ctl.wait(5)
+        took = wait_for(lambda: both_fibs(lab, (1, 2, 3)), HOLD, "node4's paths to go after its controller died")
+        print(f"\n[bgp] controller SIGKILLed -> router dropped node4's paths in {took:.3f} s")
+        wait_for(lambda: not _alive(exabgp_pid), 2, "ExaBGP to die with its controller")
+        assert lab.nodes[4].pids() == [], "a process of node4 outlived its controller"
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait(5)
+
+
+def is_gshut(path: dict) -> bool:
+    """FRR shows 65535:0 by its well-known name ('gshut' / 'gracefulShutdown')."""
+    c = path.get("community") or {}
+    return bool({"graceful-shutdown", "gshut", "65535:0"} & set(c.get("string", "").split()))
+
+
+def test_graceful_stop_withdraws_then_closes(lab: Lab):
+    """Last: stops node1. GRACEFUL_SHUTDOWN first, then withdraw, then the session closes."""
+    # A fresh node1 speaker with a graceful-shutdown phase configured.
+    lab.loop.run(lab.speakers[1].stop(graceful=False))
+    wait_for(lambda: both_fibs(lab, (2, 3)), HOLD, "node1 gone after the hard stop")
+    sp = lab.start_speaker(1, graceful_shutdown=0.6, withdraw_delay=0.6)
+    lab.loop.call(sp.set_desired, routes())
+    wait_for(lambda: both_fibs(lab, (1, 2, 3)), 10, "node1 back")
+
+    fut = asyncio.run_coroutine_threadsafe(sp.stop(graceful=True), lab.loop.loop)
+    t0 = time.monotonic()
+    seen_gshut = drained = route_gone = session_closed = None
+    while time.monotonic() - t0 < 10 and session_closed is None:
+        now = time.monotonic() - t0
+        paths = [p for p in lab.router.bgp_paths(VIP4) if p.get("peer", {}).get("peerId") == "10.77.1.2"]
+        if seen_gshut is None and any(is_gshut(p) for p in paths):
+            seen_gshut = now
+        if drained is None and both_fibs(lab, (2, 3)):
+            drained = now
+        established = _established_from(lab, 1)
+        if route_gone is None and not paths:
+            route_gone = now
+            assert established, "node1's session closed before its routes were withdrawn"
+        if not established:
+            session_closed = now
+        time.sleep(0.02)
+    fut.result(10)
+    print(f"\n[bgp] graceful stop: GRACEFUL_SHUTDOWN at the router at {seen_gshut} s, node1 out of "
+          f"the FIB at {drained} s, its paths withdrawn at {route_gone} s, session closed at "
+          f"{session_closed} s")
+    assert seen_gshut is not None, "the router never saw the GRACEFUL_SHUTDOWN community from node1"
+    assert drained is not None and route_gone is not None and session_closed is not None
+    # FRR gives GRACEFUL_SHUTDOWN paths local-pref 0: traffic drains before the withdraw.
+    assert seen_gshut <= drained <= route_gone < session_closed
+    assert session_closed - route_gone >= 0.4  # the withdraw_delay gap
+    assert lab.nodes[1].pids() == []
+    del lab.speakers[1]

@@ -266,10 +266,11 @@ class Prober:
         try:
             output, _ = await proc.communicate()
         finally:
-            if proc.returncode is None:
-                _kill_group(proc.pid)
-                # Reap even if we are being cancelled: no zombies.
-                await asyncio.shield(proc.wait())
+            # On a timeout, a cancel, and even after a normal exit: nothing the check started
+            # may outlive it (a backgrounded child would pile up, one per interval).
+            _kill_group(proc.pid)
+            # Reap even if we are being cancelled: no zombies.
+            await asyncio.shield(proc.wait())
         line = _first_line(output)
         if proc.returncode == 0:
             return "exit 0" + (f": {line}" if line else "")

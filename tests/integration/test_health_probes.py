@@ -349,6 +349,14 @@ async def test_exec_hang_is_killed_with_its_children_and_reaped(tmp_path: Path):
     assert _gone(child, zombie_ok=True), "the probe's child survived the timeout"
 
 
+async def test_exec_leaves_nothing_running_after_a_normal_exit(tmp_path: Path):
+    pids = tmp_path / "pids"
+    script = f"sleep 30 >/dev/null 2>&1 & echo $! > {pids}; exit 0"
+    r = await probe(target(80, type="exec", command=["sh", "-c", script]))
+    assert r.ok and r.reason == "exit 0"
+    assert _gone(int(pids.read_text()), zombie_ok=True), "a background child of the check survived"
+
+
 # --------------------------------------------------------------------------- maglev check
 
 

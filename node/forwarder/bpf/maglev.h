@@ -1,0 +1,178 @@
+/* maglev.h: THE one definition of every map key and value the forwarder shares with user
+ * space. node/forwarder/maps.py mirrors these layouts in one place; change both together
+ * (tests/integration/test_forwarder_layout.py compares the sizes against the BTF of the
+ * built object, so a drift fails loudly instead of corrupting maps).
+ *
+ * All multi-byte fields are host byte order unless named *_be / addr (addresses and ports are
+ * kept exactly as they appear on the wire, so the data path never swaps bytes).
+ */
+#ifndef MAGLEV_H
+#define MAGLEV_H
+
+#include <linux/types.h>
+
+/* ---- sizes ------------------------------------------------------------------------------ */
+#define MAX_VIPS 512
+#define MAX_BACKENDS 8192      /* ids are per (VIP, backend key) pair, see maps.py */
+#define NAME_LEN 256           /* vip name, or "vip\0backend-key" (long keys are digested) */
+#define DEFAULT_TABLE_CAPACITY 4194304 /* table entries in `tables` (16 MiB); settable at load */
+#define TABLE_CHUNK 8          /* entries per `tables` element (see struct table_chunk) */
+#define DEFAULT_CT_SIZE 1000000
+
+/* ---- families, protocols, states -------------------------------------------------------- */
+#define FAM_V4 4
+#define FAM_V6 6
+
+#define BE_STATE_UNUSED 0      /* free id */
+#define BE_STATE_ACTIVE 1      /* takes new flows (appears in tables) and keeps old ones */
+#define BE_STATE_DRAIN 2       /* keeps connection-tracked flows, takes no new ones */
+#define BE_STATE_DOWN 3        /* unhealthy or disabled: conntrack hits are ignored */
+
+/* ---- VIP lookup: vips (hash) key -> vip id ------------------------------------------------
+ * port 0 = the "all ports" VIP of that address and protocol. An IPv4 address is in addr[0]
+ * with addr[1..3] zero; family tells the two apart. */
+struct vip_key {
+	__u32 addr[4];
+	__u16 port_be;
+	__u8 proto;
+	__u8 family;
+};
+
+struct vip_value {
+	__u32 vip_id;
+	__u32 flags;
+};
+
+/* ---- per-VIP metadata: vip_meta (array, mmapable) indexed by vip id ----------------------
+ * Two table slots; the data path reads slot[active & 1]. User space writes the spare slot's
+ * region of `tables`, then the spare slot's {offset,size}, then flips `active` with one
+ * aligned 32-bit store, so a packet sees either the whole old or the whole new table.
+ * size 0 = no serving backends: packets are dropped and counted (DROP_NO_BACKEND). */
+struct table_slot {
+	__u32 offset;          /* first entry in `tables` */
+	__u32 size;            /* prime table size, or 0 */
+};
+
+struct vip_meta {
+	__u32 active;          /* index of the live slot (0 or 1) */
+	__u32 in_use;          /* 1 while the VIP exists; lets user space rebuild state */
+	struct table_slot slot[2];
+	struct vip_key key;    /* so a re-opening loader can find and delete the vips entry */
+	__u32 pad;             /* 48 bytes: an mmapable array's element stride is 8-aligned */
+};
+
+/* ---- tables (array, mmapable): every VIP's two slots live in this one flat array --------
+ * Entry i (a backend id) is chunk[i / TABLE_CHUNK].ids[i % TABLE_CHUNK]: an array element is
+ * 8-byte aligned in the kernel, so one u32 per element would leave holes in the mmap; chunks
+ * make the mmap a dense u32 array that user space writes in one copy. */
+struct table_chunk {
+	__u32 ids[TABLE_CHUNK];
+};
+
+/* ---- backends (array) indexed by backend id ---------------------------------------------- */
+struct backend {
+	__u32 addr[4];         /* wire order; IPv4 in addr[0] */
+	__u8 family;
+	__u8 state;            /* BE_STATE_* */
+	__u16 pad;
+	__u32 vip_id;          /* owner: a conntrack or table hit for another VIP is refused */
+};
+
+/* ---- name arrays (user-space bookkeeping only; the data path never reads them) ------------ */
+struct name {
+	char text[NAME_LEN];
+};
+
+/* ---- connection tracking (LRU hash) ------------------------------------------------------ */
+struct flow_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport_be;
+	__u16 dport_be;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct ct_value {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_seen_ns;    /* bpf_ktime_get_ns(); refreshed on UDP hits only */
+};
+
+/* ---- configuration (array, one entry) ---------------------------------------------------- */
+#define CFG_F_FIB_LOOKUP 1     /* no next-hop MAC: use bpf_fib_lookup (flags 0) */
+#define CFG_F_HAVE_SRC_V4 2
+#define CFG_F_HAVE_SRC_V6 4
+
+struct config {
+	__u32 flags;
+	__u32 src_v4;          /* outer source, wire order */
+	__u32 src_v6[4];
+	__u8 next_hop_mac[6];
+	__u16 mtu;             /* MTU towards the backends (outer packet incl. IP header) */
+	__u64 udp_idle_ns;
+	__u64 new_flow_rate;   /* new conntrack inserts per second per CPU; 0 = unlimited */
+};
+
+/* ---- per-CPU rate limiter state (per-CPU array, one entry) ------------------------------- */
+struct rate_state {
+	__u64 window_start_ns;
+	__u64 count;
+};
+
+/* ---- counters ------------------------------------------------------------------------------
+ * vip_stats and be_stats: per-CPU arrays indexed by vip id / backend id. */
+struct flow_stats {
+	__u64 packets;         /* forwarded (encapsulated) packets */
+	__u64 bytes;           /* inner L3 bytes forwarded */
+	__u64 new_flows;       /* conntrack entries inserted */
+	__u64 ct_hits;         /* packets steered by a usable conntrack entry */
+	__u64 ct_misses;       /* packets steered by the Maglev table */
+};
+
+/* stats: per-CPU array of __u64 indexed by these reasons. DROP_* are drops; the rest count
+ * events that are not drops. */
+enum stat_reason {
+	DROP_NO_BACKEND = 0,       /* VIP has an empty table */
+	DROP_BAD_BACKEND,          /* table/CT pointed at a free or foreign id (never forwarded) */
+	DROP_NO_ENCAP_SOURCE,      /* no outer source configured for the backend's family */
+	DROP_TOO_BIG,              /* over the MTU, no ICMP answer possible: IPv4 without DF
+	                            * (XDP cannot fragment) or an ICMP error being steered */
+	DROP_FIB,                  /* bpf_fib_lookup found no route or neighbour */
+	DROP_ADJUST,               /* bpf_xdp_adjust_head/tail refused */
+	DROP_FRAGMENT,             /* fragment for a port VIP address (ports unknown) */
+	PASS_MALFORMED,            /* truncated or malformed: left to the kernel, which drops it */
+	PASS_IPV6_EXT,             /* IPv6 extension header other than one fragment header */
+	FRAG_FORWARDED,            /* fragment forwarded by the 3-tuple hash ("all ports" VIP) */
+	ICMP_TOO_BIG_SENT,         /* frag-needed / packet-too-big answered to a client */
+	ICMP_STEERED,              /* inbound ICMP error sent to the backend owning the flow */
+	CT_INSERT_BYPASSED,        /* new flow not tracked: per-CPU insert rate exceeded */
+	SELF_TEST_PACKETS,         /* synthetic self-test packets (no CT insert, no VIP stats) */
+	STAT_MAX,
+};
+
+/* ---- encapsulation -------------------------------------------------------------------------
+ * GRE (RFC 2784) without options: 4 bytes {flags/version = 0, protocol = inner ethertype}.
+ * Outer IPv4: ver/ihl 0x45, tos = inner DSCP/ECN byte, id 0, DF set, ttl 64, proto 47.
+ * Outer IPv6: traffic class = inner's, flow label = flow hash & 0xfffff, hop limit 64, nh 47.
+ * The outer Ethernet source is the received frame's destination MAC; the destination is the
+ * configured next-hop MAC (or the fib lookup result). A VLAN tag, if any, is kept. */
+#define GRE_V4_OVERHEAD 24
+#define GRE_V6_OVERHEAD 44
+#define OUTER_TTL 64
+
+/* ---- flow hash (identical in model.py: flow_hash) -------------------------------------------
+ * murmur3-style 32-bit hash over 32-bit words, each word being 4 packet bytes read as a
+ * little-endian integer (what x86-64 and arm64 loads give):
+ *   IPv4: src, dst, ports, proto        IPv6: src[0..3], dst[0..3], ports, proto
+ * ports = the 4 bytes {sport, dport} as on the wire; 0 for fragments (3-tuple hash, so all
+ * pieces of a datagram meet the same backend). h = FLOW_HASH_SEED; per word k:
+ *   k *= C1; k = rotl(k, 15); k *= C2; h ^= k; h = rotl(h, 13); h = h * 5 + 0xe6546b64
+ * then h ^= 4 * nwords and the murmur3 finaliser. The table index is
+ *   (h * table_size) >> 32  (64-bit product): Lemire's reduction, cheaper than a modulo. */
+#define FLOW_HASH_SEED 0x4d414756u /* "MAGV" */
+#define FH_C1 0xcc9e2d51u
+#define FH_C2 0x1b873593u
+
+#endif

@@ -1,0 +1,172 @@
+"""Python mirror of bpf/maglev.h: every map key/value layout, constant and reason, in ONE place.
+
+ctypes structures give the exact byte layout (natural alignment, like clang -target bpf);
+tests/integration/test_forwarder_layout.py checks each size against the BTF of the built object.
+Addresses and ports are stored as on the wire (network order bytes); helpers below convert.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import enum
+import hashlib
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+MAX_VIPS = 512
+MAX_BACKENDS = 8192
+NAME_LEN = 256
+DEFAULT_TABLE_CAPACITY = 4194304
+TABLE_CHUNK = 8
+DEFAULT_CT_SIZE = 1000000
+
+FAM_V4 = 4
+FAM_V6 = 6
+
+BE_STATE_UNUSED = 0
+BE_STATE_ACTIVE = 1
+BE_STATE_DRAIN = 2
+BE_STATE_DOWN = 3
+STATE_CODES = {"active": BE_STATE_ACTIVE, "drain": BE_STATE_DRAIN, "down": BE_STATE_DOWN}
+
+CFG_F_FIB_LOOKUP = 1
+CFG_F_HAVE_SRC_V4 = 2
+CFG_F_HAVE_SRC_V6 = 4
+
+GRE_V4_OVERHEAD = 24
+GRE_V6_OVERHEAD = 44
+OUTER_TTL = 64
+FLOW_HASH_SEED = 0x4D414756
+FH_C1 = 0xCC9E2D51
+FH_C2 = 0x1B873593
+
+IPPROTO = {"tcp": 6, "udp": 17}
+
+# Map names as in xdp_lb.c (also the pin file names under the bpffs directory).
+MAP_NAMES = ("vips", "vip_meta", "tables", "backends", "vip_names", "be_names", "conntrack",
+             "config", "rate", "vip_stats", "be_stats", "stats")
+
+
+class Stat(enum.IntEnum):
+    """enum stat_reason. DROP_* are drops; the others count events that are not drops."""
+
+    DROP_NO_BACKEND = 0
+    DROP_BAD_BACKEND = 1
+    DROP_NO_ENCAP_SOURCE = 2
+    DROP_TOO_BIG = 3
+    DROP_FIB = 4
+    DROP_ADJUST = 5
+    DROP_FRAGMENT = 6
+    PASS_MALFORMED = 7
+    PASS_IPV6_EXT = 8
+    FRAG_FORWARDED = 9
+    ICMP_TOO_BIG_SENT = 10
+    ICMP_STEERED = 11
+    CT_INSERT_BYPASSED = 12
+    SELF_TEST_PACKETS = 13
+
+
+STAT_MAX = len(Stat)
+
+
+class VipKey(C.Structure):
+    _fields_ = [("addr", C.c_uint8 * 16), ("port_be", C.c_uint8 * 2), ("proto", C.c_uint8),
+                ("family", C.c_uint8)]
+
+
+class VipValue(C.Structure):
+    _fields_ = [("vip_id", C.c_uint32), ("flags", C.c_uint32)]
+
+
+class TableSlot(C.Structure):
+    _fields_ = [("offset", C.c_uint32), ("size", C.c_uint32)]
+
+
+class VipMeta(C.Structure):
+    _fields_ = [("active", C.c_uint32), ("in_use", C.c_uint32), ("slot", TableSlot * 2),
+                ("key", VipKey), ("pad", C.c_uint32)]
+
+
+class TableChunk(C.Structure):
+    _fields_ = [("ids", C.c_uint32 * TABLE_CHUNK)]
+
+
+class Backend(C.Structure):
+    _fields_ = [("addr", C.c_uint8 * 16), ("family", C.c_uint8), ("state", C.c_uint8),
+                ("pad", C.c_uint16), ("vip_id", C.c_uint32)]
+
+
+class Name(C.Structure):
+    _fields_ = [("text", C.c_char * NAME_LEN)]
+
+
+class FlowKey(C.Structure):
+    _fields_ = [("src", C.c_uint8 * 16), ("dst", C.c_uint8 * 16), ("sport_be", C.c_uint8 * 2),
+                ("dport_be", C.c_uint8 * 2), ("proto", C.c_uint8), ("family", C.c_uint8),
+                ("pad", C.c_uint16)]
+
+
+class CtValue(C.Structure):
+    _fields_ = [("backend_id", C.c_uint32), ("pad", C.c_uint32), ("last_seen_ns", C.c_uint64)]
+
+
+class Config(C.Structure):
+    _fields_ = [("flags", C.c_uint32), ("src_v4", C.c_uint8 * 4), ("src_v6", C.c_uint8 * 16),
+                ("next_hop_mac", C.c_uint8 * 6), ("mtu", C.c_uint16), ("udp_idle_ns", C.c_uint64),
+                ("new_flow_rate", C.c_uint64)]
+
+
+class RateState(C.Structure):
+    _fields_ = [("window_start_ns", C.c_uint64), ("count", C.c_uint64)]
+
+
+class FlowStats(C.Structure):
+    _fields_ = [("packets", C.c_uint64), ("bytes", C.c_uint64), ("new_flows", C.c_uint64),
+                ("ct_hits", C.c_uint64), ("ct_misses", C.c_uint64)]
+
+
+STAT_FIELDS = ("packets", "bytes", "new_flows", "ct_hits", "ct_misses")
+
+# struct name -> ctypes type, for the BTF size check.
+LAYOUTS: dict[str, type[C.Structure]] = {
+    "vip_key": VipKey, "vip_value": VipValue, "table_slot": TableSlot, "vip_meta": VipMeta,
+    "table_chunk": TableChunk,
+    "backend": Backend, "name": Name, "flow_key": FlowKey, "ct_value": CtValue,
+    "config": Config, "rate_state": RateState, "flow_stats": FlowStats,
+}
+
+
+def addr_bytes(addr: IPv4Address | IPv6Address | str) -> tuple[int, bytes]:
+    """(family, 16 bytes): IPv4 in the first 4 bytes, the rest zero (as maglev.h says)."""
+    a = ip_address(addr) if isinstance(addr, str) else addr
+    if a.version == 4:
+        return FAM_V4, a.packed + bytes(12)
+    return FAM_V6, a.packed
+
+
+def bytes_addr(family: int, raw: bytes) -> IPv4Address | IPv6Address:
+    return IPv4Address(bytes(raw[:4])) if family == FAM_V4 else IPv6Address(bytes(raw[:16]))
+
+
+def vip_key(address: IPv4Address | IPv6Address, protocol: str, port: int | str) -> VipKey:
+    fam, raw = addr_bytes(address)
+    k = VipKey()
+    k.addr[:] = raw
+    k.port_be[:] = (0 if port == "all" else int(port)).to_bytes(2, "big")
+    k.proto = IPPROTO[protocol]
+    k.family = fam
+    return k
+
+
+def encode_name(text: str) -> bytes:
+    """Bytes stored in a name slot; keys too long for the slot are replaced by a digest (ids
+    only need identity, and the digest is deterministic)."""
+    raw = text.encode()
+    if len(raw) >= NAME_LEN:
+        raw = b"sha256:" + hashlib.sha256(raw).hexdigest().encode()
+    return raw
+
+
+def backend_name(vip: str, key: str) -> bytes:
+    """Backend ids belong to a (VIP, backend key) pair: the same address can be healthy for
+    one VIP's port and unhealthy for another's."""
+    return encode_name(vip + "\0" + key)

@@ -15,7 +15,8 @@ tested with a fake clock and a fake speaker:
   ``min_change_interval``; a change asked for sooner waits.
 - **flap hold-down**: a prefix whose desired state keeps flipping (``flap_threshold`` losses
   within ``flap_window``) is held withdrawn for a hold-down that doubles with every repeat, up to
-  ``flap_hold_down_max``; it resets after a quiet ``flap_hold_down_max``. Holding it withdrawn is
+  ``flap_hold_down_max``; it resets after ``flap_hold_down_max`` quiet seconds past the last
+  flap and hold-down. Holding it withdrawn is
   the safe side: the other nodes still carry the VIP.
 - **stop**: ``withdraw_all()`` withdraws everything at once, ignoring rate limit and hold-down.
 """
@@ -26,11 +27,13 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from bgp.routes import IPNetwork, NextHop, Route, announce_command, withdraw_command
 
 Clock = Callable[[], float]
+# The narrow port to ExaBGP: send one command line, return (acknowledged, error text).
+SendFn = Callable[["Command"], Awaitable[tuple[bool, "str | None"]]]
 
 
 @dataclass(frozen=True)
@@ -192,13 +195,22 @@ class Reconciler:
         p.retry_at = now + min(self.retry_initial * 2 ** (p.errors - 1), self.retry_max)
         p.last_error = self.last_error = f"{command.text!r} failed: {error or 'ExaBGP answered error'}"
 
+    async def step(self, send: SendFn) -> Command | None:
+        """Send the next command through the port and record its answer; None when idle."""
+        cmd = self.next_command()
+        if cmd is None:
+            return None
+        ok, error = await send(cmd)
+        self.on_result(cmd, ok, error)
+        return cmd
+
     # -- flap dampening ------------------------------------------------------------------------
 
     def _record_flap(self, p: _Prefix, now: float) -> None:
         if self.flap_hold_down <= 0:
             return
-        if now - p.last_flap > self.flap_hold_down_max:
-            p.hold_len = self.flap_hold_down  # quiet long enough: forgive the history
+        if now - max(p.last_flap, p.hold_until) > self.flap_hold_down_max:
+            p.hold_len = self.flap_hold_down  # quiet long after the last hold-down: forgive
         p.last_flap = now
         p.flaps.append(now)
         while p.flaps and p.flaps[0] < now - self.flap_window:
@@ -211,7 +223,7 @@ class Reconciler:
     def _forget_idle(self, now: float) -> None:
         for key in [k for k, p in self._p.items()
                     if p.desired is None and p.sent is None and not p.dirty and now >= p.hold_until
-                    and now - p.last_flap > self.flap_hold_down_max
+                    and now - max(p.last_flap, p.hold_until) > self.flap_hold_down_max
                     and (self.in_flight is None or self.in_flight.prefix != k)]:
             del self._p[key]
 

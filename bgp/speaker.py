@@ -347,7 +347,10 @@ class BgpSpeaker:
         try:
             writer.write((cmd.text + "\n").encode("ascii"))
             await writer.drain()
-            return await asyncio.wait_for(fut, ACK_TIMEOUT)
+            ok, error = await asyncio.wait_for(fut, ACK_TIMEOUT)
+            if not ok:
+                log.warning("ExaBGP refused %r: %s (will retry with back-off)", cmd.text, error)
+            return ok, error
         except (ConnectionError, OSError) as e:
             return False, f"channel error: {e}"
         except asyncio.TimeoutError:
@@ -359,7 +362,7 @@ class BgpSpeaker:
     async def _drive(self) -> None:
         rec = self.reconciler
         while not self._closing:
-            cmd = rec.next_command() if self._writer is not None else None
+            cmd = await rec.step(self._send) if self._writer is not None else None
             if cmd is None:
                 wake_at = rec.next_wakeup() if self._writer is not None else None
                 timeout = None if wake_at is None else max(0.0, wake_at - self.clock()) + 0.001
@@ -369,10 +372,6 @@ class BgpSpeaker:
                     pass
                 self._wake.clear()
                 continue
-            ok, error = await self._send(cmd)
-            rec.on_result(cmd, ok, error)
-            if not ok:
-                log.warning("BGP command %r failed: %s (will retry)", cmd.text, error)
             self._notify()
 
     def _notify(self, force: bool = False) -> None:

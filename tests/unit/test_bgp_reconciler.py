@@ -1,0 +1,298 @@
+"""The reconciler's rules with a fake clock and a fake ExaBGP (the speaker port)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from bgp.reconciler import Command, Reconciler
+from bgp.routes import Route
+
+A = Route(ipaddress.ip_network("10.77.100.1/32"))
+B = Route(ipaddress.ip_network("10.77.100.2/32"))
+V6 = Route(ipaddress.ip_network("fd77:100::1/128"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, s: float) -> None:
+        self.now += s
+
+
+class FakeExabgp:
+    """Answers each command like ExaBGP (done/error); `fail` lists command lines to refuse."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.fail: set[str] = set()
+        self.rib: dict[str, str] = {}
+
+    async def send(self, cmd: Command) -> tuple[bool, str | None]:
+        self.lines.append(cmd.text)
+        if cmd.text in self.fail:
+            return False, "ExaBGP answered error"
+        if cmd.route is None:
+            self.rib.pop(cmd.prefix, None)
+        else:
+            self.rib[cmd.prefix] = cmd.text
+        return True, None
+
+
+def make(clock: Clock, **kw) -> Reconciler:
+    kw.setdefault("min_change_interval", 1.0)
+    kw.setdefault("flap_hold_down", 0)
+    return Reconciler(clock=clock, **kw)
+
+
+async def drain(rec: Reconciler, fake: FakeExabgp, limit: int = 50) -> list[str]:
+    """Run the reconciler against the fake until it has nothing to send now."""
+    start = len(fake.lines)
+    for _ in range(limit):
+        if await rec.step(fake.send) is None:
+            break
+    return fake.lines[start:]
+
+
+async def test_diff_announces_then_withdraws_only_what_changed():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock)
+    rec.set_desired([B, A, V6])
+    assert await drain(rec, fake) == [
+        "announce route 10.77.100.1/32 next-hop self",
+        "announce route 10.77.100.2/32 next-hop self",
+        "announce route fd77:100::1/128 next-hop self",
+    ]
+    assert rec.announced() == {"10.77.100.1/32", "10.77.100.2/32", "fd77:100::1/128"}
+    assert rec.converged() and rec.pending() == {}
+    clock.advance(5)
+    rec.set_desired([B, V6])
+    assert await drain(rec, fake) == ["withdraw route 10.77.100.1/32"]
+    assert rec.announced() == {"10.77.100.2/32", "fd77:100::1/128"}
+    # Same desired again: nothing to do.
+    rec.set_desired([B, V6])
+    assert await drain(rec, fake) == []
+
+
+async def test_withdraws_go_before_announces():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock)
+    rec.set_desired([B])
+    await drain(rec, fake)
+    clock.advance(5)
+    rec.set_desired([A])
+    assert await drain(rec, fake) == ["withdraw route 10.77.100.2/32", "announce route 10.77.100.1/32 next-hop self"]
+
+
+def test_one_command_in_flight():
+    rec = make(Clock())
+    rec.set_desired([A, B])
+    first = rec.next_command()
+    assert first is not None
+    assert rec.next_command() is None  # waits for the answer
+    rec.on_result(first, True)
+    second = rec.next_command()
+    assert second is not None and second.prefix != first.prefix
+
+
+async def test_error_is_retried_with_growing_backoff():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, retry_initial=0.5, retry_max=2.0)
+    fake.fail.add("announce route 10.77.100.1/32 next-hop self")
+    rec.set_desired([A])
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+    assert rec.announced() == set()
+    assert "retry" in rec.pending()["10.77.100.1/32"]
+    assert rec.next_wakeup() == pytest.approx(clock.now + 0.5)
+    assert await drain(rec, fake) == []  # not before the back-off
+    for expected_wait in (0.5, 1.0, 2.0, 2.0):
+        clock.advance(expected_wait - 0.01)
+        assert await drain(rec, fake) == []
+        clock.advance(0.01)
+        assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+    fake.fail.clear()
+    clock.advance(2.0)
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+    assert rec.announced() == {"10.77.100.1/32"} and rec.converged()
+    assert "failed" in rec.last_error
+
+
+async def test_session_up_resends_everything_announced():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock)
+    rec.set_desired([A, V6])
+    await drain(rec, fake)
+    rec.resend_all()
+    assert rec.announced() == set()  # not acknowledged again yet
+    cmd = rec.next_command()
+    assert cmd is not None and cmd.resend
+    rec.on_result(cmd, True)
+    assert await drain(rec, fake) == ["announce route fd77:100::1/128 next-hop self"]
+    assert rec.announced() == {"10.77.100.1/32", "fd77:100::1/128"}
+
+
+async def test_resend_is_not_rate_limited():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=30)
+    rec.set_desired([A])
+    await drain(rec, fake)
+    rec.resend_all()
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+
+
+async def test_exabgp_restart_drops_in_flight_and_resends():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock)
+    rec.set_desired([A])
+    await drain(rec, fake)
+    rec.set_desired([A, B])
+    stale = rec.next_command()
+    rec.channel_reset()  # ExaBGP died with `stale` in flight
+    rec.on_result(stale, True)  # a late answer from the old channel must not count
+    assert rec.announced() == set()
+    lines = await drain(rec, fake)
+    assert sorted(lines) == ["announce route 10.77.100.1/32 next-hop self",
+                             "announce route 10.77.100.2/32 next-hop self"]
+    assert rec.announced() == {"10.77.100.1/32", "10.77.100.2/32"}
+
+
+async def test_rate_limit_defers_a_quick_flip():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=1.0)
+    rec.set_desired([A])
+    await drain(rec, fake)
+    announced_at = clock.now
+    clock.advance(0.3)
+    rec.set_desired([])
+    assert await drain(rec, fake) == []
+    assert rec.next_wakeup() == pytest.approx(announced_at + 1.0)
+    assert "rate limited" in rec.pending()["10.77.100.1/32"]
+    assert not rec.converged()
+    clock.advance(0.7)
+    assert await drain(rec, fake) == ["withdraw route 10.77.100.1/32"]
+    # ... and the way back is limited from the withdraw on.
+    clock.advance(0.5)
+    rec.set_desired([A])
+    assert await drain(rec, fake) == []
+    clock.advance(0.5)
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+
+
+async def test_a_flip_back_within_the_interval_is_no_change_at_all():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=1.0)
+    rec.set_desired([A])
+    await drain(rec, fake)
+    clock.advance(0.2)
+    rec.set_desired([])
+    clock.advance(0.2)
+    rec.set_desired([A])
+    clock.advance(1.0)
+    assert await drain(rec, fake) == []
+    assert rec.converged()
+
+
+async def test_attribute_change_is_sent_without_waiting():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=10)
+    rec.set_desired([A])
+    await drain(rec, fake)
+    rec.set_desired([Route(A.prefix, med=50, communities=("65000:7",))])
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self med 50 community [65000:7]"]
+
+
+async def test_flapping_prefix_is_held_down_with_growing_hold_down():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=0, flap_hold_down=5, flap_hold_down_max=20,
+               flap_threshold=3, flap_window=60)
+
+    async def flap(times: int) -> None:
+        for _ in range(times):
+            rec.set_desired([A])
+            await drain(rec, fake)
+            clock.advance(1)
+            rec.set_desired([])
+            await drain(rec, fake)
+            clock.advance(1)
+
+    await flap(3)
+    rec.set_desired([A])
+    assert await drain(rec, fake) == []  # held withdrawn
+    assert rec.hold_downs() == {"10.77.100.1/32": pytest.approx(4.0)}
+    assert "held down" in rec.pending()["10.77.100.1/32"]
+    assert rec.next_wakeup() == pytest.approx(clock.now + 4.0)
+    clock.advance(4.0)
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+    # Flapping again doubles the hold-down (10 s), then it is capped at the maximum (20 s).
+    clock.advance(1)
+    rec.set_desired([])
+    await drain(rec, fake)
+    clock.advance(1)
+    await flap(2)
+    assert rec.hold_downs() == {"10.77.100.1/32": pytest.approx(9.0)}
+    clock.advance(9)
+    await flap(3)
+    assert list(rec.hold_downs().values()) == [pytest.approx(19.0)]
+    clock.advance(19)
+    await flap(3)
+    assert list(rec.hold_downs().values()) == [pytest.approx(19.0)]
+    # A quiet period longer than the maximum forgives the history.
+    clock.advance(60)
+    await flap(3)
+    assert list(rec.hold_downs().values()) == [pytest.approx(4.0)]
+
+
+async def test_flap_dampening_off_with_zero_hold_down():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=0, flap_hold_down=0)
+    for _ in range(10):
+        rec.set_desired([A])
+        assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+        rec.set_desired([])
+        assert await drain(rec, fake) == ["withdraw route 10.77.100.1/32"]
+    assert rec.hold_downs() == {}
+
+
+async def test_withdraw_all_ignores_rate_limit_and_hold_down():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=60)
+    rec.set_desired([A, V6])
+    await drain(rec, fake)
+    rec.withdraw_all()
+    assert sorted(await drain(rec, fake)) == ["withdraw route 10.77.100.1/32", "withdraw route fd77:100::1/128"]
+    assert rec.announced() == set() and rec.converged()
+    rec.set_desired([A])  # nothing comes back while stopping
+    assert await drain(rec, fake) == []
+
+
+async def test_graceful_shutdown_community_is_added_to_every_route():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, min_change_interval=60)
+    rec.set_desired([A, Route(V6.prefix, communities=("65000:1",))])
+    await drain(rec, fake)
+    rec.set_extra_communities(("65535:0",))
+    assert not rec.converged()
+    assert await drain(rec, fake) == [
+        "announce route 10.77.100.1/32 next-hop self community [65535:0]",
+        "announce route fd77:100::1/128 next-hop self community [65000:1 65535:0]",
+    ]
+    assert rec.converged()
+
+
+async def test_configured_next_hop_is_used_for_its_family_only():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, next_hop=ipaddress.ip_address("10.77.1.9"))
+    rec.set_desired([A, V6])
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop 10.77.1.9",
+                                      "announce route fd77:100::1/128 next-hop self"]
+
+
+def test_set_desired_rejects_non_routes():
+    rec = make(Clock())
+    with pytest.raises(TypeError):
+        rec.set_desired(["10.77.100.1/32"])  # type: ignore[list-item]

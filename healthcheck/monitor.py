@@ -164,7 +164,10 @@ class HealthMonitor:
 
     def _record(self, entry: _Entry, scheduled: float, started: float, result: ProbeResult) -> None:
         if self._on_probe is not None:
-            self._on_probe(entry.target, scheduled, started, result)
+            try:
+                self._on_probe(entry.target, scheduled, started, result)
+            except Exception:
+                log.exception("health: the probe hook failed for %s", entry.target.describe())
         transition = entry.machine.record(result)
         if transition is None:
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import random
 import re
@@ -30,6 +31,7 @@ from healthcheck.types import ProbeResult, Target
 BODY_LIMIT = 64 * 1024  # bytes of an HTTP body searched for the expected text
 UDP_REPLY_LIMIT = 65535
 USER_AGENT = "maglev-lb-healthcheck/1"
+log = logging.getLogger("maglev.health")
 
 _ERRNO_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -121,6 +123,9 @@ class Prober:
             ok, reason = False, f"timeout after {timeout:g} s"
         except OSError as exc:
             ok, reason = False, os_reason(exc)
+        except Exception as exc:  # noqa: BLE001 - a probe that raised would stop its target's schedule
+            log.warning("health: probe of %s failed unexpectedly: %r", target.describe(), exc)
+            ok, reason = False, f"probe error: {type(exc).__name__}: {_short(exc)}"
         latency = time.perf_counter() - start
         return ProbeResult(ok, reason, latency, self.clock())
 

@@ -410,3 +410,10 @@ def test_cli_bad_arguments_exit_2(args: list[str], message: str):
     p = maglev_check(*args)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert message in p.stderr
+
+
+async def test_a_probe_never_raises(closed_port: int):
+    # aiohttp refuses this method before connecting; the probe must report it, not raise,
+    # or the target's schedule would silently end.
+    r = await probe(target(closed_port, type="http", method="BAD METHOD"))
+    assert not r.ok and r.reason.startswith("probe error: ValueError: Method cannot contain")

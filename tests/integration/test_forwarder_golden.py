@@ -1,0 +1,357 @@
+"""Golden packets through the real XDP program (BPF_PROG_TEST_RUN, root namespace, static
+next-hop MAC): exact outer headers, inner bytes intact, and every "not ours" case untouched."""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import ip_address
+
+import pytest
+
+from node.forwarder import model as M
+from node.forwarder import packets as P
+from node.forwarder.loader import BackendSpec, VipSpec
+from node.forwarder.maps import Stat
+from node.forwarder.testing import TEST_NEXT_HOP, temp_forwarder
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+NH = bytes.fromhex(TEST_NEXT_HOP.replace(":", ""))
+VIP4, VIP6 = "10.1.1.1", "2001:db8:1::1"
+CLIENT4, CLIENT6 = "192.0.2.7", "2001:db8:9::7"
+SRC4, SRC6 = ip_address("10.0.0.1").packed, ip_address("fd00::1").packed
+
+
+def be(key: str, addr: str, state: str = "active") -> BackendSpec:
+    return BackendSpec(key, ip_address(addr), state)
+
+
+def vip(name, addr, proto, port, backends, table=None) -> VipSpec:
+    if table is None:
+        active = [b.key for b in backends if b.state == "active"]
+        table = [active[i % len(active)] for i in range(13)] if active else []
+    return VipSpec(name, ip_address(addr), proto, port, tuple(backends), table)
+
+
+def base_vips(**states) -> list[VipSpec]:
+    b4 = [be(k, f"10.2.0.{i}", states.get(k, "active")) for i, k in enumerate("abc", 1)]
+    return [
+        vip("web4", VIP4, "tcp", 80, b4),
+        vip("dns4", VIP4, "udp", 53, [be("d1", "10.2.1.1"), be("d2", "10.2.1.2")]),
+        vip("web6", VIP6, "tcp", 443, [be("x", "2001:db8:2::1"), be("y", "2001:db8:2::2")]),
+        vip("dns6", VIP6, "udp", 53, [be("z", "2001:db8:3::1")]),
+        vip("any4", "10.1.1.2", "udp", "all", [be("u", "10.2.2.1")]),
+        vip("empty", "10.1.1.3", "tcp", 80, [], []),
+    ]
+
+
+@pytest.fixture
+def fwd():
+    with temp_forwarder() as f:
+        f.sync(base_vips())
+        yield f
+
+
+def run(fwd, frame):
+    return fwd.test_run(frame)
+
+
+def outer_dst(out: bytes) -> str:
+    if out[12:14] == b"\x08\x00":
+        return str(ip_address(out[30:34]))
+    return str(ip_address(out[38:54]))
+
+
+def key_for(fwd, vipname: str, addr: str) -> str:
+    st = fwd.model_state()
+    for (v, key), bid in fwd.backend_ids.items():
+        if v == vipname and str(ip_address(st.backends[bid].addr[:4] if st.backends[bid].family == 4 else st.backends[bid].addr)) == addr:
+            return key
+    raise AssertionError(addr)
+
+
+@pytest.mark.parametrize("src,dst,port,proto", [
+    (CLIENT4, VIP4, 80, "tcp"), (CLIENT4, VIP4, 53, "udp"),
+    (CLIENT6, VIP6, 443, "tcp"), (CLIENT6, VIP6, 53, "udp"),
+])
+def test_vip_packet_is_gre_encapsulated(fwd, src, dst, port, proto) -> None:
+    frame = P.flow_packet(src, dst, 40001, port, proto, payload=b"hello")
+    expect = M.process(fwd.model_state(), frame)
+    verdict, out = run(fwd, frame)
+    assert verdict == M.XDP_TX
+    assert out == expect.data
+    assert out[0:6] == NH and out[6:12] == P.NODE_MAC
+    if ":" in dst:
+        assert out[12:14] == b"\x86\xdd"
+        w0, plen, nh, hlim = struct.unpack("!IHBB", out[14:22])
+        assert (w0 >> 28, nh, hlim, plen) == (6, 47, 64, len(frame) - 14 + 4)
+        assert out[22:38] == SRC6
+        assert out[54:58] == b"\x00\x00\x86\xdd" and out[58:] == frame[14:]
+    else:
+        assert out[12:14] == b"\x08\x00"
+        hdr = out[14:34]
+        assert hdr[0] == 0x45 and hdr[8] == 64 and hdr[9] == 47 and hdr[12:16] == SRC4
+        assert struct.unpack("!H", hdr[2:4])[0] == struct.unpack("!H", frame[16:18])[0] + 24
+        assert M._csum(hdr) == 0, "outer IPv4 checksum must verify"
+        assert out[34:38] == b"\x00\x00\x08\x00" and out[38:] == frame[14:]
+
+
+def test_vlan_tagged_vip_packet_keeps_tag(fwd) -> None:
+    frame = P.flow_packet(CLIENT4, VIP4, 40001, 80, vlan=7)
+    verdict, out = run(fwd, frame)
+    assert verdict == M.XDP_TX and out[12:18] == b"\x81\x00\x00\x07\x08\x00"
+    assert out == M.process(fwd.model_state(), frame).data
+
+
+def _malformed_frames() -> list[tuple[str, bytes]]:
+    good = P.flow_packet(CLIENT4, VIP4, 40001, 80)
+    bad_ihl = bytearray(good); bad_ihl[14] = 0x44
+    bad_ver = bytearray(good); bad_ver[14] = 0x55
+    long_len = bytearray(good); long_len[16:18] = (1000).to_bytes(2, "big")
+    short_len = bytearray(good); short_len[16:18] = (22).to_bytes(2, "big")  # no room for ports
+    v6 = P.flow_packet(CLIENT6, VIP6, 40001, 443)
+    v6_long = bytearray(v6); v6_long[18:20] = (2000).to_bytes(2, "big")
+    return [("bad ihl", bytes(bad_ihl)), ("bad version", bytes(bad_ver)),
+            ("total length beyond frame", bytes(long_len)), ("no ports", bytes(short_len)),
+            ("ipv4 truncated", good[:30]), ("ethernet header only", good[:14]), ("ipv6 truncated", v6[:50]),
+            ("ipv6 payload beyond frame", bytes(v6_long))]
+
+
+@pytest.mark.parametrize("name,frame", _malformed_frames())
+def test_malformed_is_passed_and_counted(fwd, name, frame) -> None:
+    before = fwd.counters()["events"]["pass_malformed"]
+    verdict, out = run(fwd, frame)
+    assert (verdict, out) == (M.XDP_PASS, frame), name
+    assert fwd.counters()["events"]["pass_malformed"] == before + 1
+
+
+@pytest.mark.parametrize("name,frame", [
+    ("not a VIP", P.flow_packet(CLIENT4, "10.9.9.9", 1, 80)),
+    ("VIP, other port", P.flow_packet(CLIENT4, VIP4, 1, 81)),
+    ("VIP6, other port", P.flow_packet(CLIENT6, VIP6, 1, 80)),
+    ("ARP", P.ether(bytes.fromhex("0001080006040001") + bytes(20), 0x0806)),
+    ("ICMP echo to VIP", P.ether(P.ipv4(CLIENT4, VIP4, 1, b"\x08\x00\xf7\xff" + bytes(4)), 0x0800)),
+    ("IPv6 hop-by-hop", P.ether(P.ipv6(CLIENT6, VIP6, 0, bytes(16)), 0x86DD)),
+])
+def test_not_ours_passes_untouched(fwd, name, frame) -> None:
+    assert run(fwd, frame) == (M.XDP_PASS, frame), name
+    c = fwd.counters()
+    assert sum(s["packets"] for s in c["vips"].values()) == 0
+    assert sum(c["drops"].values()) == 0
+
+
+def test_empty_table_drops_and_counts(fwd) -> None:
+    verdict, _ = run(fwd, P.flow_packet(CLIENT4, "10.1.1.3", 1, 80))
+    assert verdict == M.XDP_DROP
+    assert fwd.counters()["drops"]["no_backend"] == 1
+
+
+def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
+    frame = P.flow_packet(CLIENT4, VIP4, 40001, 80)
+    v1, out1 = run(fwd, frame)
+    v2, out2 = run(fwd, frame)
+    assert v1 == v2 == M.XDP_TX and out1 == out2
+    c = fwd.counters()
+    assert c["vips"]["web4"] == {"packets": 2, "bytes": 2 * 40, "new_flows": 1, "ct_hits": 1, "ct_misses": 1}
+    key = key_for(fwd, "web4", outer_dst(out1))
+    assert c["backends"]["web4"][key]["packets"] == 2
+    # Point the whole table at another backend: the tracked flow stays where it is.
+    other = next(k for k in "abc" if k != key)
+    vips = base_vips()
+    vips[0] = vip("web4", VIP4, "tcp", 80, vips[0].backends, [other] * 13)
+    fwd.sync(vips)
+    assert run(fwd, frame)[1] == out1
+    new_flow = P.flow_packet(CLIENT4, VIP4, 40002, 80)
+    assert key_for(fwd, "web4", outer_dst(run(fwd, new_flow)[1])) == other
+
+
+def _flow_on(fwd, key: str) -> bytes:
+    """A new flow the table sends to backend `key` (searching source ports)."""
+    st = fwd.model_state()
+    bid = fwd.backend_id("web4", key)
+    for sport in range(20000, 30000):
+        if M.pick(st, M.Flow.of(CLIENT4, VIP4, sport, 80, "tcp")) == bid:
+            return P.flow_packet(CLIENT4, VIP4, sport, 80)
+    raise AssertionError("no flow found")
+
+
+def test_drain_keeps_existing_flows_takes_no_new(fwd) -> None:
+    frame = _flow_on(fwd, "a")
+    _, out = run(fwd, frame)
+    assert outer_dst(out) == "10.2.0.1"
+    fwd.sync(base_vips(a="drain"))
+    assert outer_dst(run(fwd, frame)[1]) == "10.2.0.1"  # established flow stays
+    for sport in range(1000, 1200):  # new flows never land on the draining backend
+        _, o = run(fwd, P.flow_packet(CLIENT4, VIP4, sport, 80))
+        assert outer_dst(o) != "10.2.0.1"
+
+
+@pytest.mark.parametrize("how", ["down", "removed"])
+def test_down_or_removed_backend_rehashes(fwd, how) -> None:
+    frame = _flow_on(fwd, "a")
+    run(fwd, frame)
+    vips = base_vips(a="down")
+    if how == "removed":
+        vips[0] = vip("web4", VIP4, "tcp", 80, [b for b in vips[0].backends if b.key != "a"])
+    fwd.sync(vips)
+    verdict, out = run(fwd, frame)
+    assert verdict == M.XDP_TX and outer_dst(out) in ("10.2.0.2", "10.2.0.3")
+    assert out == M.process(fwd.model_state(), frame).data
+    assert fwd.counters()["vips"]["web4"]["new_flows"] == 2  # re-inserted on the new backend
+
+
+def test_staged_table_is_invisible_until_flip(fwd) -> None:
+    vid = fwd.vip_id("web4")
+    a_id, b_id = fwd.backend_id("web4", "a"), fwd.backend_id("web4", "b")
+    fwd.sync([vip("web4", VIP4, "tcp", 80, base_vips()[0].backends, ["a"] * 65537)])
+    frames = [P.flow_packet(CLIENT4, VIP4, 10000 + i, 80, tcp_flags=0x10) for i in range(300)]
+    spare = fwd.stage_table(vid, [b_id] * 65537)
+    fwd.conntrack_clear()
+    assert {outer_dst(run(fwd, f)[1]) for f in frames} == {"10.2.0.1"}
+    fwd.flip_table(vid, spare)
+    fwd.conntrack_clear()
+    assert {outer_dst(run(fwd, f)[1]) for f in frames} == {"10.2.0.2"}
+    assert a_id != b_id
+
+
+def test_table_flips_under_concurrent_traffic(fwd) -> None:
+    """Packets run on another thread (and CPU) while tables of different sizes flip: every
+    packet goes to the backend of the old or the new table, none is dropped."""
+    import threading
+
+    backs = base_vips()[0].backends
+    tables = [["a"] * 65537, ["b"] * 7, ["a"] * 251, ["b"] * 65537]
+    stop = threading.Event()
+    seen: set[str] = set()
+    bad: list[tuple[int, bytes]] = []
+
+    def traffic() -> None:
+        runner = type(fwd._runner)(fwd.prog_fd)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            v, out = runner.run(P.flow_packet(CLIENT4, VIP4, 1024 + i % 60000, 80, tcp_flags=0x10))
+            if v != M.XDP_TX:
+                bad.append((v, out))
+            else:
+                seen.add(outer_dst(out))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        for i in range(200):
+            fwd.sync([vip("web4", VIP4, "tcp", 80, backs, tables[i % 4])])
+    finally:
+        stop.set()
+        t.join()
+    assert not bad
+    assert seen <= {"10.2.0.1", "10.2.0.2"}
+    assert fwd.counters()["drops"]["bad_backend"] == 0
+
+
+def test_too_big_ipv4_answers_frag_needed(fwd) -> None:
+    frame = P.flow_packet(CLIENT4, VIP4, 40001, 80, payload=bytes(1460))
+    verdict, out = run(fwd, frame)
+    assert verdict == M.XDP_TX
+    assert out == M.process(fwd.model_state(), frame).data
+    assert out[0:6] == P.CLIENT_MAC and out[6:12] == P.NODE_MAC
+    ip, icmp = out[14:34], out[34:]
+    assert ip[9] == 1 and ip[12:16] == ip_address(VIP4).packed and ip[16:20] == ip_address(CLIENT4).packed
+    assert M._csum(ip) == 0 and M._csum(icmp) == 0
+    assert icmp[:2] == b"\x03\x04" and struct.unpack("!H", icmp[6:8])[0] == 1500 - 24
+    assert icmp[8:] == frame[14:14 + 28]
+    assert fwd.counters()["events"]["icmp_too_big_sent"] == 1
+    verdict, _ = run(fwd, P.flow_packet(CLIENT4, VIP4, 40001, 80, payload=bytes(1460), df=False))
+    assert verdict == M.XDP_DROP and fwd.counters()["drops"]["too_big"] == 1
+
+
+def test_too_big_ipv6_answers_packet_too_big(fwd) -> None:
+    frame = P.flow_packet(CLIENT6, VIP6, 40001, 443, payload=bytes(1440))
+    verdict, out = run(fwd, frame)
+    assert verdict == M.XDP_TX
+    assert out == M.process(fwd.model_state(), frame).data
+    icmp = out[54:]
+    assert icmp[:2] == b"\x02\x00" and struct.unpack("!I", icmp[4:8])[0] == 1500 - 44
+    assert len(icmp) == 8 + 1232 and icmp[8:] == frame[14:14 + 1232]
+    pseudo = out[22:54] + struct.pack("!II", len(icmp), 58)
+    assert M._csum(pseudo + icmp) == 0
+
+
+def test_icmp_error_steered_to_flow_owner(fwd) -> None:
+    frame = P.flow_packet(CLIENT4, VIP4, 40001, 80)
+    owner = outer_dst(run(fwd, frame)[1])
+    quoted = P.flow_packet(VIP4, CLIENT4, 80, 40001)[14:42]
+    err = P.ether(P.ipv4("192.0.2.254", VIP4, 1, struct.pack("!BBHHH", 3, 4, 0, 0, 1400) + quoted), 0x0800)
+    verdict, out = run(fwd, err)
+    assert verdict == M.XDP_TX and outer_dst(out) == owner and out[38:] == err[14:]
+    assert fwd.counters()["events"]["icmp_steered"] == 1
+
+
+def test_fragments_follow_policy(fwd) -> None:
+    a = ip_address
+    seg = P.l4("udp", a(CLIENT4).packed, a("10.1.1.2").packed, 7, 5000, bytes(40))
+    first = P.ether(P.ipv4(CLIENT4, "10.1.1.2", 17, seg, df=False, frag=0x2000), 0x0800)
+    later = P.ether(P.ipv4(CLIENT4, "10.1.1.2", 17, bytes(48), df=False, frag=6), 0x0800)
+    (v1, o1), (v2, o2) = run(fwd, first), run(fwd, later)
+    assert v1 == v2 == M.XDP_TX and outer_dst(o1) == outer_dst(o2) == "10.2.2.1"
+    tseg = P.l4("tcp", a(CLIENT4).packed, a(VIP4).packed, 7, 80, bytes(40))
+    tfirst = P.ether(P.ipv4(CLIENT4, VIP4, 6, tseg, df=False, frag=0x2000), 0x0800)
+    tlater = P.ether(P.ipv4(CLIENT4, VIP4, 6, bytes(48), df=False, frag=6), 0x0800)
+    assert run(fwd, tfirst)[0] == M.XDP_DROP
+    assert run(fwd, tlater) == (M.XDP_PASS, tlater)
+    c = fwd.counters()
+    assert c["drops"]["fragment"] == 1 and c["events"]["frag_forwarded"] == 2
+
+
+def test_self_test_passes_and_leaves_no_trace(fwd) -> None:
+    res = fwd.self_test()
+    assert res.ok, res.reason
+    assert {c.vip for c in res.checks} == {"web4", "dns4", "web6", "dns6", "any4", "empty"}
+    c = fwd.counters()
+    assert sum(s["packets"] for s in c["vips"].values()) == 0
+    assert c["events"]["self_test_packets"] == 5
+    assert fwd.conntrack_count() == 0
+
+
+def test_self_test_reports_a_vip_that_cannot_forward() -> None:
+    with temp_forwarder(encap_source_v6=None) as f:
+        f.sync(base_vips())
+        res = f.self_test()
+        assert not res.ok
+        bad = {c.vip for c in res.checks if not c.ok}
+        assert bad == {"web6", "dns6"}
+        assert "DROP" in res.reason
+
+
+def test_udp_conntrack_idle_expiry() -> None:
+    import time
+
+    with temp_forwarder(udp_idle_timeout=0.05) as f:
+        f.sync(base_vips())
+        frame = P.flow_packet(CLIENT4, VIP4, 40001, 53, "udp")
+        run(f, frame)
+        run(f, frame)
+        assert f.counters()["vips"]["dns4"]["ct_hits"] == 1
+        time.sleep(0.1)
+        run(f, frame)
+        s = f.counters()["vips"]["dns4"]
+        assert (s["ct_hits"], s["ct_misses"], s["new_flows"]) == (1, 2, 2)
+
+
+def test_new_flow_insert_rate_limit() -> None:
+    import os
+
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # the limit is per CPU
+    try:
+        with temp_forwarder(new_flow_rate_limit=10) as f:
+            f.sync(base_vips())
+            for sport in range(2000, 2025):
+                assert run(f, P.flow_packet(CLIENT4, VIP4, sport, 80))[0] == M.XDP_TX
+            c = f.counters()
+            assert c["vips"]["web4"]["new_flows"] == 10
+            assert c["events"]["ct_insert_bypassed"] == 15
+            assert f.conntrack_count() == 10
+    finally:
+        os.sched_setaffinity(0, old)

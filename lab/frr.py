@@ -8,7 +8,8 @@ routers can run on one machine without touching /etc/frr. The router is queried 
 
 Public API:
 - ``render_config(...) -> str`` (bgpd config: AS, router id, neighbors or listen ranges,
-  maximum-paths, multipath-relax, timers, optional BFD)
+  maximum-paths, multipath-relax, timers, optional BFD per neighbor)
+- ``render_bfd_config(peers) -> str`` (bfdd: the router's profile, or a node's peers)
 - ``FrrRouter(ns, config, workdir=None)`` with ``start()``, ``stop()``, ``vtysh()``, ``vtysh_json()``,
   ``routes(prefix)``, ``nexthops(prefix)``, ``neighbors()``, ``kernel_nexthops(prefix)``.
 """
@@ -33,6 +34,7 @@ from lab.netns import Netns, NetnsError
 
 FRR_DIR = Path("/usr/lib/frr")
 VTYSH = "vtysh"
+BFD_PROFILE = "maglev"
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Neighbor:
 
     address: str
     remote_as: int | str = "external"  # an ASN, or "external"/"internal"
-    bfd: bool = False
+    bfd: bool = False  # uses the BFD profile BFD_PROFILE (see render_bfd_config)
 
 
 def _af(version: int) -> str:
@@ -96,7 +98,7 @@ def render_config(
         lines += [f" neighbor {addr} remote-as {n.remote_as}", f" neighbor {addr} timers {keep} {hold}",
                   f" neighbor {addr} timers connect 1"]
         if n.bfd:
-            lines.append(f" neighbor {addr} bfd")
+            lines.append(f" neighbor {addr} bfd profile {BFD_PROFILE}")
     for version in (4, 6):
         members = [groups[version]] if version in groups else []
         members += [str(n.address) for n in neighbors if ipaddress.ip_address(n.address).version == version]
@@ -110,18 +112,39 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def render_bfd_config(peers: Sequence[tuple[str, str]] = (), *, interval_ms: int = 100,
+                      multiplier: int = 3) -> str:
+    """bfdd configuration: the router's profile (for ``neighbor X bfd profile``) and, for a node
+    running bfdd alone, its single-hop peers as (peer address, local address) pairs.
+
+    100 ms x 3 detects a dead node in ~0.3 s; the BGP hold timer alone needs up to 3 s.
+    """
+    ms, mult = int(interval_ms), int(multiplier)
+    timers = [f"  receive-interval {ms}", f"  transmit-interval {ms}", f"  detect-multiplier {mult}"]
+    lines = ["bfd", f" profile {BFD_PROFILE}", *timers, " exit"]
+    for peer, local in peers:
+        lines += [f" peer {ipaddress.ip_address(peer)} local-address {ipaddress.ip_address(local)}", *timers, " exit"]
+    lines.append("exit")
+    return "\n".join(lines) + "\n"
+
+
 class FrrRouter:
     """zebra + bgpd (+ bfdd) of one router namespace, with private files under ``workdir``."""
 
-    def __init__(self, ns: Netns, config: str, workdir: Path | None = None, *, bfd: bool = False):
+    def __init__(self, ns: Netns, config: str, workdir: Path | None = None, *, bfd: bool = False,
+                 bfd_config: str | None = None, bgp: bool = True):
+        """config: bgpd's; bfd: also run bfdd (with bfd_config, default: the profile only);
+        bgp=False with bfd=True runs bfdd alone, as on a node whose BGP speaker is ExaBGP."""
         self.ns = ns
         # The daemons run as user frr, so every parent of the directory must be searchable by
         # it; pytest's tmp_path is not (0700), hence a private directory under /tmp by default.
         self._own_dir = workdir is None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"{ns.name}-frr-", dir="/tmp"))
         self.config = config
-        self.bfd = bfd
-        self.daemons = ["zebra", "bgpd"] + (["bfdd"] if bfd else [])
+        self.bfd_config = bfd_config if bfd_config is not None else render_bfd_config()
+        self.daemons = (["zebra", "bgpd"] if bgp else []) + (["bfdd"] if bfd else [])
+        if not self.daemons:
+            raise ValueError("FrrRouter needs bgp=True or bfd=True")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -130,7 +153,7 @@ class FrrRouter:
         self.dir.chmod(0o755)
         (self.dir / "zebra.conf").write_text("hostname zebra\n")
         (self.dir / "bgpd.conf").write_text(self.config)
-        (self.dir / "bfdd.conf").write_text("hostname bfdd\n")
+        (self.dir / "bfdd.conf").write_text(self.bfd_config)
         uid, gid = pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid
         # The daemons drop to user frr and must write their pid files and sockets here.
         for p in [self.dir, *self.dir.iterdir()]:
@@ -162,8 +185,9 @@ class FrrRouter:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        probe = "show bgp summary json" if "bgpd" in self.daemons else "show bfd peers json"
         while True:
-            proc = self._vtysh_proc("show bgp summary json")
+            proc = self._vtysh_proc(probe)
             if proc.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -243,6 +267,11 @@ class FrrRouter:
 
     def established(self) -> set[str]:
         return {peer for peer, info in self.neighbors().items() if info.get("bgpState") == "Established"}
+
+    def bfd_peers(self) -> dict[str, str]:
+        """BFD peer address -> status ('up', 'down', 'init')."""
+        data = self.vtysh_json("show bfd peers json")
+        return {p["peer"]: p.get("status", "") for p in data if isinstance(p, dict) and "peer" in p}
 
     def kernel_nexthops(self, prefix: str) -> set[str]:
         """Nexthops of prefix in the router namespace's kernel FIB (``ip route show``)."""

@@ -29,7 +29,7 @@ from typing import Callable
 import pytest
 
 from bgp import BgpSpeaker, Route
-from lab.frr import FrrRouter, render_config
+from lab.frr import FrrRouter, Neighbor, render_bfd_config, render_config
 from lab.netns import Netns, cleanup_prefix, unique_prefix, veth
 from node.config import BgpConfig
 
@@ -38,6 +38,8 @@ pytestmark = [pytest.mark.root, pytest.mark.integration]
 ROUTER_AS = 65000
 VIP4 = "10.77.100.1/32"
 VIP6 = "fd77:100::1/128"
+VIP_BFD = "10.77.101.1/32"  # announced by node5 only (BFD test)
+BFD_NODE = 5
 HOLD = 3
 EXABGP = [sys.executable, "-m", "exabgp", "server"]
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +106,7 @@ class Lab:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.router: FrrRouter | None = None
+        self.node_bfd: FrrRouter | None = None
         self.nodes: dict[int, Netns] = {}
         self.speakers: dict[int, BgpSpeaker] = {}
         self.loop: LoopThread | None = None
@@ -113,6 +116,9 @@ class Lab:
         for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
                     "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy"):
             rns.sysctl(key, 1)
+        # FRR resets IPv6 sessions until the interface has its link-local address: skip DAD.
+        rns.sysctl("net.ipv6.conf.all.accept_dad", 0)
+        rns.sysctl("net.ipv6.conf.default.accept_dad", 0)
         for i in range(1, n_nodes + 1):
             ns = Netns.create(f"{self.prefix}-n{i}")
             ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
@@ -124,10 +130,15 @@ class Lab:
             ns.add_address(f"{self.prefix}n{i}", f"10.77.{i}.2/24")
             ns.add_address(f"{self.prefix}n{i}", f"fd77:{i}::2/64")
             self.nodes[i] = ns
+        # node5 is a static neighbor with BFD (listen-range peers get BFD re-created per flap).
         cfg = render_config(asn=ROUTER_AS, router_id="10.77.0.1",
+                            neighbors=[Neighbor(f"10.77.{BFD_NODE}.2", 65100 + BFD_NODE, bfd=True)],
                             listen_ranges=["10.77.0.0/16", "fd77::/16"], timers=(1, HOLD))
-        self.router = FrrRouter(rns, cfg)
+        self.router = FrrRouter(rns, cfg, bfd=True)
         self.router.start()
+        self.node_bfd = FrrRouter(self.nodes[BFD_NODE], "", bfd=True, bgp=False, bfd_config=render_bfd_config(
+            [(f"10.77.{BFD_NODE}.1", f"10.77.{BFD_NODE}.2")]))
+        self.node_bfd.start()
 
     def run_dir(self, i: int) -> Path:
         return Path(f"/tmp/{self.prefix}-n{i}")
@@ -151,6 +162,8 @@ class Lab:
             self.loop.close()
         if self.router is not None:
             self.router.stop()
+        if self.node_bfd is not None:
+            self.node_bfd.stop()
         cleanup_prefix(self.prefix)
         for i in self.nodes:
             shutil.rmtree(self.run_dir(i), ignore_errors=True)
@@ -170,7 +183,7 @@ def lab():
         pytest.fail("FRR (vtysh, /usr/lib/frr/bgpd) is not installed: apt-get install frr (see Makefile)")
     lab = Lab(unique_prefix())
     try:
-        lab.build(4)
+        lab.build(BFD_NODE)
         lab.loop = LoopThread()
         t0 = time.monotonic()
         for i in (1, 2, 3):
@@ -358,3 +371,27 @@ def test_graceful_stop_withdraws_then_closes(lab: Lab):
     assert session_closed - route_gone >= 0.4  # the withdraw_delay gap
     assert lab.nodes[1].pids() == []
     del lab.speakers[1]
+
+
+def test_hung_node_with_bfd_is_dropped_in_a_fraction_of_the_hold_time(lab: Lab):
+    """node5 runs FRR's bfdd next to ExaBGP; the router peers with it statically with BFD
+    100 ms x 3. Freezing the whole node (ExaBGP and bfdd) must drop its path in well under
+    the 3 s hold time."""
+    i = BFD_NODE
+    sp = lab.start_speaker(i, peers=[{"address": f"10.77.{i}.1", "peer_as": ROUTER_AS}])
+    lab.loop.call(sp.set_desired, [Route(ipaddress.ip_network(VIP_BFD))])
+    wait_for(lambda: lab.router.kernel_nexthops(VIP_BFD) == {f"10.77.{i}.2"}, 10, "node5's VIP at the router")
+    wait_for(lambda: lab.router.bfd_peers().get(f"10.77.{i}.2") == "up", 5, "BFD up with node5")
+    frozen = [sp.proc.pid, *lab.node_bfd.pids().values()]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        took = wait_for(lambda: not lab.router.kernel_nexthops(VIP_BFD), HOLD,
+                        "node5's path to be dropped by BFD")
+        print(f"\n[bgp] node5 frozen (ExaBGP + bfdd), BFD 100 ms x 3 -> router dropped its path in {took:.3f} s")
+        assert took < 1.5, f"BFD took {took:.2f} s: the hold timer, not BFD, dropped the path"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    back = wait_for(lambda: lab.router.kernel_nexthops(VIP_BFD) == {f"10.77.{i}.2"}, 20, "node5 back")
+    print(f"[bgp] node5 resumed -> its path back in {back:.3f} s")

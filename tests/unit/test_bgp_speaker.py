@@ -191,3 +191,36 @@ async def test_missing_exabgp_binary_fails_start(env):
     with pytest.raises(FileNotFoundError):
         await sp.start()
     await sp.stop(graceful=False)
+
+
+PARENT = r'''
+import subprocess, sys, time
+helper = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+print(helper.pid, flush=True)
+time.sleep(30)
+'''
+
+
+async def test_helper_stops_exabgp_when_the_controller_channel_closes(tmp_path: Path):
+    """The helper is the second line of defence (after PDEATHSIG): a closed channel stops ExaBGP."""
+    from bgp.exabgp import HELPER_PATH
+    sock = f"/tmp/mlbt-helper-{os.getpid()}.sock"
+    hello: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_client(reader, writer):
+        hello.set_result(json.loads(await reader.readline()))
+        writer.close()  # the "controller" goes away
+
+    server = await asyncio.start_unix_server(on_client, path=sock)
+    try:
+        parent = await asyncio.create_subprocess_exec(sys.executable, "-c", PARENT, str(HELPER_PATH), sock,
+                                                      stdout=asyncio.subprocess.PIPE)
+        msg = await asyncio.wait_for(hello, 5)
+        assert msg == {"hello": parent.pid}
+        rc = await asyncio.wait_for(parent.wait(), 5)
+        assert rc == -signal.SIGTERM
+    finally:
+        server.close()
+        os.unlink(sock)
+        if parent.returncode is None:
+            parent.kill()

@@ -230,3 +230,16 @@ def test_counters_add_up_to_packets_seen(prog):
     counters = prog.counters()
     assert sum(p for p, _ in counters.values()) == len(frames)
     assert sum(b for _, b in counters.values()) == sum(len(f) for f in frames)
+
+
+def test_map_layouts_match_the_python_mirror(prog):
+    """decap.h and tc.py describe the same bytes (a drift would corrupt the VIP map silently)."""
+    import ctypes
+
+    from node.forwarder import libbpf
+    from node.forwarder.tc import DECAP_COUNTERS, DecapCounter, DecapVipKey, DecapVipValue
+
+    vips, stats = libbpf.map_info(prog.vips_fd), libbpf.map_info(prog.stats_fd)
+    assert (vips.key_size, vips.value_size) == (ctypes.sizeof(DecapVipKey), ctypes.sizeof(DecapVipValue))
+    assert stats.value_size == ctypes.sizeof(DecapCounter)
+    assert stats.max_entries == len(DECAP_COUNTERS)

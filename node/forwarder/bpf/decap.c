@@ -159,9 +159,13 @@ int mlb_decap(struct __sk_buff *skb)
 	}
 
 	/* Pop outer IP + GRE right after the Ethernet header. The DECAP_L3 flag makes the kernel
-	 * set skb->protocol to the inner family. A packet for a VIP that cannot be decapsulated
-	 * is dropped: the kernel could not deliver it anyway, and the counter says why. */
-	if (bpf_skb_adjust_room(skb, -(__s32)outer_len, BPF_ADJ_ROOM_MAC, flags)) {
+	 * set skb->protocol to the inner family. FIXED_GSO keeps gso_size of a GRO-merged packet:
+	 * it is the inner TCP payload per segment, which popping outer headers does not change
+	 * (letting the kernel grow it makes re-segmentation drop the packet). A packet for a VIP
+	 * that cannot be decapsulated is dropped: the kernel could not deliver it anyway, and the
+	 * counter says why. */
+	if (bpf_skb_adjust_room(skb, -(__s32)outer_len, BPF_ADJ_ROOM_MAC,
+				flags | BPF_F_ADJ_ROOM_FIXED_GSO)) {
 		count(DECAP_DROP_ADJUST, len);
 		return TC_ACT_SHOT;
 	}

@@ -246,6 +246,26 @@ def test_one_node_withdraws_only_its_nexthop_goes(lab: Lab):
     print(f"[bgp] API announce -> router FIB with node1 again: {took:.3f} s")
 
 
+def test_med_and_communities_reach_the_router(lab: Lab):
+    """The attribute syntax we generate is accepted by ExaBGP and arrives at FRR."""
+    sp = lab.speakers[2]
+    extra4, extra6 = "10.77.102.1/32", "fd77:102::1/128"
+    attrs = dict(med=50, communities=("65000:100", "65000:7"))
+    lab.loop.call(sp.set_desired, routes() + [Route(ipaddress.ip_network(extra4), **attrs),
+                                              Route(ipaddress.ip_network(extra6), **attrs)])
+    try:
+        wait_for(lambda: lab.router.kernel_nexthops(extra4) == {"10.77.2.2"}
+                 and lab.router.kernel_nexthops(extra6) == {"fd77:2::2"}, 5, "the extra VIPs at the router")
+        for vip in (extra4, extra6):
+            (path,) = lab.router.bgp_paths(vip)
+            assert path["metric"] == 50
+            assert path["community"]["string"].split() == ["65000:7", "65000:100"]
+    finally:
+        lab.loop.call(sp.set_desired, routes())
+    wait_for(lambda: not lab.router.kernel_nexthops(extra4) and not lab.router.kernel_nexthops(extra6), 5,
+             "the extra VIPs withdrawn")
+
+
 def _established_from(lab: Lab, i: int) -> bool:
     return f"10.77.{i}.2" in lab.router.established()
 

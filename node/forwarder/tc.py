@@ -56,6 +56,11 @@ DECAP_COUNTERS = (
     "drop_adjust",
 )
 
+# struct __sk_buff (uapi linux/bpf.h): its size and the offsets of the fields a test run sets.
+SKB_CTX_SIZE = 192
+SKB_CTX_GSO_SEGS = 164
+SKB_CTX_GSO_SIZE = 176
+
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 BPF_TC_INGRESS = 1
@@ -389,8 +394,10 @@ class DecapProgram(_DecapMaps):
             raise _err("bpf_tc_attach", ret, f"{PROG_NAME} on ingress of ifindex {ifindex}")
         return int(opts.prog_id)
 
-    def test_run(self, frame: bytes) -> tuple[int, bytes]:
-        """Run one frame through the program (BPF_PROG_TEST_RUN): (tc verdict, output frame)."""
+    def test_run(self, frame: bytes, gso_size: int = 0, gso_segs: int = 0) -> tuple[int, bytes]:
+        """Run one frame through the program (BPF_PROG_TEST_RUN): (tc verdict, output frame).
+        gso_size/gso_segs make the test skb look GRO-merged (the __sk_buff context fields the
+        kernel accepts for a test run)."""
         so = lib()
         data_in = ctypes.create_string_buffer(frame, len(frame))
         out = ctypes.create_string_buffer(len(frame) + 256)
@@ -401,6 +408,12 @@ class DecapProgram(_DecapMaps):
         opts.data_out = ctypes.cast(out, ctypes.c_void_p)
         opts.data_size_out = len(out)
         opts.repeat = 1
+        if gso_size or gso_segs:
+            ctx = ctypes.create_string_buffer(SKB_CTX_SIZE)
+            ctypes.c_uint32.from_buffer(ctx, SKB_CTX_GSO_SEGS).value = gso_segs
+            ctypes.c_uint32.from_buffer(ctx, SKB_CTX_GSO_SIZE).value = gso_size
+            opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+            opts.ctx_size_in = SKB_CTX_SIZE
         ret = so.bpf_prog_test_run_opts(self.prog_fd, ctypes.byref(opts))
         if ret:
             raise _err("bpf_prog_test_run_opts", ret, f"{PROG_NAME} with a {len(frame)}-byte frame")

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from node.forwarder.tc import TC_ACT_OK, DecapProgram, build_decap_object
+from node.forwarder.tc import TC_ACT_OK, TC_ACT_SHOT, DecapProgram, build_decap_object
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -220,6 +220,19 @@ def _truncations() -> list:
 @pytest.mark.parametrize("frame", _truncations())
 def test_truncated_frames_pass_untouched_and_are_counted(prog, frame):
     assert_untouched(prog, frame, "pass_truncated")
+
+
+def test_vip_packet_the_kernel_refuses_to_shrink_is_dropped_and_counted(prog):
+    """A GSO packet whose type the kernel cannot re-segment after a shrink (here: gso_size set
+    by the test run, gso_type unset) makes bpf_skb_adjust_room fail; the program must drop it
+    and count it rather than pass it on still encapsulated."""
+    frame = over4(inner4(data=b"x" * 1000), ETH_IP)
+    before = prog.counters()
+    verdict, _ = prog.test_run(frame, gso_size=500, gso_segs=2)
+    after = prog.counters()
+    assert verdict == TC_ACT_SHOT
+    moved = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
+    assert moved == {"drop_adjust": 1}
 
 
 def test_counters_add_up_to_packets_seen(prog):

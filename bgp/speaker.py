@@ -40,6 +40,7 @@ MAX_FAILURES = 5
 STABLE_AFTER = 10.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
+LOG_MAX_BYTES = 5 * 1024 * 1024
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
 SessionState = Literal["idle", "connecting", "established"]
@@ -85,6 +86,14 @@ def _ancestors(pid: int, limit: int = 8) -> list[int]:
 
 
 class BgpSpeaker:
+    """Announce a desired set of VIP routes through a supervised ExaBGP.
+
+    Call its methods from the event loop it was started on (not thread-safe). ``announced()``
+    and ``status()`` name prefixes as 'ADDRESS/32' or 'ADDRESS/128'; ``SessionInfo.since`` is
+    wall-clock time. ``flap_threshold``/``flap_window`` tune the hold-down trigger (losses of a
+    VIP within the window); the hold-down lengths come from the config.
+    """
+
     def __init__(
         self,
         config: BgpConfig,
@@ -204,6 +213,9 @@ class BgpSpeaker:
     # -- supervision ---------------------------------------------------------------------------
 
     async def _spawn(self) -> None:
+        # Keep one previous log: a crash loop must not fill the disk.
+        if self.log_path.exists() and self.log_path.stat().st_size > LOG_MAX_BYTES:
+            self.log_path.replace(self.log_path.with_suffix(".log.1"))
         with open(self.log_path, "ab") as logf:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.exabgp_argv, str(self.config_path),

@@ -381,11 +381,13 @@ def _setup_kernel(opts: BackendOptions, log: Log, dry_run: bool) -> None:
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             err = proc.stderr.strip()
-            hint = (
-                "this kernel has no GRE support (no ip_gre/ip6_gre module); use --decap bpf"
-                if "Unknown device type" in err or "not supported" in err.lower()
-                else "see the error above"
-            )
+            if "Unknown device type" in err or "not supported" in err.lower():
+                hint = "this kernel has no GRE support (no ip_gre/ip6_gre module); use --decap bpf"
+            elif "exists" in err.lower():
+                hint = (f"a device named {dev} (or a collect-metadata {kind} device) already exists; "
+                        f"remove it (`ip link del {dev}`) or run `maglev backend teardown` first")
+            else:
+                hint = "nothing was changed"
             raise BackendSetupError(f"`{' '.join(argv)}` failed: {err}: {hint}")
         state.gre_devices.append(dev)
         _save_state(state_path, state)

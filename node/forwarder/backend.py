@@ -387,7 +387,7 @@ def _setup_kernel(opts: BackendOptions, log: Log, dry_run: bool) -> None:
                 hint = (f"a device named {dev} (or a collect-metadata {kind} device) already exists; "
                         f"remove it (`ip link del {dev}`) or run `maglev backend teardown` first")
             else:
-                hint = "nothing was changed"
+                hint = f"`maglev backend teardown --interface {opts.interface}` undoes any partial setup"
             raise BackendSetupError(f"`{' '.join(argv)}` failed: {err}: {hint}")
         state.gre_devices.append(dev)
         _save_state(state_path, state)

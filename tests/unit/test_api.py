@@ -114,3 +114,26 @@ async def test_metrics_parse(api):
     assert ("10.0.1.1", "up") in health
     assert "maglev_config_reloads" in families  # counters lose _total in the parser's family name
     assert families["maglev_forwarder_up"].samples[0].value == 1.0
+
+
+async def test_trace_matches_the_model(api):
+    from node.forwarder import model
+
+    env, client = api
+    r = await client.get("/api/v1/vips/web/trace", params={"src": "192.0.2.7:40000"})
+    t = await r.json()
+    assert r.status == 200, t
+    table = env.c.desired.vips["web"].table
+    h = model.flow_hash(model.Flow.of("192.0.2.7", "10.100.0.1", 40000, 80, "tcp"))
+    assert t["hash"] == h and t["digest"] == table.digest()
+    assert t["backend"] == table.backends[table.entries[model.table_index(h, table.size)]]
+    # Different sources spread over every serving backend.
+    seen = set()
+    for port in range(40000, 40060):
+        r = await client.get("/api/v1/vips/web/trace", params={"src": f"192.0.2.7:{port}"})
+        seen.add((await r.json())["backend"])
+    assert seen == {"10.0.1.1", "10.0.1.2", "10.0.1.3"}
+    r = await client.get("/api/v1/vips/web/trace", params={"src": "fd00::1:5"})
+    assert r.status == 400
+    r = await client.get("/api/v1/vips/web/trace", params={"src": "[fd00::1]:5"})
+    assert r.status == 400 and "is IPv6 but VIP web is IPv4" in (await r.json())["error"]

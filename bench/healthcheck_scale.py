@@ -151,7 +151,8 @@ def main() -> int:
             print("responder failed to start", file=sys.stderr)
             return 1
         print(f"{args.backends} backends on loopback, interval {args.interval:g} s, "
-              f"{args.duration:g} s measured per type, {os.cpu_count()} CPUs")
+              f"{args.duration:g} s measured per type, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f} (other work competes for the CPUs)")
         results = {}
         for kind in ("tcp", "http"):
             resp0 = child_cpu(responder.pid)
@@ -173,6 +174,7 @@ def main() -> int:
               f"{r['cpu_per_1000']:>11.3f} {r['core']:>6.2f} {r['p50'] * 1000:>7.1f}ms "
               f"{r['p99'] * 1000:>6.1f}ms {r['max'] * 1000:>6.1f}ms {r['responder_core']:>16.2f}")
     ratio = results["http"]["cpu_per_1000"] / results["tcp"]["cpu_per_1000"]
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"http/tcp CPU per check: {ratio:.1f}x (tcp is this run's baseline)")
     h = results["http"]
     aim = h["core"] < 0.5 and h["max"] < 0.1 and h["failed"] == 0

@@ -31,6 +31,8 @@ from healthcheck.types import ProbeResult, Target
 BODY_LIMIT = 64 * 1024  # bytes of an HTTP body searched for the expected text
 UDP_REPLY_LIMIT = 65535
 USER_AGENT = "maglev-lb-healthcheck/1"
+# A timeout firing later than this past its deadline means the event loop was stalled.
+STALL_GRACE = 0.1
 log = logging.getLogger("maglev.health")
 
 _ERRNO_REASONS = {
@@ -110,24 +112,44 @@ class Prober:
             self._session = None
 
     async def probe(self, target: Target) -> ProbeResult:
-        """One probe; never raises except CancelledError."""
-        timeout = target.check.timeout
+        """One probe; never raises except CancelledError.
+
+        A timeout that fired well after its deadline means this process was stalled (CPU
+        starvation, a long GC pause), not that the backend was slow: the reply may be sitting
+        unread in the socket. Such a verdict is no evidence against the backend, so the probe is
+        run once more at once and that second verdict counts. Without this a stall of the checker
+        would fail every in-flight probe together: a mass false DOWN.
+        """
         start = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout):
-                reason = await self._probes[target.check.type](target)
-            ok = True
-        except ProbeFailed as exc:
-            ok, reason = False, str(exc)
-        except TimeoutError:
-            ok, reason = False, f"timeout after {timeout:g} s"
-        except OSError as exc:
-            ok, reason = False, os_reason(exc)
-        except Exception as exc:  # noqa: BLE001 - a probe that raised would stop its target's schedule
-            log.warning("health: probe of %s failed unexpectedly: %r", target.describe(), exc)
-            ok, reason = False, f"probe error: {type(exc).__name__}: {_short(exc)}"
+        ok, reason, overrun = await self._attempt(target)
+        if not ok and overrun > STALL_GRACE:
+            log.warning(
+                "health: probe of %s timed out %.0f ms after its deadline: this checker was "
+                "stalled, probing again rather than blaming the backend",
+                target.describe(), overrun * 1000,
+            )
+            ok, reason, _ = await self._attempt(target)
+            reason += f" (retried after a {overrun:.2f} s checker stall)"
         latency = time.perf_counter() - start
         return ProbeResult(ok, reason, latency, self.clock())
+
+    async def _attempt(self, target: Target) -> tuple[bool, str, float]:
+        """(ok, reason, overrun): overrun is how late a timeout fired, 0 for other verdicts."""
+        timeout = target.check.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                return True, await self._probes[target.check.type](target), 0.0
+        except ProbeFailed as exc:
+            return False, str(exc), 0.0
+        except TimeoutError:
+            return False, f"timeout after {timeout:g} s", loop.time() - deadline
+        except OSError as exc:
+            return False, os_reason(exc), 0.0
+        except Exception as exc:  # noqa: BLE001 - a probe that raised would stop its target's schedule
+            log.warning("health: probe of %s failed unexpectedly: %r", target.describe(), exc)
+            return False, f"probe error: {type(exc).__name__}: {_short(exc)}", 0.0
 
     # ---------------------------------------------------------------- tcp
 

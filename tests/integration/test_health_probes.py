@@ -49,6 +49,15 @@ async def _fail(request: web.Request) -> web.Response:
     return web.Response(status=503, text="draining")
 
 
+COUNTS = {"count": 0}
+
+
+async def _count(request: web.Request) -> web.Response:
+    COUNTS["count"] += 1
+    await asyncio.sleep(0.02)
+    return web.Response(text="counted")
+
+
 async def _slow(request: web.Request) -> web.Response:
     await asyncio.sleep(1.0)
     return web.Response(text="late")
@@ -99,6 +108,7 @@ class Servers:
         app.router.add_get("/ok", _ok)
         app.router.add_get("/fail", _fail)
         app.router.add_get("/slow", _slow)
+        app.router.add_get("/count", _count)
         self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.2, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -210,6 +220,25 @@ async def test_http_slow_response_times_out(servers: Servers):
     r = await probe(target(servers.http_port, type="http", path="/slow", timeout=0.2, interval=1))
     assert not r.ok and r.reason == "timeout after 0.2 s"
     assert 0.2 <= r.latency < 0.5 and time.monotonic() - started < 0.5
+
+
+async def test_a_stall_of_the_checker_is_not_blamed_on_the_backend(servers: Servers):
+    """The backend answers in 20 ms, but this process freezes for 0.3 s across the probe's
+    0.1 s deadline: the late timeout must lead to a second probe, whose verdict counts."""
+    COUNTS["count"] = 0
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.005, time.sleep, 0.3)  # block the event loop, as a starved CPU would
+    r = await probe(target(servers.http_port, type="http", path="/count", timeout=0.1, interval=1))
+    assert r.ok, r.reason
+    assert "retried after a" in r.reason and "checker stall" in r.reason
+    assert COUNTS["count"] == 2
+
+
+async def test_a_real_timeout_is_not_retried(servers: Servers):
+    COUNTS["count"] = 0
+    r = await probe(target(servers.http_port, type="http", path="/count", timeout=0.01, interval=1))
+    assert not r.ok and r.reason == "timeout after 0.01 s"
+    assert COUNTS["count"] == 1
 
 
 async def test_http_connection_refused(closed_port: int):

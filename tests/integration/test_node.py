@@ -1,0 +1,271 @@
+"""`maglev node` as a whole, with its real components: ExaBGP peering with a real FRR router,
+the XDP forwarder attached to the node's interface (its self-test gates announcements), and
+HTTP health checks against real backend servers.
+
+Topology (unique prefix, removed even on failure):
+
+    router ns (FRR, AS 65000) 10.97.0.1 ── veth ── 10.97.0.2 node ns (maglev node, AS 65001)
+                                                    backends: HTTP servers on 10.97.1.1/.2 (lo)
+
+The backends live inside the node's namespace: this test is about the controller's decisions
+as the router sees them (the data path to real backends is proven by the forwarder's live test
+and the lab's end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from lab.frr import FrrRouter, Neighbor, render_config
+from lab.netns import Netns, cleanup_prefix, mount_bpffs, umount, unique_prefix, veth
+from lab.nssocket import in_netns
+from node.client import ApiError, Client
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+ROUTER, NODE = "10.97.0.1", "10.97.0.2"
+BACKENDS = ["10.97.1.1", "10.97.1.2"]
+VIP, VIP2 = "10.97.100.1", "10.97.100.2"
+TOKEN = "node-test-token"
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def vip_obj(name: str, address: str, **extra) -> dict:
+    return {
+        "name": name,
+        "address": address,
+        "port": 80,
+        "table_size": 251,
+        "backends": [{"address": b, "port": 8080} for b in BACKENDS],
+        "health_check": {"type": "http", "path": "/", "interval": 0.3, "timeout": 0.2, "rise": 1, "fall": 1},
+        **extra,
+    }
+
+
+class NodeLab:
+    def __init__(self) -> None:
+        self.prefix = unique_prefix("mlbn")
+        # Short paths: ExaBGP's API socket must fit in a UNIX socket path.
+        self.dir = Path(tempfile.mkdtemp(prefix="mlbn"))
+        self.vip_dir = self.dir / "vips"
+        self.vip_dir.mkdir()
+        self.backends: dict[str, subprocess.Popen] = {}
+        self.node_proc: subprocess.Popen | None = None
+        self.router: FrrRouter | None = None
+
+    def build(self) -> None:
+        p = self.prefix
+        self.r = Netns.create(f"{p}-r")
+        self.n = Netns.create(f"{p}-n")
+        self.if_node = f"{p}n0"
+        veth(self.r, f"{p}r0", self.n, self.if_node)
+        self.r.add_address(f"{p}r0", f"{ROUTER}/24")
+        self.n.add_address(self.if_node, f"{NODE}/24")
+        for b in BACKENDS:
+            self.n.add_address("lo", f"{b}/32")
+        router_mac = json.loads(self.r.ip("-j", "link", "show", f"{p}r0").stdout)[0]["address"]
+        self.r.sysctl("net.ipv4.ip_forward", 1)
+        self.router = FrrRouter(self.r, render_config(asn=65000, router_id=ROUTER,
+                                                      neighbors=[Neighbor(NODE, 65001)]))
+        self.router.start()
+        for b in BACKENDS:
+            self.start_backend(b)
+        self.bpffs = mount_bpffs(self.dir / "bpffs")
+        (self.dir / "token").write_text(TOKEN + "\n")
+        (self.vip_dir / "main.yaml").write_text(yaml.safe_dump({"vips": [vip_obj("web", VIP)]}))
+        node = {
+            "node_id": "itest-node",
+            "vip_dir": str(self.vip_dir),
+            "run_dir": str(self.dir / "run"),
+            "warmup": 5,
+            "bgp": {"local_as": 65001, "router_id": NODE, "local_address": NODE, "withdraw_delay": 0.5,
+                    "min_change_interval": 0, "flap_hold_down": 0,
+                    "peers": [{"address": ROUTER, "peer_as": 65000}]},
+            "forwarder": {"interfaces": [self.if_node], "xdp_mode": "native", "encap_source_v4": NODE,
+                          "next_hop_mac": router_mac, "bpffs": str(self.bpffs), "self_test_interval": 1,
+                          "conntrack_size": 4096},
+            "api": {"token_file": str(self.dir / "token")},
+        }
+        self.node_file = self.dir / "node.yaml"
+        self.node_file.write_text(yaml.safe_dump(node))
+        self.log = open(self.dir / "node.log", "w")
+        self.node_proc = self.n.popen([sys.executable, "-m", "node.cli", "node", "--config", str(self.node_file)],
+                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+
+    def start_backend(self, addr: str) -> None:
+        www = self.dir / "www"
+        www.mkdir(exist_ok=True)
+        self.backends[addr] = self.n.popen(
+            [sys.executable, "-m", "http.server", "--bind", addr, "8080", "--directory", str(www)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_backend(self, addr: str) -> None:
+        proc = self.backends.pop(addr)
+        proc.kill()
+        proc.wait()
+
+    def client(self, token: bool = True) -> "NsClient":
+        return NsClient(self.n.name, Client("http://127.0.0.1:9180", TOKEN if token else None))
+
+    def routes(self) -> set[str]:
+        out = self.r.run("ip", "-4", "route", "show", "proto", "bgp").stdout
+        return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return (self.dir / "node.log").read_text()
+
+    def teardown(self) -> None:
+        if self.node_proc and self.node_proc.poll() is None:
+            self.node_proc.send_signal(signal.SIGTERM)
+            try:
+                self.node_proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.node_proc.kill()
+        for proc in self.backends.values():
+            proc.kill()
+        if self.router:
+            self.router.stop()
+        cleanup_prefix(self.prefix)
+        if hasattr(self, "bpffs"):
+            umount(self.bpffs)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NsClient:
+    """The node's API, reached from inside its namespace (it listens on the node's 127.0.0.1)."""
+
+    def __init__(self, ns: str, client: Client):
+        self.ns, self.c = ns, client
+
+    def __getattr__(self, name):
+        method = getattr(self.c, name)
+
+        def call(*args, **kwargs):
+            with in_netns(self.ns):
+                return method(*args, **kwargs)
+        return call
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = NodeLab()
+    try:
+        lab.build()
+        wait_for(lambda: VIP + " " in " ".join(r + " " for r in lab.routes()), 30,
+                 "the VIP to be announced to the router")
+        yield lab
+    except BaseException:
+        if lab.node_proc is not None:
+            print(lab.log_text())
+        raise
+    finally:
+        lab.teardown()
+
+
+def test_announced_after_warmup(lab):
+    status = lab.client().get("/api/v1/status")
+    assert status["warmup_over"] and status["forwarder"]["ok"], status
+    assert status["forwarder"]["mode"] == "native"
+    assert status["vips"]["web"]["announced"] and status["vips"]["web"]["serving"] == 2
+    assert lab.router.nexthops(f"{VIP}/32") == {NODE}
+    log = lab.log_text()
+    # The order an operator reads in the log: health verdicts, warm-up over, table, announce.
+    assert log.index("warmup_over") < log.index("vip_announced: VIP web")
+    assert "table_rebuilt: VIP web" in log
+
+
+def test_api_writes_need_the_token(lab):
+    with pytest.raises(ApiError) as info:
+        lab.client(token=False).post("/api/v1/node/drain")
+    assert info.value.status == 401
+    assert lab.client().get("/api/v1/status")["node_drained"] is False
+
+
+def test_metrics_parse(lab):
+    text = lab.client().get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {s.labels["vip"]: s.value for s in families["maglev_vip_announced"].samples} == {"web": 1.0}
+    assert families["maglev_forwarder_up"].samples[0].value == 1.0
+    states = {(s.labels["peer"], s.labels["state"]): s.value for s in families["maglev_bgp_session_state"].samples}
+    assert states[(ROUTER, "established")] == 1.0
+
+
+def test_all_backends_down_withdraws_then_comes_back(lab):
+    for b in list(BACKENDS):
+        lab.stop_backend(b)
+    took = wait_for(lambda: f"{VIP}" not in lab.routes(), 10, "the router to lose the VIP")
+    print(f"[node] all backends down -> VIP withdrawn at the router in {took:.2f} s")
+    view = lab.client().get("/api/v1/vips/web")
+    assert not view["announced"] and "fewer than min_healthy 1" in view["reason"]
+    assert all(b["health"] == "down" for b in view["backends"])
+    for b in BACKENDS:
+        lab.start_backend(b)
+    took = wait_for(lambda: f"{VIP}" in lab.routes(), 15, "the VIP to come back")
+    print(f"[node] backends back -> VIP announced again in {took:.2f} s")
+    assert "backend_down: backend 10.97.1.1:8080 of VIP web is DOWN" in lab.log_text()
+
+
+def test_reload_adds_a_vip_and_a_bad_reload_changes_nothing(lab):
+    (lab.vip_dir / "extra.yaml").write_text(yaml.safe_dump({"vips": [vip_obj("extra", VIP2)]}))
+    wait_for(lambda: VIP2 in lab.routes(), 15, "the new VIP to be announced (directory watch)")
+    digest = lab.client().get("/api/v1/vips/web")["digest"]
+    (lab.vip_dir / "broken.yaml").write_text(yaml.safe_dump({"vips": [vip_obj("broken", "10.97.100.3", table_size=100)]}))
+    os.kill(lab.node_proc.pid, signal.SIGHUP)
+    wait_for(lambda: (lab.client().get("/api/v1/status")["last_reload"] or {}).get("ok") is False, 10,
+             "the broken file to be rejected")
+    status = lab.client().get("/api/v1/status")
+    assert any("broken.yaml" in p and "table_size 100 is not prime" in p for p in status["last_reload"]["problems"])
+    assert sorted(status["vips"]) == ["extra", "web"]
+    assert lab.routes() >= {VIP, VIP2}
+    assert lab.client().get("/api/v1/vips/web")["digest"] == digest
+    (lab.vip_dir / "broken.yaml").unlink()
+
+
+def test_put_vip_over_the_api_then_delete(lab):
+    body = vip_obj("api-made", "10.97.100.4")
+    result = lab.client().request("PUT", "/api/v1/vips/api-made", body=body)
+    assert result["name"] == "api-made"
+    assert (lab.vip_dir / "api-made.yaml").exists()
+    wait_for(lambda: "10.97.100.4" in lab.routes(), 15, "the API-made VIP to be announced")
+    lab.client().request("DELETE", "/api/v1/vips/api-made")
+    wait_for(lambda: "10.97.100.4" not in lab.routes(), 15, "the API-made VIP to be withdrawn")
+
+
+def test_node_drain_withdraws_everything(lab):
+    lab.client().post("/api/v1/node/drain")
+    wait_for(lambda: not lab.routes(), 10, "every VIP to be withdrawn")
+    lab.client().post("/api/v1/node/undrain")
+    wait_for(lambda: VIP in lab.routes(), 10, "the VIPs to come back")
+
+
+def test_sigterm_withdraws_then_exits_cleanly(lab):
+    lab.node_proc.send_signal(signal.SIGTERM)
+    took = wait_for(lambda: not lab.routes(), 10, "routes withdrawn on SIGTERM")
+    assert lab.node_proc.wait(timeout=15) == 0
+    log = lab.log_text()
+    assert "node_stopping" in log and "forwarder_detached" in log and "node_stopped" in log
+    print(f"[node] SIGTERM -> routes gone in {took:.2f} s, exit 0")
+    # Detached: no XDP program left on the interface.
+    assert "xdp" not in lab.n.ip("link", "show", lab.if_node).stdout

@@ -56,6 +56,12 @@ def render(controller: Any, counters: dict[str, Any]) -> str:
               [({"result": "pass" if k else "fail"}, v) for k, v in sorted(c.metrics.self_tests.items())])
     ex.metric("maglev_forwarder_sync_seconds", "gauge", "Duration of the last forwarder programming",
               [({}, c.metrics.sync_seconds)])
+    ex.metric("maglev_table_builds_total", "counter", "Maglev tables built (cache misses)",
+              [({}, c.tables.builds)])
+    ex.metric("maglev_table_build_seconds_total", "counter", "Time spent building Maglev tables",
+              [({}, c.tables.build_seconds)])
+    ex.metric("maglev_table_last_build_seconds", "gauge", "Duration of the last Maglev table build",
+              [({}, c.tables.last_build_seconds)])
     ex.metric("maglev_config_reloads_total", "counter", "VIP config reloads by result",
               [({"result": "success" if k else "failure"}, v) for k, v in sorted(c.metrics.reloads.items())])
     last_ok = c.last_reload.ok if c.last_reload else True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
@@ -99,12 +100,19 @@ class TableCache:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[int, tuple[tuple[str, float], ...]], MaglevTable] = {}
+        self.builds = 0
+        self.build_seconds = 0.0  # total time spent building, for the metrics
+        self.last_build_seconds = 0.0
 
     def get(self, weights: Mapping[str, float], size: int) -> MaglevTable:
         key = (size, tuple(sorted(weights.items())))
         table = self._cache.get(key)
         if table is None:
+            started = time.perf_counter()
             table = build_table(weights, size)
+            self.last_build_seconds = time.perf_counter() - started
+            self.build_seconds += self.last_build_seconds
+            self.builds += 1
             self._cache[key] = table
         return table
 

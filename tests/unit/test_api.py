@@ -137,3 +137,11 @@ async def test_trace_matches_the_model(api):
     assert r.status == 400
     r = await client.get("/api/v1/vips/web/trace", params={"src": "[fd00::1]:5"})
     assert r.status == 400 and "is IPv6 but VIP web is IPv4" in (await r.json())["error"]
+
+
+async def test_metrics_count_table_builds(api):
+    env, client = api
+    text = await (await client.get("/metrics")).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["maglev_table_builds"].samples[0].value >= 1
+    assert families["maglev_table_last_build_seconds"].samples[0].value > 0

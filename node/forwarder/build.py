@@ -17,7 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
-PROGRAMS = ("xdp_lb", "xdp_floor")
+# xdp_lb: the forwarder; xdp_floor: the bench's floor; decap: the backend's tc GRE decapsulation
+# (bpf/decap.c, owned by the backend side; built here when present).
+PROGRAMS = ("xdp_lb", "xdp_floor", "decap")
 DEFAULT_CACHE = Path(os.environ.get("MAGLEV_BPF_CACHE", Path.home() / ".cache" / "maglev-bpf"))
 
 
@@ -74,6 +76,8 @@ def build(name: str = "xdp_lb", cache_dir: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     for name in PROGRAMS:
+        if not (BPF_DIR / f"{name}.c").exists():
+            continue
         try:
             print(f"{name}: {build(name)}")
         except BuildError as exc:

@@ -45,7 +45,7 @@ _libc.vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
 
 @_PRINT_FN
 def _print(level: int, fmt: bytes, args: int) -> int:
-    buf = C.create_string_buffer(8192)
+    buf = C.create_string_buffer(1 << 18)  # the verifier log arrives in one piece
     _libc.vsnprintf(buf, len(buf), fmt, args)  # on x86-64/arm64 a va_list arrives as a pointer
     with _log_lock:
         _log.append(buf.value.decode(errors="replace"))

@@ -620,7 +620,7 @@ class Forwarder:
                     f = model.Flow(k.family, bytes(k.src), bytes(k.dst),
                                    int.from_bytes(bytes(k.sport_be), "big"),
                                    int.from_bytes(bytes(k.dport_be), "big"), k.proto)
-                    st.ct[f] = (v.backend_id, v.last_seen_ns)
+                    st.ct[f] = (v.backend_id, v.last_seen_ns, v.vip_id)
         return st
 
     def conntrack_count(self) -> int:

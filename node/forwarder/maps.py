@@ -106,7 +106,7 @@ class FlowKey(C.Structure):
 
 
 class CtValue(C.Structure):
-    _fields_ = [("backend_id", C.c_uint32), ("pad", C.c_uint32), ("last_seen_ns", C.c_uint64)]
+    _fields_ = [("backend_id", C.c_uint32), ("vip_id", C.c_uint32), ("last_seen_ns", C.c_uint64)]
 
 
 class Config(C.Structure):

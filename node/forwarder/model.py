@@ -136,7 +136,8 @@ class ModelState:
     vips: dict[tuple[int, bytes, int, int], int] = field(default_factory=dict)
     tables: dict[int, list[int]] = field(default_factory=dict)  # vip id -> backend ids
     backends: dict[int, ModelBackend] = field(default_factory=dict)
-    ct: dict[Flow, tuple[int, int]] = field(default_factory=dict)  # flow -> (backend id, seen)
+    # flow -> (backend id, last seen ns, vip id)
+    ct: dict[Flow, tuple[int, int, int]] = field(default_factory=dict)
     stats: dict[Stat, int] = field(default_factory=dict)
     rate_window: tuple[int, int] = (0, 0)  # (window start ns, count): one CPU
 
@@ -165,6 +166,7 @@ class _Parsed:
     is_frag: bool = False
     is_icmp_err: bool = False
     frag_dport: int = 0
+    syn: bool = False
 
 
 class _NotOurs(Exception):
@@ -231,7 +233,10 @@ def _parse_v4(b: bytes, l3: int) -> _Parsed:
         return _Parsed(Flow(FAM_V4, src, dst, 0, 0, proto), l3, tot, tos, ihl, df, True, False, fdport)
     if tot < ihl + 4 or ports + 4 > end:
         raise _NotOurs(_MALFORMED)
-    return _Parsed(Flow(FAM_V4, src, dst, _u16(b, ports), _u16(b, ports + 2), proto), l3, tot, tos, ihl, df)
+    p = _Parsed(Flow(FAM_V4, src, dst, _u16(b, ports), _u16(b, ports + 2), proto), l3, tot, tos, ihl, df)
+    if proto == TCP and tot >= ihl + 14 and ports + 14 <= end:
+        p.syn = b[ports + 13] & 0x12 == 0x02
+    return p
 
 
 def _parse_icmp6_err(b: bytes, icmp: int, p: _Parsed) -> _Parsed:
@@ -288,6 +293,8 @@ def _parse_v6(b: bytes, l3: int) -> _Parsed:
     if plen < 4 or ports + 4 > end:
         raise _NotOurs(_MALFORMED)
     p.flow = Flow(FAM_V6, src, dst, _u16(b, ports), _u16(b, ports + 2), nh)
+    if nh == TCP and plen >= 14 and ports + 14 <= end:
+        p.syn = b[ports + 13] & 0x12 == 0x02
     return p
 
 
@@ -406,27 +413,44 @@ def _find_vip(st: ModelState, b: bytes, p: _Parsed) -> int | Result:
     return Result(XDP_PASS, b) if vid is None else vid
 
 
+def _vip_owns(st: ModelState, vid: int, f: Flow) -> bool:
+    for (fam, addr, port, proto), v in st.vips.items():
+        if v == vid:
+            return fam == f.family and proto == f.proto and port in (0, f.dport) and addr == f.dst
+    return False
+
+
+def _ct_usable(st: ModelState, ct: tuple[int, int, int], p: _Parsed, now: int, selftest: bool) -> bool:
+    be_id, seen, vid = ct
+    be = st.backends.get(be_id)
+    if be is None or not _vip_owns(st, vid, p.flow) or be.vip_id != vid:
+        return False
+    if be.state not in (BE_STATE_ACTIVE, BE_STATE_DRAIN):
+        return False
+    if p.flow.proto == UDP:
+        if (now - seen) & M64 > st.config.udp_idle_ns:
+            return False
+        if not selftest and not p.is_icmp_err:
+            st.ct[p.flow] = (be_id, now, vid)
+    return True
+
+
 def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bool) -> Result:
-    vid = _find_vip(st, b, p)
-    if isinstance(vid, Result):
-        return vid
     cfg, f = st.config, p.flow
     hit = inserted = False
     be_id: int | None = None
     be: ModelBackend | None = None
-    ct = None if p.is_frag else st.ct.get(f)
-    if ct is not None:
-        be_id = ct[0]
-        be = st.backends.get(be_id)
-        if be and be.vip_id == vid and be.state in (BE_STATE_ACTIVE, BE_STATE_DRAIN):
-            hit = True
-            if f.proto == UDP:
-                if (now - ct[1]) & M64 > cfg.udp_idle_ns:
-                    hit = False
-                elif not selftest and not p.is_icmp_err:
-                    st.ct[f] = (ct[0], now)
     h = flow_hash(f)
-    if not hit:
+    # conntrack first (SYNs and fragments skip it): a usable entry needs no VIP lookup
+    ct = None if p.is_frag or p.syn else st.ct.get(f)
+    if ct is not None and _ct_usable(st, ct, p, now, selftest):
+        hit, be_id, vid = True, ct[0], ct[2]
+        be = st.backends[be_id]
+    else:
+        found = _find_vip(st, b, p)
+        if isinstance(found, Result):
+            return found
+        vid = found
         table = st.tables.get(vid) or []
         if not table:
             return _drop(st, b, Stat.DROP_NO_BACKEND)
@@ -436,7 +460,7 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
             return _drop(st, b, Stat.DROP_BAD_BACKEND, be_id)
         if not p.is_frag and not p.is_icmp_err and not selftest:
             if _rate_allows(st, now):
-                st.ct[f] = (be_id, now)
+                st.ct[f] = (be_id, now if f.proto == UDP else 0, vid)
                 inserted = True
             else:
                 st.count(Stat.CT_INSERT_BYPASSED)
@@ -464,18 +488,20 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
 
 
 def pick(st: ModelState, flow: Flow) -> int | None:
-    """The backend id a new packet of ``flow`` goes to (conntrack first, as the data path
-    does), or None when the flow is not for a VIP or the VIP has no backends."""
+    """The backend id a packet of ``flow`` goes to (a usable conntrack entry first, as the
+    data path does for non-SYN packets), or None when the flow is not for a VIP or the VIP
+    has no backends."""
+    ct = st.ct.get(flow)
+    if ct is not None:
+        be = st.backends.get(ct[0])
+        if (be and be.vip_id == ct[2] and _vip_owns(st, ct[2], flow)
+                and be.state in (BE_STATE_ACTIVE, BE_STATE_DRAIN)):
+            return ct[0]
     vid = st.vips.get((flow.family, flow.dst, flow.dport, flow.proto))
     if vid is None:
         vid = st.vips.get((flow.family, flow.dst, 0, flow.proto))
     if vid is None:
         return None
-    ct = st.ct.get(flow)
-    if ct is not None:
-        be = st.backends.get(ct[0])
-        if be and be.vip_id == vid and be.state in (BE_STATE_ACTIVE, BE_STATE_DRAIN):
-            return ct[0]
     table = st.tables.get(vid) or []
     if not table:
         return None

@@ -147,10 +147,11 @@ def test_empty_table_drops_and_counts(fwd) -> None:
 
 
 def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
-    frame = P.flow_packet(CLIENT4, VIP4, 40001, 80)
-    v1, out1 = run(fwd, frame)
+    syn = P.flow_packet(CLIENT4, VIP4, 40001, 80)
+    frame = P.flow_packet(CLIENT4, VIP4, 40001, 80, tcp_flags=0x10)
+    v1, out1 = run(fwd, syn)
     v2, out2 = run(fwd, frame)
-    assert v1 == v2 == M.XDP_TX and out1 == out2
+    assert v1 == v2 == M.XDP_TX and outer_dst(out1) == outer_dst(out2)
     c = fwd.counters()
     assert c["vips"]["web4"] == {"packets": 2, "bytes": 2 * 40, "new_flows": 1, "ct_hits": 1, "ct_misses": 1}
     key = key_for(fwd, "web4", outer_dst(out1))
@@ -160,24 +161,27 @@ def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
     vips = base_vips()
     vips[0] = vip("web4", VIP4, "tcp", 80, vips[0].backends, [other] * 13)
     fwd.sync(vips)
-    assert run(fwd, frame)[1] == out1
+    assert run(fwd, frame)[1] == out2
+    # a SYN on the same 5-tuple is a new connection: it follows the table
+    assert key_for(fwd, "web4", outer_dst(run(fwd, syn)[1])) == other
     new_flow = P.flow_packet(CLIENT4, VIP4, 40002, 80)
     assert key_for(fwd, "web4", outer_dst(run(fwd, new_flow)[1])) == other
 
 
-def _flow_on(fwd, key: str) -> bytes:
-    """A new flow the table sends to backend `key` (searching source ports)."""
+def _flow_on(fwd, key: str) -> tuple[bytes, bytes]:
+    """(SYN, ACK) of a new flow the table sends to backend `key` (searching source ports)."""
     st = fwd.model_state()
     bid = fwd.backend_id("web4", key)
     for sport in range(20000, 30000):
         if M.pick(st, M.Flow.of(CLIENT4, VIP4, sport, 80, "tcp")) == bid:
-            return P.flow_packet(CLIENT4, VIP4, sport, 80)
+            return (P.flow_packet(CLIENT4, VIP4, sport, 80),
+                    P.flow_packet(CLIENT4, VIP4, sport, 80, tcp_flags=0x10))
     raise AssertionError("no flow found")
 
 
 def test_drain_keeps_existing_flows_takes_no_new(fwd) -> None:
-    frame = _flow_on(fwd, "a")
-    _, out = run(fwd, frame)
+    syn, frame = _flow_on(fwd, "a")
+    _, out = run(fwd, syn)
     assert outer_dst(out) == "10.2.0.1"
     fwd.sync(base_vips(a="drain"))
     assert outer_dst(run(fwd, frame)[1]) == "10.2.0.1"  # established flow stays
@@ -188,8 +192,8 @@ def test_drain_keeps_existing_flows_takes_no_new(fwd) -> None:
 
 @pytest.mark.parametrize("how", ["down", "removed"])
 def test_down_or_removed_backend_rehashes(fwd, how) -> None:
-    frame = _flow_on(fwd, "a")
-    run(fwd, frame)
+    syn, frame = _flow_on(fwd, "a")
+    run(fwd, syn)
     vips = base_vips(a="down")
     if how == "removed":
         vips[0] = vip("web4", VIP4, "tcp", 80, [b for b in vips[0].backends if b.key != "a"])
@@ -236,6 +240,8 @@ def test_table_flips_under_concurrent_traffic(fwd) -> None:
             else:
                 seen.add(outer_dst(out))
 
+    fwd.sync([vip("web4", VIP4, "tcp", 80, backs, tables[3])])
+    fwd.conntrack_clear()
     t = threading.Thread(target=traffic)
     t.start()
     try:
@@ -280,6 +286,10 @@ def test_too_big_ipv6_answers_packet_too_big(fwd) -> None:
 def test_icmp_error_steered_to_flow_owner(fwd) -> None:
     frame = P.flow_packet(CLIENT4, VIP4, 40001, 80)
     owner = outer_dst(run(fwd, frame)[1])
+    # point the table elsewhere: only conntrack knows the owner now
+    backs = base_vips()[0].backends
+    other = next(b.key for b in backs if str(b.address) != owner)
+    fwd.sync([vip("web4", VIP4, "tcp", 80, backs, [other] * 13)] + base_vips()[1:])
     quoted = P.flow_packet(VIP4, CLIENT4, 80, 40001)[14:42]
     err = P.ether(P.ipv4("192.0.2.254", VIP4, 1, struct.pack("!BBHHH", 3, 4, 0, 0, 1400) + quoted), 0x0800)
     verdict, out = run(fwd, err)

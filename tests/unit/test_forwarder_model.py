@@ -106,10 +106,12 @@ def test_not_forwarded_passes_unchanged(frame: bytes, reason) -> None:
 
 def test_conntrack_hit_drain_and_down() -> None:
     st = make_state()
-    frame = P.flow_packet("192.0.2.7", VIP4, 5555, 80)
-    first = M.process(st, frame)
+    syn = P.flow_packet("192.0.2.7", VIP4, 5555, 80)
+    frame = P.flow_packet("192.0.2.7", VIP4, 5555, 80, tcp_flags=0x10)
+    first = M.process(st, syn)
     again = M.process(st, frame)
     assert again.ct_hit and again.backend_id == first.backend_id
+    assert not M.process(st, syn).ct_hit  # a SYN never consults conntrack
     st.backends[first.backend_id].state = BE_STATE_DRAIN
     st.tables[0] = [b for b in st.tables[0] if b != first.backend_id] or [1]
     assert M.process(st, frame).backend_id == first.backend_id  # drain keeps the flow

@@ -96,7 +96,7 @@ struct flow_key {
 
 struct ct_value {
 	__u32 backend_id;
-	__u32 pad;
+	__u32 vip_id;          /* the VIP the flow was steered for: a hit needs no VIP lookup */
 	__u64 last_seen_ns;    /* bpf_ktime_get_ns(); refreshed on UDP hits only */
 };
 

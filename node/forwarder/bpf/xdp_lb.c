@@ -17,6 +17,9 @@
  *   (ports 0), without conntrack, when an "all ports" VIP owns (dst, proto). A first fragment
  *   whose ports match a port VIP is dropped (DROP_FRAGMENT): the rest of the datagram could not
  *   follow it. Any other fragment goes to the kernel.
+ * - Conntrack: a TCP SYN (SYN set, ACK clear) skips the lookup and goes to the table, then
+ *   inserts (Katran does the same); TCP entries never expire by time (LRU eviction only),
+ *   UDP entries after config.udp_idle_ns without packets.
  * - ICMP errors (v4 type 3/11, v6 type 1/2/3) quoting a packet from a VIP flow are steered to
  *   the backend that owns the flow (conntrack, else table; no insert).
  * - Over the MTU after encapsulation: ICMP frag-needed (IPv4 with DF) / packet-too-big (IPv6)
@@ -141,6 +144,7 @@ struct parsed {
 	__u8 is_frag;
 	__u8 df;
 	__u8 is_icmp_err;
+	__u8 syn;              /* TCP SYN without ACK: a new connection, conntrack not consulted */
 	__u8 ihl;              /* IPv4 header length in bytes (ICMP frag-needed quote) */
 };
 
@@ -304,6 +308,8 @@ static __always_inline int parse_v4(void *data, void *end, __u32 l3, struct pars
 		return P_MALFORMED;
 	p->fk.sport_be = ports[0];
 	p->fk.dport_be = ports[1];
+	if (ip->protocol == IPPROTO_TCP && tot >= ihl + 14 && (void *)ports + 14 <= end)
+		p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
 	return P_OK;
 }
 
@@ -391,11 +397,14 @@ static __always_inline int parse_v6(void *data, void *end, __u32 l3, struct pars
 	p->fk.sport_be = ports[0];
 	p->fk.dport_be = ports[1];
 	p->fk.proto = nh;
+	if (nh == IPPROTO_TCP && plen >= 14 && (void *)ports + 14 <= end)
+		p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
 	return P_OK;
 }
 
 /* ---- steering --------------------------------------------------------------------------- */
 
+/* now is only read when a limit is configured (bpf_ktime_get_ns costs ~40 ns here). */
 static __always_inline int rate_allows(const struct config *cfg, __u64 now)
 {
 	__u32 zero = 0;
@@ -432,6 +441,17 @@ static __always_inline __u64 csum_words(void *start, __u32 nwords, void *end, __
 	return s;
 }
 
+/* Bytes to add (negative: cut) so the frame is want bytes long. 64-bit on purpose: with
+ * -mcpu=v3 clang would otherwise do 32-bit arithmetic on packet pointers, which the verifier
+ * refuses. */
+static __always_inline int tail_delta(void *data, void *end, __u32 want)
+{
+	__s64 have = (__s64)((long)end - (long)data);
+
+	asm volatile("" : "+r"(have));
+	return (int)((__s64)want - have);
+}
+
 static __always_inline int too_big_v4(struct xdp_md *ctx, __u32 l2, struct parsed *p, __u16 mtu)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
@@ -450,7 +470,7 @@ static __always_inline int too_big_v4(struct xdp_md *ctx, __u32 l2, struct parse
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	outlen = l2 + 28 + quote;
-	if (bpf_xdp_adjust_tail(ctx, (int)outlen - (int)(end - data)))
+	if (bpf_xdp_adjust_tail(ctx, tail_delta(data, end, outlen)))
 		goto adjust_fail;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
@@ -522,7 +542,7 @@ static __always_inline int too_big_v6(struct xdp_md *ctx, __u32 l2, struct parse
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	outlen = l2 + 48 + quote;
-	if (bpf_xdp_adjust_tail(ctx, (int)outlen - (int)(end - data)))
+	if (bpf_xdp_adjust_tail(ctx, tail_delta(data, end, outlen)))
 		goto adjust_fail;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
@@ -648,17 +668,70 @@ static __always_inline void add_stats(void *map, __u32 id, __u32 bytes, int hit,
 	s->new_flows += inserted;
 }
 
+/* Does the VIP described by meta own this flow? (The conntrack fast path checks this instead
+ * of a second hash lookup: a compare of fields already in cache.) */
+static __always_inline int vip_owns(const struct vip_meta *meta, const struct flow_key *fk)
+{
+	const struct vip_key *k = &meta->key;
+
+	return meta->in_use && k->family == fk->family && k->proto == fk->proto &&
+	       (k->port_be == 0 || k->port_be == fk->dport_be) &&
+	       k->addr[0] == fk->dst[0] && k->addr[1] == fk->dst[1] &&
+	       k->addr[2] == fk->dst[2] && k->addr[3] == fk->dst[3];
+}
+
+/* A conntrack entry is usable while its VIP still owns the flow and its backend belongs to
+ * that VIP and is in service (active or draining); UDP entries also expire when idle. */
+static __always_inline int ct_usable(struct ct_value *ct, struct parsed *p, const struct config *cfg,
+				     int selftest, struct vip_meta **meta_out, struct backend **be_out)
+{
+	__u32 vip_id = ct->vip_id, be_id = ct->backend_id;
+	struct vip_meta *meta = bpf_map_lookup_elem(&vip_meta, &vip_id);
+	struct backend *be = bpf_map_lookup_elem(&backends, &be_id);
+
+	if (!meta || !be || !vip_owns(meta, &p->fk) || be->vip_id != vip_id ||
+	    (be->state != BE_STATE_ACTIVE && be->state != BE_STATE_DRAIN))
+		return 0;
+	if (p->fk.proto == IPPROTO_UDP) {
+		__u64 now = bpf_ktime_get_ns();
+
+		if (now - ct->last_seen_ns > cfg->udp_idle_ns)
+			return 0;
+		if (!selftest && !p->is_icmp_err)
+			ct->last_seen_ns = now;
+	}
+	*meta_out = meta;
+	*be_out = be;
+	return 1;
+}
+
 static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct parsed *p, int selftest)
 {
 	struct vip_key vk;
 	struct vip_value *vv;
-	struct vip_meta *meta;
+	struct vip_meta *meta = 0;
 	struct config *cfg;
 	struct backend *be = 0;
 	struct ct_value *ct = 0;
 	__u32 zero = 0, vip_id, be_id = 0, hash = 0, hashed = 0, active;
 	__u8 dmac[6];
 	int hit = 0, inserted = 0, rc;
+
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return XDP_PASS;
+	/* Conntrack first: an established flow needs no VIP hash lookup. A SYN opens a new
+	 * connection and skips it (as Katran does); the insert below overwrites whatever an
+	 * earlier connection on the same 5-tuple left. Fragments never use conntrack. */
+	if (!p->is_frag && !p->syn) {
+		ct = bpf_map_lookup_elem(&conntrack, &p->fk);
+		if (ct && ct_usable(ct, p, cfg, selftest, &meta, &be)) {
+			hit = 1;
+			vip_id = ct->vip_id;
+			be_id = ct->backend_id;
+			goto chosen;
+		}
+	}
 
 	__builtin_memcpy(vk.addr, p->fk.dst, 16);
 	vk.port_be = p->fk.dport_be;
@@ -683,30 +756,10 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	}
 	vip_id = vv->vip_id;
 	meta = bpf_map_lookup_elem(&vip_meta, &vip_id);
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!meta || !cfg)
+	if (!meta)
 		return XDP_PASS;
 
-	if (!p->is_frag) {
-		ct = bpf_map_lookup_elem(&conntrack, &p->fk);
-		if (ct) {
-			be_id = ct->backend_id;
-			be = bpf_map_lookup_elem(&backends, &be_id);
-			if (be && be->vip_id == vip_id &&
-			    (be->state == BE_STATE_ACTIVE || be->state == BE_STATE_DRAIN)) {
-				hit = 1;
-				if (p->fk.proto == IPPROTO_UDP) {
-					__u64 now = bpf_ktime_get_ns();
-
-					if (now - ct->last_seen_ns > cfg->udp_idle_ns)
-						hit = 0;
-					else if (!selftest && !p->is_icmp_err)
-						ct->last_seen_ns = now;
-				}
-			}
-		}
-	}
-	if (!hit) {
+	{
 		struct table_slot slot;
 		struct table_chunk *c;
 		__u32 idx, chunk;
@@ -729,14 +782,21 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 		if (!be || be->vip_id != vip_id || be->state != BE_STATE_ACTIVE)
 			goto bad_backend;
 		if (!p->is_frag && !p->is_icmp_err && !selftest) {
-			__u64 now = bpf_ktime_get_ns();
+			/* last_seen matters for UDP expiry only: TCP entries store 0 and save
+			 * the clock read unless the rate limiter needs it. */
+			__u64 now = 0;
 
+			if (p->fk.proto == IPPROTO_UDP || cfg->new_flow_rate)
+				now = bpf_ktime_get_ns();
 			if (rate_allows(cfg, now)) {
-				struct ct_value nv = {.backend_id = be_id, .last_seen_ns = now};
+				struct ct_value nv = {.backend_id = be_id, .vip_id = vip_id};
 
+				if (p->fk.proto == IPPROTO_UDP)
+					nv.last_seen_ns = now;
 				if (ct) {
 					ct->backend_id = be_id;
-					ct->last_seen_ns = now;
+					ct->vip_id = vip_id;
+					ct->last_seen_ns = nv.last_seen_ns;
 				} else {
 					bpf_map_update_elem(&conntrack, &p->fk, &nv, BPF_ANY);
 				}
@@ -746,6 +806,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 			}
 		}
 	}
+chosen:
 	if (!be)
 		goto bad_backend;
 	if (be->family == FAM_V4 ? !(cfg->flags & CFG_F_HAVE_SRC_V4) : !(cfg->flags & CFG_F_HAVE_SRC_V6)) {
@@ -851,6 +912,10 @@ int xdp_lb(struct xdp_md *ctx)
 	 * received frames never have here: they are checked without touching conntrack/stats. */
 	int selftest = ctx->data_meta < ctx->data;
 	struct ethhdr *eth = data;
+
+	/* Materialise the flag now: otherwise clang keeps the meta pointer alive and spills it
+	 * as 32 bits, which the verifier refuses. */
+	asm volatile("" : "+r"(selftest));
 
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;

@@ -46,6 +46,7 @@ backend)
     # DSR: replies go to the client straight through the router.
     ip route replace 10.0.0.0/24 via 10.1.0.1
     ip -6 route replace fd00::/64 via fd00:1::1
+    mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
     maglev backend setup --vip 10.100.0.1 --vip fd00:100::1 --interface eth0 --decap bpf
     exec python -m lab.backend_server --name "$name" --vip 10.100.0.1 --vip fd00:100::1 --port 80 --health-port 8080
     ;;

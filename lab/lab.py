@@ -206,7 +206,8 @@ class Lab:
         deadline = time.monotonic() + timeout
         for h in self.plan.node_hosts:
             self.progress(f"waiting for {h.name}'s API on 127.0.0.1:{P.API_PORT}")
-            self._wait(lambda: self.node_status(h.index) is not None, deadline, f"{h.name}'s API",
+            pid = self._state()["pids"].get(h.name, 0)
+            self._wait(lambda: self._node_answers(h.index, pid), deadline, f"{h.name}'s API",
                        self.plan.node_dir(h.index) / "node.log")
         for vip in (P.VIP_V4, P.VIP_V6):
             self.progress(f"waiting for the router to install {vip} via all {self.plan.nodes} nodes")
@@ -214,6 +215,7 @@ class Lab:
                        f"{self.plan.nodes} nexthops for {vip} on the router", None)
 
     def _wait(self, cond: Callable[[], bool], deadline: float, what: str, log: Path | None) -> None:
+        """Poll cond until true; a LabError from cond (a process died) ends the wait at once."""
         while True:
             try:
                 if cond():
@@ -303,8 +305,14 @@ class Lab:
         pid = self._spawn(h.ns, h.name, maglev_argv("node", "--config", str(d / "node.yaml")), d / "node.log")
         if wait:
             deadline = time.monotonic() + timeout
-            self._wait(lambda: self.node_status(index) is not None, deadline, f"{h.name}'s API", d / "node.log")
+            self._wait(lambda: self._node_answers(index, pid), deadline, f"{h.name}'s API", d / "node.log")
         return pid
+
+    def _node_answers(self, index: int, pid: int) -> bool:
+        if not _alive(pid):
+            raise LabError(f"node-{index} (pid {pid}) exited during start; last lines of "
+                           f"{self.plan.node_dir(index) / 'node.log'}:\n{_tail(self.plan.node_dir(index) / 'node.log')}")
+        return self.node_status(index) is not None
 
     def stop_node(self, index: int, timeout: float = 20.0) -> float:
         """Graceful stop (SIGTERM: the node withdraws its VIPs, waits, exits). Returns seconds."""
@@ -349,10 +357,15 @@ class Lab:
 
     # -- backends
 
-    def setup_backend(self, index: int) -> None:
+    def setup_backend(self, index: int, extra_vips: Sequence[str] = ()) -> None:
+        """`maglev backend setup` in backend J: the lab's VIPs (plus extra_vips) on lo, DSR
+        sysctls, the GRE decap program. Idempotent; the VIP list replaces the last one."""
         h = self.plan.backend(index)
-        argv = maglev_argv("backend", "setup", "--vip", P.VIP_V4, "--vip", P.VIP_V6,
-                           "--interface", "eth0", "--decap", "bpf")
+        d = self.plan.backend_dir(index)
+        vips = [a for v in (P.VIP_V4, P.VIP_V6, *extra_vips) for a in ("--vip", v)]
+        argv = maglev_argv("backend", "setup", *vips,
+                           "--interface", "eth0", "--decap", "bpf", "--bpffs", str(d / "bpffs"),
+                           "--state-dir", str(d / "state"))
         proc = Netns(h.ns).run(*argv, check=False, timeout=60)
         log = self.plan.backend_dir(index) / "setup.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +379,8 @@ class Lab:
         if self.pid(h.name):
             raise LabError(f"{h.name}'s server is already running (pid {self.pid(h.name)})")
         argv = [sys.executable, "-m", "lab.backend_server", "--name", h.name, "--vip", P.VIP_V4,
-                "--vip", P.VIP_V6, "--port", str(P.VIP_PORT), "--health-port", str(P.HEALTH_PORT)]
+                "--vip", P.VIP_V6, "--vip", P.SPARE_VIP_V4, "--port", str(P.VIP_PORT),
+                "--health-port", str(P.HEALTH_PORT)]
         pid = self._spawn(h.ns, h.name, argv, self.plan.backend_dir(index) / "server.log")
         deadline = time.monotonic() + 10
         self._wait(lambda: self.backend_healthy(index), deadline, f"{h.name}'s health endpoint",
@@ -446,6 +460,21 @@ def announced_vips(vips: Any) -> list[str]:
     return sorted(str(name) for name, v in items if isinstance(v, dict) and v.get("announced"))
 
 
+def _node_summary(s: dict[str, Any]) -> str:
+    """'forwarder ok (native), BGP 2/2 up, warm-up over' from a node's /api/v1/status."""
+    fwd = s.get("forwarder") or {}
+    sessions = (s.get("bgp") or {}).get("sessions") or {}
+    up = sum(1 for x in sessions.values() if isinstance(x, dict) and x.get("state") == "established")
+    parts = [
+        f"forwarder {'ok' if fwd.get('ok') else 'FAILING'} ({fwd.get('mode') or '?'})",
+        f"BGP {up}/{len(sessions)} up",
+        "warm-up over" if s.get("warmup_over") else "warming up",
+    ]
+    if s.get("node_drained"):
+        parts.append("DRAINED")
+    return ", ".join(parts)
+
+
 def format_status(st: dict[str, Any]) -> str:
     lines = ["router nexthops (kernel FIB):"]
     for vip, hops in st["router"].get("nexthops", {}).items():
@@ -461,8 +490,7 @@ def format_status(st: dict[str, Any]) -> str:
         elif not n["api"]:
             state = f"pid {n['pid']}, API not answering"
         else:
-            s = n["status"] or {}
-            state = f"pid {n['pid']}, {s.get('state', 'running')}"
+            state = f"pid {n['pid']}, {_node_summary(n['status'] or {})}"
         lines.append(f"  {n['name']:<9} {n['address']:<11} {state}; announces: {', '.join(n['announced']) or '-'}")
     lines.append("backends:")
     for b in st["backends"]:

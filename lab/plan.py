@@ -49,6 +49,9 @@ CLIENT_V4 = "10.0.0.2"
 CLIENT_V6 = "fd00::2"
 VIP_V4 = "10.100.0.1"
 VIP_V6 = "fd00:100::1"
+# Not in any VIP file at start: the end-to-end tests add it by dropping a VIP file into every
+# node. Backends listen on it from the start (FREEBIND), so only the VIP config changes.
+SPARE_VIP_V4 = "10.100.0.2"
 VIP_PORT = 80
 HEALTH_PORT = 8080
 API_PORT = 9180

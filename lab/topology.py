@@ -122,6 +122,12 @@ def build_host(lab: P.LabPlan, router: Netns, h: P.Host, xdp_pass: Path | None) 
         _no_offload(n, dev)
     if xdp_pass is not None:
         router.ip("link", "set", "dev", h.router_port, "xdpdrv", "obj", str(xdp_pass), "sec", "xdp")
+    if h.role == "node":
+        # No unknown-unicast flooding towards nodes: when a node dies the bridge forgets its MAC
+        # and would flood its traffic to the other nodes, whose XDP programs (which, like
+        # Katran's, do not filter on MAC) would forward it, hiding the crash that the router's
+        # hold timer is there to handle. A real switch port to a dead host delivers nothing.
+        router.ip("link", "set", "dev", h.router_port, "type", "bridge_slave", "flood", "off")
     return ns
 
 
@@ -142,10 +148,12 @@ def add_backend_neighbours(lab: P.LabPlan, ns: Netns) -> None:
             ns.ip("neigh", "replace", addr, "lladdr", b.mac, "dev", "eth0", "nud", "permanent")
 
 
-def configure_backend(lab: P.LabPlan, ns: Netns) -> None:
+def configure_backend(lab: P.LabPlan, ns: Netns, h: P.Host) -> None:
     # DSR: replies leave with the VIP as source straight to the client via the router.
     ns.ip("route", "add", "default", "via", P.ROUTER_FABRIC_V4)
     ns.ip("-6", "route", "add", "default", "via", P.ROUTER_FABRIC_V6)
+    # The decap program's maps are pinned here (`maglev backend setup --bpffs`).
+    mount_bpffs(lab.backend_dir(h.index) / "bpffs")
 
 
 def build(lab: P.LabPlan, progress: Progress = print) -> None:
@@ -163,9 +171,9 @@ def build(lab: P.LabPlan, progress: Progress = print) -> None:
         ns = build_host(lab, router, h, xdp_pass)
         configure_node(lab, ns, h)
     for h in lab.backend_hosts:
-        progress(f"{h.name} {h.ns}: {h.v4}, {h.v6}, default via the router")
+        progress(f"{h.name} {h.ns}: {h.v4}, {h.v6}, default via the router, bpffs")
         ns = build_host(lab, router, h, None)
-        configure_backend(lab, ns)
+        configure_backend(lab, ns, h)
 
 
 def set_node_links(lab: P.LabPlan, index: int, up: bool) -> None:

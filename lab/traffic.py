@@ -177,3 +177,43 @@ async def open_long_lived(hosts: list[str], count: int, **kw) -> list[LongLived]
     for c in conns:
         c.start()
     return conns
+
+
+@dataclass
+class Load:
+    """Steady request load: `workers` loops per host, each a new connection per request (new
+    flows all the time), counting answers per backend and every failure with its time."""
+
+    hosts: list[str]
+    workers: int = 3
+    pause: float = 0.02
+    timeout: float = 3.0
+    ns: str = CLIENT_NS
+    by_backend: Counter = field(default_factory=Counter)
+    failures: list[tuple[float, str, str]] = field(default_factory=list)  # (monotonic, host, error)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self) -> None:
+        for host in self.hosts:
+            for _ in range(self.workers):
+                self._tasks.append(asyncio.create_task(self._worker(host)))
+
+    async def _worker(self, host: str) -> None:
+        while not self._stop.is_set():
+            try:
+                self.by_backend[await request(host, ns=self.ns, timeout=self.timeout)] += 1
+            except RequestError as exc:
+                self.failures.append((time.monotonic(), host, str(exc)))
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.pause)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    @property
+    def ok(self) -> int:
+        return sum(self.by_backend.values())

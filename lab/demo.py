@@ -1,0 +1,198 @@
+"""`maglev lab demo`: the paper's promises, shown end to end on a real router.
+
+1. Up: router (FRR, ECMP), client, nodes, backends.
+2. Traffic: steady new connections to both VIPs plus long-lived keep-alive connections, with a
+   live table: requests per backend (from the replies the client got) and packets per node (the
+   router's counters on each node's port) with the VIPs each node announces.
+3. A node crash (links down + SIGKILL): the router drops it after its hold time; every
+   long-lived connection keeps its backend through another node (Maglev: any node sends a flow
+   to the same backend) and none is reset.
+4. A backend failure: health checks take it out of every node's table within interval x fall;
+   new requests reach only healthy backends.
+5. A graceful node stop under load: the node withdraws first, so no request fails.
+6. Summary, then down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+
+from lab import plan as P
+from lab.lab import Lab, LabError
+from lab.netns import run
+from lab.traffic import Load, open_long_lived
+
+LONG_LIVED = 24
+VIPS = [P.VIP_V4, P.VIP_V6]
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def step(n: int, title: str) -> None:
+    print(f"\n=== {n}. {title} " + "=" * max(0, 60 - len(title)), flush=True)
+
+
+def router_port_packets(lab: Lab) -> dict[str, int]:
+    """Packets the router sent to each node (tx on its bridge port): what each node received."""
+    out = run(["ip", "-n", P.ROUTER_NS, "-s", "-j", "link", "show"], check=False).stdout
+    stats = {}
+    for link in json.loads(out or "[]"):
+        name = link.get("ifname", "")
+        if name.startswith("node-"):
+            stats[name] = link.get("stats64", {}).get("tx", {}).get("packets", 0)
+    return stats
+
+
+class LiveTable:
+    """Prints per-backend and per-node activity since the last print."""
+
+    def __init__(self, lab: Lab, load: Load):
+        self.lab, self.load = lab, load
+        self.last_backends: Counter = Counter()
+        self.last_ports = router_port_packets(lab)
+
+    def show(self, label: str = "") -> None:
+        now = Counter(self.load.by_backend)
+        delta = now - self.last_backends
+        self.last_backends = now
+        ports = router_port_packets(self.lab)
+        total = sum(delta.values()) or 1
+        backends = "  ".join(
+            f"{h.name}: {delta[h.name]:>4} ({100 * delta[h.name] / total:3.0f}%)" for h in self.lab.plan.backend_hosts
+        )
+        nodes = []
+        for h in self.lab.plan.node_hosts:
+            pk = ports.get(h.router_port, 0) - self.last_ports.get(h.router_port, 0)
+            alive = "up" if self.lab.pid(h.name) else "DOWN"
+            nodes.append(f"{h.name}[{alive}]: {pk:>5} pkts")
+        self.last_ports = ports
+        fails = len(self.load.failures)
+        print(f"  {label:<10} backends  {backends}", flush=True)
+        print(f"  {'':<10} nodes     {'  '.join(nodes)}   failed so far: {fails}", flush=True)
+
+
+async def watch(table: LiveTable, seconds: float, label: str, every: float = 1.0) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        await asyncio.sleep(every)
+        table.show(label)
+
+
+def nexthops(lab: Lab) -> str:
+    parts = []
+    for vip in VIPS:
+        hops = sorted(lab.node_for_address(a) for a in lab.router_nexthops(vip))
+        parts.append(f"{vip} -> {', '.join(hops) or 'none'}")
+    return "; ".join(parts)
+
+
+async def wait_for(cond, timeout: float, interval: float = 0.2) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if await asyncio.to_thread(cond):
+                return time.monotonic() - t0
+        except Exception:  # noqa: BLE001 - a failing probe just means "not yet"
+            pass
+        await asyncio.sleep(interval)
+    return None
+
+
+async def scenario(lab: Lab) -> dict:
+    summary: dict = {}
+    n = lab.plan.nodes
+    step(2, "traffic: new connections to both VIPs + long-lived connections")
+    say(f"router: {nexthops(lab)}")
+    load = Load(VIPS, workers=2, timeout=8.0)  # a SYN to a crashed node is retried after 1 s and 3 s
+    load.start()
+    conns = await open_long_lived(VIPS, LONG_LIVED)
+    say(f"{LONG_LIVED} long-lived keep-alive connections open, one request every 100 ms each")
+    table = LiveTable(lab, load)
+    await watch(table, 4, "steady")
+
+    if n >= 2:
+        step(3, "node crash: kill-node 1 (links down, SIGKILL) with long-lived connections open")
+        await asyncio.to_thread(lab.kill_node, 1)
+        t = await wait_for(lambda: all(len(lab.router_nexthops(v)) == n - 1 for v in VIPS), 15)
+        say(f"router dropped node-1 after {t:.1f} s (hold timer): {nexthops(lab)}" if t is not None
+            else "router did not drop node-1 within 15 s")
+        await watch(table, 3, "crashed")
+        alive = sum(1 for c in conns if c.alive)
+        switched = sum(1 for c in conns if c.switched)
+        resets = sum(1 for c in conns for e in c.errors if e.startswith("reset"))
+        worst = max(c.max_gap for c in conns)
+        say(f"long-lived connections: {alive}/{len(conns)} still working, {resets} reset, "
+            f"{switched} answered by another backend; longest stall {worst:.1f} s")
+        summary["node crash"] = f"{alive}/{len(conns)} long-lived connections survived, {resets} reset"
+        say("restarting node-1")
+        await asyncio.to_thread(lab.start_node, 1)
+        t = await wait_for(lambda: all(len(lab.router_nexthops(v)) == n for v in VIPS), 30)
+        say(f"node-1 back as a nexthop after {t:.1f} s" if t is not None else "node-1 did not come back in 30 s")
+
+    if lab.plan.backends >= 2:
+        step(4, "backend failure: kill-backend 2")
+        before = len(load.failures)
+        await asyncio.to_thread(lab.kill_backend, 2)
+        t0 = time.monotonic()
+        await watch(table, 3, "b2 dead")
+        mark = Counter(load.by_backend)
+        await watch(table, 2, "b2 gone")
+        after = Counter(load.by_backend) - mark
+        failed = len(load.failures) - before
+        say(f"requests that failed while backend-2's health went down: {failed}; in the last 2 s "
+            f"backend-2 served {after['backend-2']} requests")
+        summary["backend failure"] = (f"{failed} requests failed during detection, then backend-2 "
+                                      f"got {after['backend-2']} requests")
+        await asyncio.to_thread(lab.start_backend, 2)
+        say(f"backend-2 restarted ({time.monotonic() - t0:.1f} s after the failure)")
+        await watch(table, 2, "b2 back")
+
+    if n >= 2:
+        step(5, f"graceful stop: stop-node {n} under load")
+        before = len(load.failures)
+        took = await asyncio.to_thread(lab.stop_node, n)
+        say(f"node-{n} withdrew its VIPs and exited in {took:.1f} s; router: {nexthops(lab)}")
+        await watch(table, 2, "stopped")
+        failed = len(load.failures) - before
+        say(f"failed requests during the graceful stop: {failed}")
+        summary["graceful stop"] = f"{failed} failed requests"
+        await asyncio.to_thread(lab.start_node, n)
+
+    await load.stop()
+    for c in conns:
+        if c.alive:
+            await c.stop()
+    summary["requests"] = f"{load.ok} answered, {len(load.failures)} failed, by backend {dict(sorted(load.by_backend.items()))}"
+    return summary
+
+
+def run_demo(plan: P.LabPlan, keep: bool = False) -> int:
+    lab = Lab(plan, lambda m: print(f"[lab] {m}", flush=True))
+    step(1, f"lab up: {plan.nodes} nodes, {plan.backends} backends")
+    try:
+        lab.up()
+    except LabError as exc:
+        print(f"maglev lab demo: {exc}", file=sys.stderr)
+        return 1
+    rc = 0
+    try:
+        summary = asyncio.run(scenario(lab))
+        step(6, "summary")
+        for k, v in summary.items():
+            print(f"  {k:<16} {v}")
+    except (LabError, OSError) as exc:
+        print(f"maglev lab demo: {exc}", file=sys.stderr)
+        rc = 1
+    finally:
+        if keep:
+            say("lab left up (--keep): `maglev lab status`, `maglev lab down` when done")
+        else:
+            step(7, "down")
+            lab.down()
+    return rc

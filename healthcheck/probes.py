@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import time
 from typing import Any, Awaitable, Callable
 
@@ -33,6 +34,7 @@ UDP_REPLY_LIMIT = 65535
 USER_AGENT = "maglev-lb-healthcheck/1"
 # A timeout firing later than this past its deadline means the event loop was stalled.
 STALL_GRACE = 0.1
+STALL_LOG_EVERY = 10.0  # seconds between stall warnings
 log = logging.getLogger("maglev.health")
 
 _ERRNO_REASONS = {
@@ -72,6 +74,24 @@ def _family(target: Target) -> int:
     return socket.AF_INET6 if target.address.version == 6 else socket.AF_INET
 
 
+# close() on a socket with SO_LINGER {on, 0 s} sends RST and leaves no TIME_WAIT behind. A
+# checker opening 2000 connections a second would otherwise hold ~120k TIME_WAIT sockets, the
+# whole of a typical tcp_max_tw_buckets (131072), crowding out real traffic. HAProxy's checks
+# close the same way; the backend has already answered, so the reset loses nothing.
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def _rst_on_close(sock: socket.socket) -> socket.socket:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    return sock
+
+
+def _http_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """aiohttp's socket_factory: the sockets of HTTP probes also close with RST."""
+    family, type_, proto, _, _ = addr_info
+    return _rst_on_close(socket.socket(family=family, type=type_, proto=proto))
+
+
 def _need_port(target: Target) -> int:
     port = target.probe_port
     if port is None:
@@ -89,6 +109,9 @@ class Prober:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._stalled = 0
+        self._worst_stall = 0.0
+        self._stall_logged_at = -STALL_LOG_EVERY
         self._regex_cache: dict[str, re.Pattern[str]] = {}
         self._status_cache: dict[tuple[str, ...], list[tuple[int, int]]] = {}
         self._probes: dict[str, Callable[[Target], Awaitable[str]]] = {
@@ -116,22 +139,33 @@ class Prober:
 
         A timeout that fired well after its deadline means this process was stalled (CPU
         starvation, a long GC pause), not that the backend was slow: the reply may be sitting
-        unread in the socket. Such a verdict is no evidence against the backend, so the probe is
-        run once more at once and that second verdict counts. Without this a stall of the checker
-        would fail every in-flight probe together: a mass false DOWN.
+        unread in the socket. Such a verdict is no evidence either way, so it is marked
+        ``inconclusive`` and the state machine does not count it. Without this a stall of the
+        checker would fail every in-flight probe together: a mass false DOWN. (Retrying at once
+        was tried: in an overloaded moment the burst of retries made the next stall worse.)
         """
         start = time.perf_counter()
         ok, reason, overrun = await self._attempt(target)
-        if not ok and overrun > STALL_GRACE:
-            log.warning(
-                "health: probe of %s timed out %.0f ms after its deadline: this checker was "
-                "stalled, probing again rather than blaming the backend",
-                target.describe(), overrun * 1000,
-            )
-            ok, reason, _ = await self._attempt(target)
-            reason += f" (retried after a {overrun:.2f} s checker stall)"
         latency = time.perf_counter() - start
+        if not ok and overrun > STALL_GRACE:
+            self._note_stall(overrun)
+            reason += f", but this checker was stalled {overrun:.2f} s past the deadline: not counted"
+            return ProbeResult(ok, reason, latency, self.clock(), inconclusive=True)
         return ProbeResult(ok, reason, latency, self.clock())
+
+    def _note_stall(self, overrun: float) -> None:
+        """One log line per STALL_LOG_EVERY seconds, not one per probe: a stall hits hundreds."""
+        self._stalled += 1
+        self._worst_stall = max(self._worst_stall, overrun)
+        now = time.monotonic()
+        if now - self._stall_logged_at >= STALL_LOG_EVERY:
+            log.warning(
+                "health: this checker's event loop was stalled up to %.0f ms past probe deadlines "
+                "(CPU starvation or a long pause); %d timed-out probe(s) were not counted against "
+                "their backends. Give the node more CPU or fewer/longer-interval checks.",
+                self._worst_stall * 1000, self._stalled,
+            )
+            self._stall_logged_at, self._stalled, self._worst_stall = now, 0, 0.0
 
     async def _attempt(self, target: Target) -> tuple[bool, str, float]:
         """(ok, reason, overrun): overrun is how late a timeout fired, 0 for other verdicts."""
@@ -154,7 +188,7 @@ class Prober:
     # ---------------------------------------------------------------- tcp
 
     async def _tcp(self, target: Target) -> str:
-        sock = socket.socket(_family(target), socket.SOCK_STREAM)
+        sock = _rst_on_close(socket.socket(_family(target), socket.SOCK_STREAM))
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, _sockaddr(target, _need_port(target)))
@@ -166,7 +200,9 @@ class Prober:
 
     def _http_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(force_close=True, limit=0, ttl_dns_cache=None)
+            connector = aiohttp.TCPConnector(
+                force_close=True, limit=0, ttl_dns_cache=None, socket_factory=_http_socket
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies must not follow us

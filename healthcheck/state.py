@@ -6,6 +6,8 @@ drive it with a fake clock and exact sequences of results.
 Rules:
 - UNKNOWN -> UP after ``rise`` consecutive successes; UNKNOWN -> DOWN after ``fall`` failures.
 - UP -> DOWN after ``fall`` consecutive failures; DOWN -> UP after ``rise`` successes.
+- Inconclusive results (the checker itself was stalled) are shown as the last result but
+  neither extend nor break a run.
 - Flap dampening: UP<->DOWN transitions are remembered for ``flap_window`` seconds. A DOWN that
   makes them more than ``flap_threshold`` starts a hold-down: the target stays DOWN until the hold
   ends, whatever the probes say, and only then may ``rise`` successes bring it UP. Each hold that
@@ -56,6 +58,8 @@ class StateMachine:
     def record(self, result: ProbeResult) -> Transition | None:
         now = result.at
         self.last = result
+        if result.inconclusive:
+            return None  # a stall of the checker says nothing about the backend
         self._recent.append(result)
         if result.ok:
             self._ok_run += 1

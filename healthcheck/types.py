@@ -78,6 +78,9 @@ class ProbeResult:
     reason: str  # short and human: "HTTP 503", "connection refused", "timeout after 1.0 s"
     latency: float  # seconds from the start of the probe to its verdict
     at: float  # clock time of the verdict (the monitor's clock; time.monotonic by default)
+    # True when the probe timed out only because this process was stalled past the deadline:
+    # no evidence either way, so the state machine does not count it.
+    inconclusive: bool = False
 
 
 @dataclass(frozen=True)

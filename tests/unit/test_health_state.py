@@ -149,3 +149,17 @@ def test_going_down_is_never_delayed_by_dampening():
     d.feed("xxo")
     [t] = d.feed("xx")
     assert t.new is State.DOWN and t.dampened
+
+
+def test_inconclusive_results_neither_extend_nor_break_a_run():
+    d = Driver(rise=2, fall=2)
+    d.feed("oo")
+    stalled = ProbeResult(False, "timeout after 1 s, but this checker was stalled", 1.3, d.now + 1, True)
+    d.feed("x")
+    assert d.machine.record(stalled) is None  # would have been the second failure in a row
+    assert d.machine.state is State.UP and d.machine.last is stalled
+    d.feed("o")
+    d.feed("x")
+    assert d.machine.record(stalled) is None
+    [t] = d.feed("x")  # the run of real failures continues across the stalled verdict
+    assert t.new is State.DOWN and all(not r.inconclusive for r in t.results)

@@ -1,0 +1,231 @@
+"""The loader: layouts against the object's BTF, restart safety (pins re-opened, ids and
+conntrack kept, nothing rewritten), validation messages, attach/detach on a veth (native and
+generic) and bpf_fib_lookup, in namespaces of our own."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import textwrap
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+
+from node.forwarder import build, maps
+from node.forwarder import model as M
+from node.forwarder import packets as P
+from node.forwarder.loader import BackendSpec, Forwarder, ForwarderError, VipSpec
+from node.forwarder.testing import make_config, temp_bpffs, temp_forwarder
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+VIP4 = "10.1.1.1"
+
+
+def be(key, addr, state="active"):
+    return BackendSpec(key, ip_address(addr), state)
+
+
+def web(backends, table=None, port=80) -> VipSpec:
+    act = [b.key for b in backends if b.state == "active"]
+    if table is None:
+        table = [act[i % len(act)] for i in range(13)] if act else []
+    return VipSpec("web", ip_address(VIP4), "tcp", port, tuple(backends), table)
+
+
+def test_python_layouts_match_the_object_btf() -> None:
+    obj = build.build("xdp_lb")
+    dump = json.loads(subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)],
+                                     check=True, capture_output=True, text=True).stdout)
+    structs = {t["name"]: t for t in dump["types"] if t.get("kind") == "STRUCT"}
+    for name, ctype in maps.LAYOUTS.items():
+        assert name in structs, f"struct {name} missing from the object's BTF"
+        t = structs[name]
+        assert t["size"] == __import__("ctypes").sizeof(ctype), name
+        py = [(f[0], getattr(ctype, f[0]).offset * 8) for f in ctype._fields_]
+        c = [(m["name"], m["bits_offset"]) for m in t["members"]]
+        assert py == c, name
+
+
+def test_stat_reasons_match_the_header() -> None:
+    text = (build.BPF_DIR / "maglev.h").read_text()
+    body = re.search(r"enum stat_reason \{(.*?)\};", text, re.S).group(1)
+    names = re.findall(r"^\s*([A-Z][A-Z0-9_]+)(?: = 0)?,", body, re.M)
+    assert names[:-1] == [s.name for s in maps.Stat] and names[-1] == "STAT_MAX"
+    for const in ("MAX_VIPS", "MAX_BACKENDS", "NAME_LEN", "TABLE_CHUNK", "GRE_V4_OVERHEAD",
+                  "GRE_V6_OVERHEAD", "OUTER_TTL"):
+        value = int(re.search(rf"#define {const} (\d+)", text).group(1))
+        assert value == getattr(maps, const), const
+
+
+def test_restart_reopens_pins_keeps_ids_and_conntrack() -> None:
+    backs = [be("a", "10.2.0.1"), be("b", "10.2.0.2")]
+    syn = P.flow_packet("192.0.2.9", VIP4, 33333, 80)
+    ack = P.flow_packet("192.0.2.9", VIP4, 33333, 80, tcp_flags=0x10)
+    with temp_bpffs() as root:
+        cfg = make_config(root / "maglev")
+        first = Forwarder(cfg, table_capacity=1 << 16)
+        first.open()
+        first.sync([web(backs)])
+        _, out = first.test_run(syn)
+        ids = dict(first.backend_ids)
+        first.close()  # a controller restart: no detach, pins stay
+
+        second = Forwarder(cfg, table_capacity=1 << 16)
+        second.open()
+        try:
+            assert second.vip_ids == {"web": 0} and second.backend_ids == ids
+            # the tracked flow survives even though the new instance routes new flows elsewhere
+            vid = second.vip_id("web")
+            second.sync([web(backs, ["b"] * 13)])
+            assert second.test_run(ack)[1][30:34] == out[30:34]
+            # same spec again: nothing to write
+            assert second.stage_table(vid, [ids[("web", "b")]] * 13) is None
+            assert second.counters()["vips"]["web"]["ct_hits"] == 1
+        finally:
+            second.close()
+            second.remove_pins()
+
+
+def test_backend_ids_are_stable_and_not_reused_at_once() -> None:
+    with temp_forwarder() as f:
+        f.sync([web([be("a", "10.2.0.1"), be("b", "10.2.0.2"), be("c", "10.2.0.3")])])
+        a, b, c = (f.backend_id("web", k) for k in "abc")
+        f.sync([web([be("a", "10.2.0.1"), be("c", "10.2.0.3")])])
+        assert (f.backend_id("web", "a"), f.backend_id("web", "c")) == (a, c)
+        f.sync([web([be("a", "10.2.0.1"), be("c", "10.2.0.3"), be("d", "10.2.0.4")])])
+        assert f.backend_id("web", "d") not in (a, b, c)
+        # a removed VIP stops matching: its traffic goes to the kernel
+        f.sync([])
+        frame = P.flow_packet("192.0.2.9", VIP4, 1, 80)
+        assert f.test_run(frame) == (M.XDP_PASS, frame)
+        assert f.counters()["vips"] == {}
+
+
+@pytest.mark.parametrize("spec,message", [
+    (web([be("a", "10.2.0.1")], ["a", "zz"]), "table names backend 'zz'"),
+    (web([be("a", "10.2.0.1"), be("b", "10.2.0.2", "drain")], ["a", "b"]), "state drain"),
+    (web([be("a", "10.2.0.1"), be("a", "10.2.0.2")]), "listed twice"),
+    (web([be("a", "10.2.0.1")], ["a"] * 40000), "table_capacity"),
+    (web([be("a", "10.2.0.1")], port=0), "port 0"),
+])
+def test_sync_rejects_bad_input_with_names(spec, message) -> None:
+    with temp_forwarder(table_capacity=1 << 16) as f:
+        with pytest.raises(ForwarderError, match=re.escape(message)) as exc:
+            f.sync([spec])
+        assert "VIP 'web'" in str(exc.value) or "table_capacity" in str(exc.value)
+
+
+def test_bad_bpffs_and_missing_interface_say_what_to_do() -> None:
+    with temp_forwarder(interfaces=["mlbt-nosuchif"]) as f:
+        with pytest.raises(ForwarderError, match="mlbt-nosuchif.*does not exist"):
+            f.attach()
+
+
+# ---- namespaces ---------------------------------------------------------------------------------
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def netns():
+    name = f"mlbt{secrets.token_hex(3)}-fwd"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1")
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("-n", name, "link", "set", "veth0", "address", "02:00:00:00:a0:01")
+        _ip("-n", name, "link", "set", "veth1", "address", "02:00:00:00:a0:02")
+        _ip("-n", name, "addr", "add", "10.99.0.1/24", "dev", "veth0")
+        _ip("-n", name, "addr", "add", "10.99.0.2/24", "dev", "veth1")
+        _ip("-n", name, "link", "set", "veth0", "up")
+        _ip("-n", name, "link", "set", "veth1", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _in_ns(ns: str, body: str) -> dict:
+    """Run body (Python, defines `result`) inside the namespace; returns result."""
+    script = textwrap.dedent("""
+        import json, socket, sys
+        from ipaddress import ip_address
+        from node.forwarder import packets as P
+        from node.forwarder.loader import BackendSpec, Forwarder, VipSpec
+        from node.forwarder.testing import make_config, temp_bpffs
+        result = {}
+    """) + SPEC + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[2]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SPEC = """
+spec = [VipSpec("web", ip_address("10.1.1.1"), "tcp", 80,
+                (BackendSpec("a", ip_address("10.99.0.5"), "active"),), ["a"] * 7)]
+"""
+
+
+def test_attach_native_then_restart_then_detach(netns) -> None:
+    res = _in_ns(netns, """
+        with temp_bpffs() as root:
+            cfg = make_config(root / "m", interfaces=["veth0"], xdp_mode="native")
+            f = Forwarder(cfg, table_capacity=1 << 16); f.open(); f.sync(spec)
+            result["mode"] = f.attach()
+            result["first"] = f.attached_mode("veth0")
+            f.close()
+            g = Forwarder(cfg, table_capacity=1 << 16); g.open()
+            result["vips"] = g.vip_ids
+            result["second"] = g.attach()
+            result["self_test"] = g.self_test().ok
+            g.detach()
+            result["after_detach"] = g.attached_mode("veth0")
+            g.close(); g.remove_pins()
+    """)
+    assert res == {"mode": "native", "first": "native", "vips": {"web": 0}, "second": "native",
+                   "self_test": True, "after_detach": None}
+    out = subprocess.run(["ip", "-n", netns, "-d", "link", "show", "veth0"], capture_output=True, text=True).stdout
+    assert "xdp" not in out
+
+
+def test_attach_generic_mode(netns) -> None:
+    res = _in_ns(netns, """
+        with temp_bpffs() as root:
+            f = Forwarder(make_config(root / "m", interfaces=["veth0"], xdp_mode="generic"), table_capacity=1 << 16)
+            f.open(); f.sync(spec)
+            result["mode"] = f.attach()
+            result["seen"] = f.attached_mode("veth0")
+            f.detach(); f.close(); f.remove_pins()
+    """)
+    assert res == {"mode": "generic", "seen": "generic"}
+
+
+def test_fib_lookup_sets_macs_and_counts_missing_neighbour(netns) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"], check=True)
+    res = _in_ns(netns, """
+        frame = P.flow_packet("192.0.2.9", "10.1.1.1", 4444, 80)
+        with temp_bpffs() as root:
+            f = Forwarder(make_config(root / "m", interfaces=["veth0"], next_hop_mac=None,
+                                      encap_source_v4="10.99.0.1"), table_capacity=1 << 16)
+            f.open(); f.sync(spec)
+            idx = socket.if_nametoindex("veth0")
+            v, out = f.test_run(frame, ingress_ifindex=idx)
+            result["no_neigh"] = [v, f.counters()["drops"]["fib"]]
+            import subprocess
+            subprocess.run(["ip", "neigh", "replace", "10.99.0.5", "lladdr", "02:00:00:00:00:05",
+                            "dev", "veth0", "nud", "permanent"], check=True)
+            v, out = f.test_run(frame, ingress_ifindex=idx)
+            result["tx"] = [v, out[:6].hex(), out[6:12].hex(), out[30:34].hex(), out[38:] == frame[14:]]
+            result["self_test"] = f.self_test().ok
+            f.close(); f.remove_pins()
+    """)
+    assert res["no_neigh"] == [1, 1]
+    assert res["tx"] == [3, "020000000005", "02000000a001", "0a630005", True]
+    assert res["self_test"] is True

@@ -5,7 +5,8 @@ Public API:
 - ``Target``, ``State``, ``ProbeResult``, ``Transition``, ``TargetStatus`` (healthcheck.types)
 - ``HealthMonitor(on_transition=None, *, clock=time.monotonic, on_probe=None)`` with
   ``start()``, ``stop()``, ``update(targets)``, ``snapshot()``, ``events()``
-- ``probe(target) -> ProbeResult``: one probe, for ``maglev check``
+- ``probe(target) -> ProbeResult``: one probe, for ``maglev check``; ``ProbeResult.inconclusive``
+  marks a timeout caused by a stall of this process (not counted by the state machine)
 - ``StateMachine``: the pure rise/fall/dampening logic
 """
 

@@ -7,6 +7,8 @@ check's timeout.
 HTTP goes through one aiohttp session per Prober whose connector has ``force_close``: every probe
 opens a new connection, which is the point (a backend that cannot accept new connections is not
 healthy, whatever a kept-alive socket says), while the session's setup cost is paid once.
+TCP and HTTP probe sockets close with RST (see _LINGER_RST), and a timeout that only fired because
+this process was stalled is reported as inconclusive (see Prober.probe).
 """
 
 from __future__ import annotations

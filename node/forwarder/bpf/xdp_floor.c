@@ -1,13 +1,42 @@
 // SPDX-License-Identifier: GPL-2.0
-/* xdp_floor.c: the bench's floor. It bounces every frame (XDP_TX) and does nothing else, so
- * bench/forwarder.py can subtract the fixed cost of a BPF_PROG_TEST_RUN call. */
+/* xdp_floor.c: reference programs for bench/forwarder.py.
+ *
+ * xdp_floor bounces every frame (XDP_TX) and does nothing else: the fixed cost of a
+ * BPF_PROG_TEST_RUN call, subtracted from every measurement.
+ * xdp_lru_insert only inserts 40 bytes of the frame into an LRU hash shaped like the
+ * forwarder's conntrack map (same key/value sizes and flags): the kernel's own cost of the
+ * insert every new flow pays, printed for scale next to the forwarder's new-flow figure.
+ */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include "maglev.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, DEFAULT_CT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} lru_probe SEC(".maps");
 
 SEC("xdp")
 int xdp_floor(struct xdp_md *ctx)
 {
+	return XDP_TX;
+}
+
+SEC("xdp")
+int xdp_lru_insert(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ct_value v = {.backend_id = 1};
+	struct flow_key k;
+
+	if (data + 14 + sizeof(k) > end)
+		return XDP_PASS;
+	__builtin_memcpy(&k, data + 14, sizeof(k));
+	bpf_map_update_elem(&lru_probe, &k, &v, BPF_ANY);
 	return XDP_TX;
 }

@@ -229,3 +229,19 @@ def test_fib_lookup_sets_macs_and_counts_missing_neighbour(netns) -> None:
     assert res["no_neigh"] == [1, 1]
     assert res["tx"] == [3, "020000000005", "02000000a001", "0a630005", True]
     assert res["self_test"] is True
+
+
+def test_largest_table_size_655373() -> None:
+    backs = [be(f"b{i}", f"10.2.{i // 250}.{i % 250 + 1}") for i in range(1000)]
+    table = [f"b{i % 1000}" for i in range(655373)]
+    with temp_forwarder(table_capacity=2 * 655376) as f:
+        f.sync([web(backs, table)])
+        st = f.model_state()
+        assert len(st.tables[f.vip_id("web")]) == 655373
+        for sport in (1, 20000, 65535):
+            frame = P.flow_packet("192.0.2.9", VIP4, sport, 80)
+            assert f.test_run(frame)[1] == M.process(st, frame).data
+        # a smaller table in the spare slot, then back: regions are reused, not leaked
+        f.sync([web(backs, table[:65537])])
+        f.sync([web(backs, table)])
+        assert f.table_ids(f.vip_id("web")) == [f.backend_id("web", k) for k in table]

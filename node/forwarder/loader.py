@@ -634,20 +634,26 @@ class Forwarder:
             libbpf.delete(self.fds["conntrack"], k)
 
     def counters(self) -> dict:
-        """{"vips": {vip: stats}, "backends": {vip: {key: stats}}, "drops": {reason: n},
-        "events": {name: n}}; stats = packets, bytes, new_flows, ct_hits, ct_misses."""
+        """{"vips": {vip: stats}, "backends": {key: stats summed over the VIPs it serves},
+        "vip_backends": {vip: {key: stats}}, "drops": {reason: n}, "events": {name: n}};
+        stats = packets, bytes, new_flows, ct_hits, ct_misses (sums over CPUs)."""
         self._require_open()
 
         def total(fd: int, idx: int) -> dict[str, int]:
             per = _read_percpu(fd, idx, maps.FlowStats, self._ncpu)
             return {f: sum(getattr(s, f) for s in per) for f in maps.STAT_FIELDS}
 
-        out: dict = {"vips": {}, "backends": {}, "drops": {}, "events": {}}
+        out: dict = {"vips": {}, "backends": {}, "vip_backends": {}, "drops": {}, "events": {}}
         for name, vid in self.vip_ids.items():
             out["vips"][name] = total(self.fds["vip_stats"], vid)
-            out["backends"][name] = {}
-        for (vip, key), bid in self.backend_ids.items():
-            out["backends"].setdefault(vip, {})[key] = total(self.fds["be_stats"], bid)
+            out["vip_backends"][name] = {}
+        for (vip, key), bid in sorted(self.backend_ids.items()):
+            stats = total(self.fds["be_stats"], bid)
+            out["vip_backends"].setdefault(vip, {})[key] = stats
+            # one backend key may serve several VIPs: "backends" sums them per key
+            agg = out["backends"].setdefault(key, dict.fromkeys(maps.STAT_FIELDS, 0))
+            for f in maps.STAT_FIELDS:
+                agg[f] += stats[f]
         for reason in Stat:
             n = sum(v.value for v in _read_percpu(self.fds["stats"], int(reason), C.c_uint64, self._ncpu))
             kind, _, rest = reason.name.partition("_")

@@ -155,7 +155,8 @@ def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
     c = fwd.counters()
     assert c["vips"]["web4"] == {"packets": 2, "bytes": 2 * 40, "new_flows": 1, "ct_hits": 1, "ct_misses": 1}
     key = key_for(fwd, "web4", outer_dst(out1))
-    assert c["backends"]["web4"][key]["packets"] == 2
+    assert c["vip_backends"]["web4"][key]["packets"] == 2
+    assert c["backends"][key]["packets"] == 2
     # Point the whole table at another backend: the tracked flow stays where it is.
     other = next(k for k in "abc" if k != key)
     vips = base_vips()

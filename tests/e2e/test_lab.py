@@ -1,0 +1,250 @@
+"""End to end: the whole cluster in namespaces (real FRR router with ECMP, three `maglev node`s
+with XDP forwarders and ExaBGP, three backends with GRE decap and DSR), driven from the client.
+
+The tests run in file order; the last one takes the lab down and checks nothing is left."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lab import plan as P
+from lab import topology
+from lab.lab import Lab, _alive
+from lab.netns import list_namespaces
+from lab.traffic import Load, burst, open_long_lived
+from tests.e2e.conftest import (
+    VIPS,
+    await_until,
+    backend_name,
+    node_addresses,
+    node_vips,
+    serving_backends,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+
+def table_shares(lab: Lab, vip: str) -> dict[str, float]:
+    """Backend name -> its share of the VIP's Maglev table, as node 1 reports it."""
+    view = node_vips(lab, 1)[vip]
+    return {backend_name(lab, b["address"]): b["table_share"] for b in view["backends"]}
+
+
+def vip_packets(view: dict) -> int:
+    """Packets the node's forwarder counted for a VIP (summed over its per-CPU counters)."""
+    counters = view.get("counters") or {}
+    return int(counters.get("packets", 0))
+
+
+# 1 ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vip", ["web4", "web6"])
+async def test_requests_all_succeed_and_follow_table_shares(ready: Lab, vip: str) -> None:
+    result = await burst(VIPS[vip], 300, concurrency=16)
+    assert result.failures == [], result.failures[:5]
+    assert result.ok == 300
+    shares = table_shares(ready, vip)
+    for name, share in shares.items():
+        seen = result.by_backend[name] / 300
+        # 300 flows, p ~ 1/3: one standard deviation is ~0.027; 0.1 is a wide, safe margin.
+        assert abs(seen - share) < 0.1, f"{name}: served {seen:.2f} of requests, table share {share:.2f}"
+    assert set(result.by_backend) == set(shares)
+
+
+# 2 ----------------------------------------------------------------------------------------------
+
+
+async def test_router_has_one_nexthop_per_node_and_every_node_carries_traffic(ready: Lab) -> None:
+    for vip, addr in VIPS.items():
+        version = 6 if ":" in addr else 4
+        assert ready.router_nexthops(addr) == node_addresses(ready, version), vip
+    before = {h.index: {v: vip_packets(node_vips(ready, h.index)[v]) for v in VIPS} for h in ready.plan.node_hosts}
+    for addr in VIPS.values():
+        result = await burst(addr, 150)
+        assert not result.failures, result.failures[:5]
+    for h in ready.plan.node_hosts:
+        after = node_vips(ready, h.index)
+        for v in VIPS:
+            assert vip_packets(after[v]) > before[h.index][v], f"{h.name} carried no {v} packets"
+
+
+# 3 ----------------------------------------------------------------------------------------------
+
+
+async def test_node_crash_keeps_long_lived_connections(ready: Lab) -> None:
+    conns = await open_long_lived(list(VIPS.values()), 30, period=0.1, timeout=15)
+    try:
+        await asyncio.sleep(1.0)
+        assert all(c.alive for c in conns)
+        await asyncio.to_thread(ready.kill_node, 1)
+        dead = {ready.plan.node(1).v4, ready.plan.node(1).v6}
+        for addr in VIPS.values():
+            expected = node_addresses(ready, 6 if ":" in addr else 4) - dead
+            await await_until(lambda: ready.router_nexthops(addr) == expected, 10,
+                              f"the router to drop the dead node for {addr}")
+        converged = {id(c): c.requests for c in conns}
+        await asyncio.sleep(2.0)
+        for c in conns:
+            assert not c.errors, f"connection to {c.host} (backend {c.backend}) failed: {c.errors}"
+            assert not c.switched, f"connection to {c.host} moved from {c.backend} to {c.switched}"
+            assert c.requests > converged[id(c)] + 5, f"connection to {c.host} stalled after convergence"
+        # The connections the router had sent through node-1 waited for its hold timer: proof
+        # that the crash was real and that those connections came back on other nodes.
+        stalled = [c for c in conns if c.max_gap > 1.0]
+        assert stalled, "no connection stalled: none went through the crashed node?"
+        fresh = await burst(P.VIP_V4, 30)
+        assert not fresh.failures, fresh.failures[:5]
+    finally:
+        for c in conns:
+            await c.stop()
+    ready.start_node(1)
+
+
+# 4 ----------------------------------------------------------------------------------------------
+
+
+async def test_dead_backend_leaves_the_tables_and_others_are_unaffected(ready: Lab) -> None:
+    victim = ready.plan.backend(2)
+    check = ready.plan.vip_file()["vips"][0]["health_check"]
+    conns = await open_long_lived(list(VIPS.values()), 24, period=0.1, timeout=10)
+    try:
+        await asyncio.to_thread(ready.kill_backend, 2)
+        t0 = time.monotonic()
+
+        def gone_everywhere() -> bool:
+            for h in ready.plan.node_hosts:
+                vips = node_vips(ready, h.index)
+                if victim.v4 in serving_backends(vips["web4"]) or victim.v6 in serving_backends(vips["web6"]):
+                    return False
+            return True
+
+        await await_until(gone_everywhere, 10, "backend-2 to leave every node's tables", interval=0.05)
+        took = time.monotonic() - t0
+        # interval x fall, plus one probe timeout and one interval for phase and polling.
+        bound = check["interval"] * check["fall"] + check["timeout"] + check["interval"]
+        assert took <= bound, f"backend-2 left the tables after {took:.2f} s (bound {bound:.2f} s)"
+        await asyncio.sleep(1.0)
+        for c in conns:
+            if c.backend != victim.name:
+                assert not c.errors, f"connection on {c.backend} broke: {c.errors}"
+                assert not c.switched
+        for addr in VIPS.values():
+            result = await burst(addr, 60)
+            assert not result.failures, result.failures[:5]
+            assert victim.name not in result.by_backend
+    finally:
+        for c in conns:
+            if c.alive:
+                await c.stop()
+    ready.start_backend(2)
+
+
+# 5 ----------------------------------------------------------------------------------------------
+
+
+async def test_graceful_stop_under_load_fails_no_request(ready: Lab) -> None:
+    n = ready.plan.nodes
+    load = Load(list(VIPS.values()), workers=3)
+    load.start()
+    try:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(ready.stop_node, n)
+        await asyncio.sleep(2.0)
+    finally:
+        await load.stop()
+    assert load.ok > 100
+    assert load.failures == [], load.failures[:5]
+    me = ready.plan.node(n)
+    for addr in VIPS.values():
+        assert not ready.router_nexthops(addr) & {me.v4, me.v6}
+    ready.start_node(n)
+
+
+# 6 ----------------------------------------------------------------------------------------------
+
+
+async def test_new_vip_file_is_served_and_a_broken_one_is_rejected(ready: Lab) -> None:
+    extra = {
+        "vips": [{
+            "name": "spare4",
+            "address": P.SPARE_VIP_V4,
+            "port": P.VIP_PORT,
+            "table_size": 251,
+            "backends": [{"address": b.v4} for b in ready.plan.backend_hosts],
+            "health_check": ready.plan.vip_file()["vips"][0]["health_check"],
+        }]
+    }
+    dirs = [ready.plan.node_dir(h.index) / "vips.d" for h in ready.plan.node_hosts]
+    for h in ready.plan.backend_hosts:
+        ready.setup_backend(h.index, extra_vips=[P.SPARE_VIP_V4])
+    try:
+        for d in dirs:
+            (d / "spare.yaml").write_text(P.dump_yaml(extra))
+        wait_until(lambda: ready.router_nexthops(P.SPARE_VIP_V4) == node_addresses(ready, 4), 30,
+                   "the new VIP to be announced by every node")
+        assert all(node_vips(ready, h.index)["spare4"]["announced"] for h in ready.plan.node_hosts)
+        result = await burst(P.SPARE_VIP_V4, 60)
+        assert not result.failures, result.failures[:5]
+
+        for d in dirs:
+            (d / "broken.yaml").write_text("vips:\n  - name: broken\n    address: 10.100.0.300\n    port: 80\n")
+
+        def rejected_everywhere() -> bool:
+            for h in ready.plan.node_hosts:
+                last = (ready.node_status(h.index) or {}).get("last_reload") or {}
+                if last.get("ok") is not False or "broken.yaml" not in str(last):
+                    return False
+            return True
+
+        wait_until(rejected_everywhere, 15, "every node to reject broken.yaml")
+        for h in ready.plan.node_hosts:
+            vips = node_vips(ready, h.index)
+            assert {"web4", "web6", "spare4"} <= set(vips) and "broken" not in vips
+            assert all(vips[v]["announced"] for v in ("web4", "web6", "spare4"))
+        for addr in (*VIPS.values(), P.SPARE_VIP_V4):
+            result = await burst(addr, 30)
+            assert not result.failures, result.failures[:5]
+    finally:
+        for d in dirs:
+            for name in ("spare.yaml", "broken.yaml"):
+                (d / name).unlink(missing_ok=True)
+    wait_until(lambda: not ready.router_nexthops(P.SPARE_VIP_V4), 30, "the removed VIP to be withdrawn")
+    for h in ready.plan.backend_hosts:
+        ready.setup_backend(h.index)
+
+
+# 7 ----------------------------------------------------------------------------------------------
+
+
+def test_every_node_reports_the_same_table_digest(ready: Lab) -> None:
+    digests: dict[str, set[str]] = {v: set() for v in VIPS}
+    for h in ready.plan.node_hosts:
+        vips = node_vips(ready, h.index)
+        for v in VIPS:
+            assert vips[v]["digest"], f"{h.name} has no table for {v}"
+            digests[v].add(vips[v]["digest"])
+    for v, seen in digests.items():
+        assert len(seen) == 1, f"nodes disagree on {v}'s table: {seen}"
+
+
+# 8 ----------------------------------------------------------------------------------------------
+
+
+def test_lab_down_leaves_nothing_behind(lab: Lab) -> None:
+    pids = [p for p in lab._state().get("pids", {}).values() if p]
+    frr_pids = list(lab.router().pids().values())
+    mounts = topology.lab_mounts(lab.run_dir)
+    assert mounts, "expected the lab's bpffs mounts before down"
+    lab.down(quiet=True)
+    assert not [n for n in list_namespaces() if n.startswith(P.NS_PREFIX)]
+    assert not [p for p in pids + frr_pids if _alive(p)], "processes survived lab down"
+    assert not topology.lab_mounts(lab.run_dir), "bpffs mounts survived lab down"
+    assert not Path(lab.run_dir).exists()
+    assert lab.down(quiet=True) == [], "a second down must find nothing"

@@ -201,6 +201,12 @@ class Forwarder:
 
     def _check_pinned(self, name: str, fd: int) -> None:
         info = libbpf.map_info(fd)
+        if (info.key_size, info.value_size) != maps.MAP_SHAPES[name]:
+            raise ForwarderError(
+                f"pinned map {self.pin_dir / name} has key/value sizes {info.key_size}/{info.value_size}, "
+                f"this version needs {maps.MAP_SHAPES[name][0]}/{maps.MAP_SHAPES[name][1]}: it was made by "
+                f"an incompatible version. Detach the old forwarder and remove the pins under {self.pin_dir} "
+                "(that forgets tracked flows), then start again")
         if name == "conntrack" and info.max_entries != self.config.conntrack_size:
             log.warning("pinned conntrack map has %d entries, config asks %d; keeping the pinned "
                         "one (remove %s to resize; that forgets every tracked flow)",

@@ -135,6 +135,21 @@ LAYOUTS: dict[str, type[C.Structure]] = {
 }
 
 
+def _sz(t) -> int:
+    return C.sizeof(t)
+
+
+# map name -> (key size, value size) as in xdp_lb.c: a pinned map of another shape was made by
+# an incompatible version and cannot be re-used.
+MAP_SHAPES: dict[str, tuple[int, int]] = {
+    "vips": (_sz(VipKey), _sz(VipValue)), "vip_meta": (4, _sz(VipMeta)),
+    "tables": (4, _sz(TableChunk)), "backends": (4, _sz(Backend)), "vip_names": (4, _sz(Name)),
+    "be_names": (4, _sz(Name)), "conntrack": (_sz(FlowKey), _sz(CtValue)), "config": (4, _sz(Config)),
+    "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
+    "stats": (4, 8),
+}
+
+
 def addr_bytes(addr: IPv4Address | IPv6Address | str) -> tuple[int, bytes]:
     """(family, 16 bytes): IPv4 in the first 4 bytes, the rest zero (as maglev.h says)."""
     a = ip_address(addr) if isinstance(addr, str) else addr

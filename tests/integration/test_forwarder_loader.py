@@ -91,6 +91,24 @@ def test_restart_reopens_pins_keeps_ids_and_conntrack() -> None:
             second.remove_pins()
 
 
+def test_incompatible_pinned_map_is_refused_with_advice() -> None:
+    from node.forwarder import libbpf
+
+    with temp_bpffs() as root:
+        cfg = make_config(root / "maglev")
+        (root / "maglev").mkdir()
+        # a "conntrack" from some other version: a different value size
+        obj = libbpf.BpfObject(build.build("xdp_floor"))
+        obj.set_max_entries("lru_probe", 1024)
+        obj.load()
+        libbpf.obj_pin(obj.map_fd("lru_probe"), root / "maglev" / "stats")
+        obj.close()
+        f = Forwarder(cfg, table_capacity=1 << 16)
+        with pytest.raises(ForwarderError, match="stats.*incompatible version.*remove the pins"):
+            f.open()
+        (root / "maglev" / "stats").unlink()
+
+
 def test_backend_ids_are_stable_and_not_reused_at_once() -> None:
     with temp_forwarder() as f:
         f.sync([web([be("a", "10.2.0.1"), be("b", "10.2.0.2"), be("c", "10.2.0.3")])])

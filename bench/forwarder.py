@@ -9,6 +9,8 @@ drift hits them alike:
 - established: a VIP flow with a conntrack hit
 - new flow:    a VIP SYN that misses conntrack, hashes into the Maglev table and inserts
                (distinct source address/port per call)
+- SYN, same:   the same SYN every call: the insert replaces the previous entry (warm
+               memory); shown because a bench that does not vary the flow measures this
 - non-VIP:     a TCP frame to an address that is no VIP (parse + conntrack and VIP lookups
                that miss + XDP_PASS)
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             cases = [Case("floor", floor_obj.prog_fd("xdp_floor"), est),
                      Case("established", fwd.prog_fd, est),
                      Case("new flow", fwd.prog_fd, syn, vary=True),
+                     Case("SYN, same", fwd.prog_fd, syn),
                      Case("non-VIP", fwd.prog_fd, other),
                      Case("LRU insert", floor_obj.prog_fd("xdp_lru_insert"), syn, vary=True)]
             for c in cases:

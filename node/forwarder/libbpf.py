@@ -135,6 +135,10 @@ class MapInfo(C.Structure):
 
 class ProgInfo(C.Structure):
     _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("tag", C.c_uint8 * 8),
+                ("jited_prog_len", C.c_uint32), ("xlated_prog_len", C.c_uint32),
+                ("jited_prog_insns", C.c_uint64), ("xlated_prog_insns", C.c_uint64),
+                ("load_time", C.c_uint64), ("created_by_uid", C.c_uint32),
+                ("nr_map_ids", C.c_uint32), ("map_ids", C.c_uint64), ("name", C.c_char * 16),
                 ("_rest", C.c_uint8 * 256)]
 
 
@@ -206,6 +210,18 @@ def prog_id(fd: int) -> int:
     n = C.c_uint32(C.sizeof(info))
     _check(_info_by_fd(fd, C.byref(info), C.byref(n)), "program info")
     return info.id
+
+
+def prog_name_by_id(prog_id_: int) -> str:
+    """The name of a loaded program (e.g. to recognise an older copy of ours)."""
+    fd = prog_fd_by_id(prog_id_)
+    try:
+        info = ProgInfo()
+        n = C.c_uint32(C.sizeof(info))
+        _check(_info_by_fd(fd, C.byref(info), C.byref(n)), "program info")
+        return info.name.decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def prog_fd_by_id(prog_id_: int) -> int:

@@ -336,7 +336,9 @@ class Forwarder:
         raise ForwarderError(f"cannot attach XDP to {ifname}: {last}")
 
     def detach(self) -> None:
-        """Remove our program from the configured interfaces (only if it is ours)."""
+        """Remove the forwarder from the configured interfaces: this copy, or an older copy
+        a previous controller attached (recognised by its program name); another program
+        someone else attached is left alone."""
         self._require_open()
         our = libbpf.prog_id(self.prog_fd)
         for ifname in self.config.interfaces:
@@ -346,8 +348,10 @@ class Forwarder:
                 continue
             for flags in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
                 cur = libbpf.xdp_query_id(ifindex, flags)
-                if cur and cur == our:
+                if cur and (cur == our or libbpf.prog_name_by_id(cur) == PROG_NAME):
                     libbpf.xdp_detach(ifindex, flags)
+                elif cur:
+                    log.warning("XDP program id %d on %s is not the forwarder; left attached", cur, ifname)
             self._attached.pop(ifname, None)
 
     def attached_mode(self, ifname: str) -> str | None:

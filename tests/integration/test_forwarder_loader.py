@@ -201,16 +201,34 @@ def test_attach_native_then_restart_then_detach(netns) -> None:
             f.close()
             g = Forwarder(cfg, table_capacity=1 << 16); g.open()
             result["vips"] = g.vip_ids
+            # before attach: the older copy still runs and this instance sees it as not its own
+            result["old_still_runs"] = g.attached_mode("veth0") is None and "xdp" in __import__(
+                "subprocess").run(["ip", "-d", "link", "show", "veth0"], capture_output=True, text=True).stdout
             result["second"] = g.attach()
             result["self_test"] = g.self_test().ok
             g.detach()
             result["after_detach"] = g.attached_mode("veth0")
             g.close(); g.remove_pins()
     """)
-    assert res == {"mode": "native", "first": "native", "vips": {"web": 0}, "second": "native",
-                   "self_test": True, "after_detach": None}
+    assert res == {"mode": "native", "first": "native", "vips": {"web": 0}, "old_still_runs": True,
+                   "second": "native", "self_test": True, "after_detach": None}
     out = subprocess.run(["ip", "-n", netns, "-d", "link", "show", "veth0"], capture_output=True, text=True).stdout
     assert "xdp" not in out
+
+
+def test_detach_after_restart_removes_the_older_copy(netns) -> None:
+    res = _in_ns(netns, """
+        with temp_bpffs() as root:
+            cfg = make_config(root / "m", interfaces=["veth0"])
+            f = Forwarder(cfg, table_capacity=1 << 16); f.open(); f.sync(spec); f.attach(); f.close()
+            g = Forwarder(cfg, table_capacity=1 << 16); g.open()
+            g.detach()  # without attaching first: the previous controller's copy must go
+            import subprocess
+            result["xdp_left"] = "xdp" in subprocess.run(["ip", "-d", "link", "show", "veth0"],
+                                                         capture_output=True, text=True).stdout
+            g.close(); g.remove_pins()
+    """)
+    assert res == {"xdp_left": False}
 
 
 def test_attach_generic_mode(netns) -> None:

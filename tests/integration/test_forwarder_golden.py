@@ -366,3 +366,13 @@ def test_new_flow_insert_rate_limit() -> None:
             assert f.conntrack_count() == 10
     finally:
         os.sched_setaffinity(0, old)
+
+
+def test_icmpv6_packet_too_big_steered_to_flow_owner(fwd) -> None:
+    owner = outer_dst(run(fwd, P.flow_packet(CLIENT6, VIP6, 40001, 443))[1])
+    quoted = P.flow_packet(VIP6, CLIENT6, 443, 40001)[14:14 + 48]
+    icmp = struct.pack("!BBHI", 2, 0, 0, 1400) + quoted
+    err = P.ether(P.ipv6("2001:db8:ffff::1", VIP6, 58, icmp), 0x86DD)
+    verdict, out = run(fwd, err)
+    assert verdict == M.XDP_TX and outer_dst(out) == owner and out[58:] == err[14:]
+    assert out == M.process(fwd.model_state(with_conntrack=True), err).data

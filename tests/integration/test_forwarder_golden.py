@@ -252,7 +252,7 @@ def test_table_flips_under_concurrent_traffic(fwd) -> None:
         stop.set()
         t.join()
     assert not bad
-    assert seen <= {"10.2.0.1", "10.2.0.2"}
+    assert seen and seen <= {"10.2.0.1", "10.2.0.2"}
     assert fwd.counters()["drops"]["bad_backend"] == 0
 
 
@@ -337,13 +337,13 @@ def test_self_test_reports_a_vip_that_cannot_forward() -> None:
 def test_udp_conntrack_idle_expiry() -> None:
     import time
 
-    with temp_forwarder(udp_idle_timeout=0.05) as f:
+    with temp_forwarder(udp_idle_timeout=0.3) as f:
         f.sync(base_vips())
         frame = P.flow_packet(CLIENT4, VIP4, 40001, 53, "udp")
         run(f, frame)
         run(f, frame)
         assert f.counters()["vips"]["dns4"]["ct_hits"] == 1
-        time.sleep(0.1)
+        time.sleep(0.5)
         run(f, frame)
         s = f.counters()["vips"]["dns4"]
         assert (s["ct_hits"], s["ct_misses"], s["new_flows"]) == (1, 2, 2)

@@ -7,7 +7,9 @@ Rules:
 - UNKNOWN -> UP after ``rise`` consecutive successes; UNKNOWN -> DOWN after ``fall`` failures.
 - UP -> DOWN after ``fall`` consecutive failures; DOWN -> UP after ``rise`` successes.
 - Inconclusive results (the checker itself was stalled) are shown as the last result but
-  neither extend nor break a run.
+  neither extend nor break a run, up to ``fall`` of them in a row: a checker that is starved
+  for longer than that can no longer vouch for the backend, so further ones count as failures
+  (a dead backend must not stay UP because the node is overloaded).
 - Flap dampening: UP<->DOWN transitions are remembered for ``flap_window`` seconds. A DOWN that
   makes them more than ``flap_threshold`` starts a hold-down: the target stays DOWN until the hold
   ends, whatever the probes say, and only then may ``rise`` successes bring it UP. Each hold that
@@ -47,6 +49,7 @@ class StateMachine:
         self.held_until: float | None = None
         self._ok_run = 0
         self._fail_run = 0
+        self._stalled_run = 0
         self._recent: deque[ProbeResult] = deque(maxlen=max(self.rise, self.fall))
         self._flaps: deque[float] = deque()
         self._next_hold = self.hold_down
@@ -59,7 +62,11 @@ class StateMachine:
         now = result.at
         self.last = result
         if result.inconclusive:
-            return None  # a stall of the checker says nothing about the backend
+            self._stalled_run += 1
+            if self._stalled_run <= self.fall:
+                return None  # a short stall of the checker says nothing about the backend
+        else:
+            self._stalled_run = 0
         self._recent.append(result)
         if result.ok:
             self._ok_run += 1

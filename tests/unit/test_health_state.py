@@ -163,3 +163,17 @@ def test_inconclusive_results_neither_extend_nor_break_a_run():
     assert d.machine.record(stalled) is None
     [t] = d.feed("x")  # the run of real failures continues across the stalled verdict
     assert t.new is State.DOWN and all(not r.inconclusive for r in t.results)
+
+
+def test_a_long_stall_counts_as_failures():
+    """Starved for more than `fall` probes in a row, the checker can no longer vouch for the
+    backend: a dead backend must not stay UP because the node is overloaded."""
+    d = Driver(rise=1, fall=2)
+    d.feed("o")
+    stalled = ProbeResult(False, "timeout after 1 s, but this checker was stalled", 1.3, d.now + 1, True)
+    assert d.machine.record(stalled) is None
+    assert d.machine.record(stalled) is None
+    assert d.machine.state is State.UP
+    assert d.machine.record(stalled) is None  # third in a row: the first that counts
+    t = d.machine.record(stalled)
+    assert t is not None and t.new is State.DOWN

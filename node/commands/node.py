@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ async def serve(config, base_dir: Path) -> int:
         await _abort(controller)
         return 1
 
+    # Everything loaded at start is long-lived: keep it out of the collector's full passes,
+    # whose pauses would otherwise make health probes late on a big pool.
+    gc.freeze()
     runner = web.AppRunner(make_app(controller, token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.api.listen, config.api.port)

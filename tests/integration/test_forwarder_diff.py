@@ -184,6 +184,8 @@ def test_program_and_model_agree_on_random_frames() -> None:
                **{k.upper(): v for k, v in c["events"].items()}}
         model = {r.name: state.stats.get(r, 0) for r in Stat}
         assert bpf == model
+        assert sum(v["ct_hits"] for v in c["vips"].values()) > 0, "no conntrack hit exercised"
+        assert sum(v["new_flows"] for v in c["vips"].values()) > 0
         for name in ("DROP_NO_BACKEND", "ICMP_TOO_BIG_SENT", "ICMP_STEERED", "FRAG_FORWARDED",
                      "PASS_MALFORMED", "PASS_IPV6_EXT", "DROP_FRAGMENT"):
             assert model[name] > 0, f"{name} never exercised: {model}"

@@ -103,6 +103,11 @@ def build_client(lab: P.LabPlan, router: Netns) -> Netns:
     router.add_address("to-client", f"{P.ROUTER_CLIENT_V6}/64")
     c.add_address("eth0", f"{P.CLIENT_V4}/24")
     c.add_address("eth0", f"{P.CLIENT_V6}/64")
+    # The router (same kernel) picks an ECMP path from the client socket's skb hash when one is
+    # set, and Linux re-rolls that hash after every retransmission timeout: a flow stuck on a
+    # crashed node would hop to a live one within ~0.4 s, long before the hold timer, which no
+    # real router does. Keep the hash per connection, as a real 5-tuple hash is.
+    c.sysctl("net.core.txrehash", 0)
     c.ip("route", "add", "default", "via", P.ROUTER_CLIENT_V4)
     c.ip("-6", "route", "add", "default", "via", P.ROUTER_CLIENT_V6)
     for ns, dev in ((c, "eth0"), (router, "to-client")):

@@ -136,3 +136,24 @@ def test_entrypoint_knows_every_command_used(compose: dict) -> None:
     for name, svc in compose["services"].items():
         role = svc["command"][0]
         assert re.search(rf"^{role}\)", script, re.M), f"{name}: entrypoint has no role {role!r}"
+
+
+def test_lab_plan_names_and_limits() -> None:
+    """The plan both files come from: role names map to namespaces, sizes are bounded with a
+    message naming the option."""
+    plan = P.LabPlan(nodes=2, backends=4)
+    assert plan.role_namespace("router") == "mlb-router"
+    assert plan.role_namespace("node-2") == plan.role_namespace("node2") == "mlb-node-2"
+    assert plan.role_namespace("backend-4") == "mlb-backend-4"
+    with pytest.raises(ValueError, match="node 3 does not exist"):
+        plan.role_namespace("node-3")
+    with pytest.raises(ValueError, match="unknown role"):
+        plan.role_namespace("switch")
+    with pytest.raises(ValueError, match="--nodes 0"):
+        P.LabPlan(nodes=0)
+    with pytest.raises(ValueError, match="--backends 10"):
+        P.LabPlan(backends=10)
+    # Every interface name fits IFNAMSIZ and every address is unique.
+    hosts = [*plan.node_hosts, *plan.backend_hosts]
+    assert all(len(h.router_port) <= 15 for h in hosts)
+    assert len({h.v4 for h in hosts} | {h.v6 for h in hosts} | {h.mac for h in hosts}) == 3 * len(hosts)

@@ -49,13 +49,26 @@ def router_port_packets(lab: Lab) -> dict[str, int]:
     return stats
 
 
+def forwarded_packets(lab: Lab) -> dict[str, int]:
+    """VIP packets each node's forwarder counted (its own per-CPU counters, via its API)."""
+    out = {}
+    for h in lab.plan.node_hosts:
+        data = lab.node_api(h.index, "/api/v1/vips", timeout=0.5) if lab.pid(h.name) else None
+        if data:
+            out[h.name] = sum(int((v.get("counters") or {}).get("packets", 0)) for v in data["vips"])
+    return out
+
+
 class LiveTable:
-    """Prints per-backend and per-node activity since the last print."""
+    """Prints per-backend and per-node activity since the last print: requests each backend
+    answered (seen by the client), packets the router sent each node ("in") and VIP packets
+    the node's forwarder encapsulated ("fwd")."""
 
     def __init__(self, lab: Lab, load: Load):
         self.lab, self.load = lab, load
         self.last_backends: Counter = Counter()
         self.last_ports = router_port_packets(lab)
+        self.last_fwd = forwarded_packets(lab)
 
     def show(self, label: str = "") -> None:
         now = Counter(self.load.by_backend)
@@ -66,12 +79,16 @@ class LiveTable:
         backends = "  ".join(
             f"{h.name}: {delta[h.name]:>4} ({100 * delta[h.name] / total:3.0f}%)" for h in self.lab.plan.backend_hosts
         )
+        fwd = forwarded_packets(self.lab)
         nodes = []
         for h in self.lab.plan.node_hosts:
             pk = ports.get(h.router_port, 0) - self.last_ports.get(h.router_port, 0)
             alive = "up" if self.lab.pid(h.name) else "DOWN"
-            nodes.append(f"{h.name}[{alive}]: {pk:>5} pkts")
-        self.last_ports = ports
+            # A restarted node's counters start again from zero.
+            fw = fwd[h.name] - self.last_fwd.get(h.name, 0) if h.name in fwd else None
+            fw_s = f"{max(fw, 0):>5}" if fw is not None else "    -"
+            nodes.append(f"{h.name}[{alive}]: {pk:>5} in, {fw_s} fwd")
+        self.last_ports, self.last_fwd = ports, fwd
         fails = len(self.load.failures)
         print(f"  {label:<10} backends  {backends}", flush=True)
         print(f"  {'':<10} nodes     {'  '.join(nodes)}   failed so far: {fails}", flush=True)

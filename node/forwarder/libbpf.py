@@ -1,5 +1,8 @@
 """ctypes bindings to the system libbpf.so.1: only what the forwarder needs.
 
+The one binding module of the project: the node's XDP loader (loader.py) and the backend's tc
+decapsulation program (tc.py) both call libbpf through it, so every signature is declared once.
+
 Why ctypes: no PyPI libbpf binding is mature (see the datapath field notes), and libbpf itself
 is the reference loader. Functions return Python values and raise BpfError (with errno and,
 when libbpf printed one, its log such as the verifier output) on failure.
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import ctypes as C
 import ctypes.util
+import errno
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -24,16 +29,32 @@ XDP_FLAGS_REPLACE = 1 << 4
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
+BPF_TC_INGRESS = 1  # enum bpf_tc_attach_point
+BPF_TC_F_REPLACE = 1 << 0
+
+# struct __sk_buff (uapi linux/bpf.h): its size and the offsets of the fields a tc test run sets.
+SKB_CTX_SIZE = 192
+SKB_CTX_GSO_SEGS = 164
+SKB_CTX_GSO_SIZE = 176
+
 
 class BpfError(OSError):
     """A libbpf call failed. ``log`` holds what libbpf printed while it ran (verifier log)."""
 
     def __init__(self, what: str, err: int, log: str = ""):
+        self.what = what
         self.log = log
         msg = f"{what}: {os.strerror(err)} (errno {err})"
         if log:
             msg += "\n" + log[-4000:]
         super().__init__(err, msg)
+
+    def __str__(self) -> str:
+        return self.strerror  # the message names the errno already; skip OSError's "[Errno N]"
+
+    def about(self, context: str) -> "BpfError":
+        """The same failure, naming what it concerned (a VIP, a map entry, a filter)."""
+        return BpfError(f"{self.what} ({context})", self.errno, self.log)
 
 
 # ---- libbpf's log, captured so errors can show the verifier output -------------------------
@@ -91,6 +112,7 @@ _find_prog = _sig("bpf_object__find_program_by_name", P, P, C.c_char_p)
 _map_fd = _sig("bpf_map__fd", C.c_int, P)
 _map_reuse_fd = _sig("bpf_map__reuse_fd", C.c_int, P, C.c_int)
 _map_set_max = _sig("bpf_map__set_max_entries", C.c_int, P, C.c_uint32)
+_map_set_pin_path = _sig("bpf_map__set_pin_path", C.c_int, P, C.c_char_p)
 _prog_fd = _sig("bpf_program__fd", C.c_int, P)
 _libbpf_get_error = _sig("libbpf_get_error", C.c_long, P)
 _num_cpus = _sig("libbpf_num_possible_cpus", C.c_int)
@@ -106,11 +128,29 @@ _prog_fd_by_id = _sig("bpf_prog_get_fd_by_id", C.c_int, C.c_uint32)
 _xdp_attach = _sig("bpf_xdp_attach", C.c_int, C.c_int, C.c_int, C.c_uint32, P)
 _xdp_detach = _sig("bpf_xdp_detach", C.c_int, C.c_int, C.c_uint32, P)
 _xdp_query_id = _sig("bpf_xdp_query_id", C.c_int, C.c_int, C.c_int, C.POINTER(C.c_uint32))
+_tc_hook_create = _sig("bpf_tc_hook_create", C.c_int, P)
+_tc_attach = _sig("bpf_tc_attach", C.c_int, P, P)
+_tc_detach = _sig("bpf_tc_detach", C.c_int, P, P)
+_tc_query = _sig("bpf_tc_query", C.c_int, P, P)
 test_run_raw = _sig("bpf_prog_test_run_opts", C.c_int, C.c_int, P)
 
 
 class XdpAttachOpts(C.Structure):
     _fields_ = [("sz", C.c_size_t), ("old_prog_fd", C.c_int), ("_pad", C.c_int)]
+
+
+class TcHook(C.Structure):
+    """struct bpf_tc_hook (libbpf.h); ctypes pads it to 8 bytes like the C ``size_t :0``."""
+
+    _fields_ = [("sz", C.c_size_t), ("ifindex", C.c_int), ("attach_point", C.c_int),
+                ("parent", C.c_uint32)]
+
+
+class TcOpts(C.Structure):
+    """struct bpf_tc_opts (libbpf.h)."""
+
+    _fields_ = [("sz", C.c_size_t), ("prog_fd", C.c_int), ("flags", C.c_uint32),
+                ("prog_id", C.c_uint32), ("handle", C.c_uint32), ("priority", C.c_uint32)]
 
 
 class TestRunOpts(C.Structure):
@@ -167,6 +207,12 @@ class BpfObject:
     def set_max_entries(self, name: str, n: int) -> None:
         _check(_map_set_max(self._map(name), n), f"set max_entries of map {name}")
 
+    def set_pin_path(self, name: str, path: str | Path) -> None:
+        """Pin the map at path on load, or reuse the pin already there (libbpf checks that its
+        layout matches and fails the load otherwise)."""
+        ret = _map_set_pin_path(self._map(name), str(path).encode())
+        _check(ret, f"set pin path of map {name} to {path}")
+
     def reuse_map_fd(self, name: str, fd: int) -> None:
         _check(_map_reuse_fd(self._map(name), fd), f"reuse pinned map {name}")
 
@@ -198,28 +244,26 @@ def obj_get(path: str | Path) -> int:
     return _check(_obj_get(str(path).encode()), f"open pinned {path}")
 
 
-def map_info(fd: int) -> MapInfo:
-    info = MapInfo()
+def _info(fd: int, info_type, what: str):
+    info = info_type()
     n = C.c_uint32(C.sizeof(info))
-    _check(_info_by_fd(fd, C.byref(info), C.byref(n)), "map info")
+    _check(_info_by_fd(fd, C.byref(info), C.byref(n)), what)
     return info
 
 
+def map_info(fd: int) -> MapInfo:
+    return _info(fd, MapInfo, "map info")
+
+
 def prog_id(fd: int) -> int:
-    info = ProgInfo()
-    n = C.c_uint32(C.sizeof(info))
-    _check(_info_by_fd(fd, C.byref(info), C.byref(n)), "program info")
-    return info.id
+    return _info(fd, ProgInfo, "program info").id
 
 
 def prog_name_by_id(prog_id_: int) -> str:
     """The name of a loaded program (e.g. to recognise an older copy of ours)."""
     fd = prog_fd_by_id(prog_id_)
     try:
-        info = ProgInfo()
-        n = C.c_uint32(C.sizeof(info))
-        _check(_info_by_fd(fd, C.byref(info), C.byref(n)), "program info")
-        return info.name.decode(errors="replace")
+        return _info(fd, ProgInfo, "program info").name.decode(errors="replace")
     finally:
         os.close(fd)
 
@@ -247,11 +291,68 @@ def xdp_query_id(ifindex: int, flags: int) -> int:
     return out.value
 
 
+# ---- tc (clsact) filters: one filter slot is named by ifindex, direction, handle and priority --
+
+
+def _tc_hook(ifindex: int, attach_point: int) -> TcHook:
+    return TcHook(sz=C.sizeof(TcHook), ifindex=ifindex, attach_point=attach_point)
+
+
+def _tc_opts(handle: int, priority: int) -> TcOpts:
+    return TcOpts(sz=C.sizeof(TcOpts), handle=handle, priority=priority)
+
+
+def tc_hook_create(ifindex: int, attach_point: int = BPF_TC_INGRESS) -> bool:
+    """Add the clsact qdisc to ifindex. False when it was already there."""
+    ret = _tc_hook_create(C.byref(_tc_hook(ifindex, attach_point)))
+    if ret < 0 and _err(ret) == errno.EEXIST:
+        take_log()  # libbpf logged the kernel's refusal; it is not an error here
+        return False
+    _check(ret, f"create clsact qdisc on ifindex {ifindex}")
+    return True
+
+
+def tc_attach(ifindex: int, prog_fd: int, handle: int, priority: int,
+              attach_point: int = BPF_TC_INGRESS, replace: bool = True) -> int:
+    """Attach a direct-action filter in the (handle, priority) slot; with replace, an earlier
+    filter in that slot is swapped atomically. Returns the attached program id."""
+    opts = _tc_opts(handle, priority)
+    opts.prog_fd = prog_fd
+    opts.flags = BPF_TC_F_REPLACE if replace else 0
+    ret = _tc_attach(C.byref(_tc_hook(ifindex, attach_point)), C.byref(opts))
+    _check(ret, f"attach tc filter (handle {handle:#x}, priority {priority}) to ifindex {ifindex}")
+    return int(opts.prog_id)
+
+
+def tc_query(ifindex: int, handle: int, priority: int, attach_point: int = BPF_TC_INGRESS) -> int | None:
+    """Id of the program in the (handle, priority) slot, or None when the slot (or clsact) is empty."""
+    opts = _tc_opts(handle, priority)
+    ret = _tc_query(C.byref(_tc_hook(ifindex, attach_point)), C.byref(opts))
+    if ret < 0 and _err(ret) in (errno.ENOENT, errno.EINVAL):
+        take_log()
+        return None
+    _check(ret, f"query tc filter (handle {handle:#x}, priority {priority}) on ifindex {ifindex}")
+    return int(opts.prog_id)
+
+
+def tc_detach(ifindex: int, handle: int, priority: int, attach_point: int = BPF_TC_INGRESS) -> bool:
+    """Remove the filter in the (handle, priority) slot and nothing else. False if it was empty."""
+    ret = _tc_detach(C.byref(_tc_hook(ifindex, attach_point)), C.byref(_tc_opts(handle, priority)))
+    if ret < 0 and _err(ret) == errno.ENOENT:
+        take_log()
+        return False
+    _check(ret, f"detach tc filter (handle {handle:#x}, priority {priority}) from ifindex {ifindex}")
+    return True
+
+
+# ---- map elements ----------------------------------------------------------------------------
+
+
 def lookup(fd: int, key: C.Structure | C._SimpleCData, value) -> bool:
     """Fill value; False when the key is absent."""
     ret = map_lookup(fd, C.byref(key), C.byref(value))
     if ret < 0:
-        if _err(ret) == 2:
+        if _err(ret) == errno.ENOENT:
             return False
         raise BpfError("map lookup", _err(ret))
     return True
@@ -264,10 +365,21 @@ def update(fd: int, key, value, flags: int = 0) -> None:
 def delete(fd: int, key) -> bool:
     ret = map_delete(fd, C.byref(key))
     if ret < 0:
-        if _err(ret) == 2:
+        if _err(ret) == errno.ENOENT:
             return False
         raise BpfError("map delete", _err(ret))
     return True
+
+
+def read_percpu(fd: int, index: int, ctype, ncpu: int | None = None) -> list:
+    """One entry of a per-CPU array map: a ctype value per possible CPU. The kernel copies each
+    CPU's value into an 8-byte aligned slot, hence the padded buffer."""
+    ncpu = ncpu or num_possible_cpus()
+    stride = (C.sizeof(ctype) + 7) & ~7
+    buf = (C.c_uint8 * (stride * ncpu))()
+    if not lookup(fd, C.c_uint32(index), buf):
+        raise BpfError(f"per-CPU map entry {index}", errno.ENOENT)
+    return [ctype.from_buffer_copy(buf, i * stride) for i in range(ncpu)]
 
 
 def keys(fd: int, key_type) -> list:
@@ -278,7 +390,7 @@ def keys(fd: int, key_type) -> list:
     while True:
         ret = map_next_key(fd, C.byref(cur) if cur is not None else None, C.byref(nxt))
         if ret < 0:
-            if _err(ret) == 2:
+            if _err(ret) == errno.ENOENT:
                 return out
             raise BpfError("map iteration", _err(ret))
         out.append(nxt)
@@ -336,3 +448,30 @@ class TestRun:
         n = self.opts.data_size_out
         # data_out holds the metadata too when some was passed in
         return self.opts.retval, self.out.raw[len(meta):n] if meta else self.out.raw[:n]
+
+
+def prog_test_run(prog_fd: int, data: bytes, ctx: bytes = b"", room: int = 256) -> tuple[int, bytes]:
+    """One BPF_PROG_TEST_RUN of any program type, with an optional raw context (for tc, a
+    ``skb_context()``): (return value, output data). ``room`` is how far the output may grow
+    beyond the input. For repeated XDP runs use TestRun, which allocates once."""
+    data_in = C.create_string_buffer(data, len(data))
+    out = C.create_string_buffer(len(data) + room)
+    opts = TestRunOpts(sz=C.sizeof(TestRunOpts), data_in=C.cast(data_in, P), data_out=C.cast(out, P),
+                       data_size_in=len(data), data_size_out=len(out), repeat=1)
+    ctx_in = C.create_string_buffer(ctx, len(ctx))
+    if ctx:
+        opts.ctx_in = C.cast(ctx_in, P)
+        opts.ctx_size_in = len(ctx)
+    ret = test_run_raw(prog_fd, C.byref(opts))
+    if ret < 0:
+        raise BpfError(f"BPF_PROG_TEST_RUN with a {len(data)}-byte input", _err(ret), take_log())
+    return int(opts.retval), out.raw[:opts.data_size_out]
+
+
+def skb_context(gso_size: int = 0, gso_segs: int = 0) -> bytes:
+    """A struct __sk_buff for a tc test run; gso_size/gso_segs make the skb look GRO-merged
+    (fields the kernel accepts from a test run's context)."""
+    ctx = bytearray(SKB_CTX_SIZE)
+    struct.pack_into("=I", ctx, SKB_CTX_GSO_SEGS, gso_segs)
+    struct.pack_into("=I", ctx, SKB_CTX_GSO_SIZE, gso_size)
+    return bytes(ctx)

@@ -492,6 +492,15 @@ def format_status(st: dict[str, Any]) -> str:
         else:
             state = f"pid {n['pid']}, {_node_summary(n['status'] or {})}"
         lines.append(f"  {n['name']:<9} {n['address']:<11} {state}; announces: {', '.join(n['announced']) or '-'}")
+        views = (n.get("vips") or {}).get("vips") or []
+        if views:
+            # Table digests: equal on every node means every node sends a flow to the same backend.
+            tables = ", ".join(
+                f"{v['name']} {v.get('digest') or 'no table'} "
+                f"({sum(1 for b in v.get('backends', []) if b.get('serving'))}/{len(v.get('backends', []))} serving)"
+                for v in views
+            )
+            lines.append(f"  {'':<9} tables: {tables}")
     lines.append("backends:")
     for b in st["backends"]:
         health = "healthy" if b["healthy"] else "NOT answering /healthz"

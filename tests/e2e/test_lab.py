@@ -234,6 +234,24 @@ def test_every_node_reports_the_same_table_digest(ready: Lab) -> None:
         assert len(seen) == 1, f"nodes disagree on {v}'s table: {seen}"
 
 
+def test_cli_status_and_exec(ready: Lab) -> None:
+    """The operator's view: `maglev lab status --json` and `maglev lab exec`."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "node.cli", "lab", "status", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    st = json.loads(out)
+    for addr in VIPS.values():
+        assert {h["node"] for h in st["router"]["nexthops"][addr]} == {h.name for h in ready.plan.node_hosts}
+    assert all(n["announced"] == ["web4", "web6"] for n in st["nodes"])
+    assert all(b["healthy"] for b in st["backends"])
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "lab", "exec", "client", "--", "ip", "-4", "route"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and f"default via {P.ROUTER_CLIENT_V4}" in proc.stdout
+
+
 # 8 ----------------------------------------------------------------------------------------------
 
 

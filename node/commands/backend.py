@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from node.forwarder import tc
+from node.forwarder.build import BuildError
 from node.forwarder.backend import (
     DEFAULT_BPFFS,
     DEFAULT_STATE_DIR,
@@ -78,7 +79,7 @@ def run_setup(args: argparse.Namespace) -> int:
     )
     try:
         setup(opts, dry_run=args.dry_run)
-    except (BackendSetupError, tc.BpfError) as exc:
+    except (BackendSetupError, tc.BpfError, BuildError) as exc:
         return _fail(exc)
     return 0
 
@@ -86,7 +87,7 @@ def run_setup(args: argparse.Namespace) -> int:
 def run_teardown(args: argparse.Namespace) -> int:
     try:
         teardown(args.interface, args.vip, bpffs=args.bpffs, state_dir=args.state_dir)
-    except (BackendSetupError, tc.BpfError) as exc:
+    except (BackendSetupError, tc.BpfError, BuildError) as exc:
         return _fail(exc)
     return 0
 
@@ -94,7 +95,7 @@ def run_teardown(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     try:
         st = status(args.interface, bpffs=args.bpffs)
-    except (BackendSetupError, tc.BpfError) as exc:
+    except (BackendSetupError, tc.BpfError, BuildError) as exc:
         return _fail(exc)
     attached = f"program id {st.prog_id}" if st.prog_id is not None else "not attached"
     print(f"{args.interface}: decap {attached}; VIPs: {', '.join(map(str, st.vips)) or 'none'}")

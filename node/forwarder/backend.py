@@ -286,13 +286,7 @@ def setup(opts: BackendOptions, log: Log = print, dry_run: bool = False) -> None
             f"one (`mount -t bpf bpf {opts.bpffs}`; note `ip netns exec` hides /sys/fs/bpf) or "
             "pass --bpffs DIR on a mounted bpffs"
         )
-    state_path = _state_path(opts.state_dir, opts.interface)
-    state = _load_state(state_path) or _State(opts.interface, "bpf")
-    if state.decap != "bpf":
-        raise BackendSetupError(
-            f"{opts.interface} was set up with --decap {state.decap}; run `maglev backend teardown "
-            f"--interface {opts.interface}` first"
-        )
+    state_path, state = _state_for(opts, "bpf")
     obj = tc.build_decap_object()
     # Record the pre-existing clsact before anything else touches it, so teardown only removes
     # the qdisc when it was ours.
@@ -358,19 +352,26 @@ def _remove_vip(vip: IPAddr, state: _State, log: Log) -> None:
         state.vips.remove(str(vip))
 
 
+def _state_for(opts: BackendOptions, decap: str) -> tuple[Path, "_State"]:
+    """The interface's recorded setup; refuses to mix decap kinds on one interface, since
+    teardown could then undo only half of it."""
+    state_path = _state_path(opts.state_dir, opts.interface)
+    state = _load_state(state_path) or _State(opts.interface, decap)
+    if state.decap != decap:
+        raise BackendSetupError(
+            f"{opts.interface} was set up with --decap {state.decap}; run `maglev backend teardown "
+            f"--interface {opts.interface}` first"
+        )
+    return state_path, state
+
+
 def _setup_kernel(opts: BackendOptions, log: Log, dry_run: bool) -> None:
     cmds = kernel_gre_commands(opts.interface, opts.vips)
     if dry_run:
         for argv in cmds:
             log(" ".join(argv))
         return None
-    state_path = _state_path(opts.state_dir, opts.interface)
-    state = _load_state(state_path) or _State(opts.interface, "kernel")
-    if state.decap != "kernel":
-        raise BackendSetupError(
-            f"{opts.interface} was set up with --decap {state.decap}; run `maglev backend teardown "
-            f"--interface {opts.interface}` first"
-        )
+    state_path, state = _state_for(opts, "kernel")
     # The GRE devices first: on a kernel without GRE this is what fails, and it should fail
     # before anything else on the host has changed.
     for dev, kind in gre_devices_for(opts.vips):

@@ -371,6 +371,10 @@ class ForwarderConfig(Strict):
     udp_idle_timeout: float = Field(30.0, gt=0)
     new_flow_rate_limit: int = Field(0, ge=0, description="new flows per second per CPU; 0 = unlimited")
     mtu: int = Field(1500, ge=576, le=65535, description="MTU towards the backends")
+    table_capacity: int = Field(
+        4_194_304, ge=16, description="Maglev table entries for all VIPs (each VIP takes 2 x table_size: "
+        "the live table and the spare one it is rebuilt in); 4 Bytes each"
+    )
     bpffs: Path = Path("/sys/fs/bpf/maglev")
     self_test_interval: float = Field(5.0, gt=0)
     on_stop: Literal["detach", "keep"] = "detach"
@@ -381,6 +385,13 @@ class ForwarderConfig(Strict):
         if v is not None and not MAC_RE.match(v):
             raise ValueError(f"next_hop_mac {v!r} is not a MAC address like 02:00:00:00:00:01")
         return v.lower() if v else v
+
+    @field_validator("table_capacity")
+    @classmethod
+    def _capacity_chunks(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"table_capacity {v} must be a multiple of 8")
+        return v
 
     @model_validator(mode="after")
     def _some_source(self) -> "ForwarderConfig":
@@ -573,6 +584,33 @@ def load_vip_sources(directory: str | Path) -> dict[str, tuple[Path, VipConfig]]
     if problems:
         raise ConfigError(problems)
     return {v.name: (Path(src), v) for src, v in found}
+
+
+# The data path's fixed limits (node/forwarder/bpf/maglev.h: MAX_VIPS, MAX_BACKENDS - 1).
+FORWARDER_MAX_VIPS = 512
+FORWARDER_MAX_BACKENDS = 8191
+
+
+def check_forwarder_capacity(vips: dict[str, "VipConfig"], fwd: ForwarderConfig, source: str) -> list[ConfigProblem]:
+    """A VIP set the forwarder cannot hold is a config error, caught before anything is applied:
+    otherwise programming would fail on every node at once and withdraw every VIP."""
+    problems = []
+    if len(vips) > FORWARDER_MAX_VIPS:
+        problems.append(ConfigProblem(source, None, None, f"{len(vips)} VIPs exceed the forwarder's limit of {FORWARDER_MAX_VIPS}"))
+    pairs = sum(len(v.backends) for v in vips.values())
+    if pairs > FORWARDER_MAX_BACKENDS:
+        problems.append(ConfigProblem(source, None, None,
+                                      f"{pairs} VIP backends in all exceed the forwarder's limit of {FORWARDER_MAX_BACKENDS}"))
+    need = sum(2 * v.table_size for v in vips.values())
+    if need > fwd.table_capacity:
+        biggest = sorted(vips.values(), key=lambda v: -v.table_size)[:3]
+        problems.append(ConfigProblem(
+            source, None, "table_size",
+            f"the VIPs' tables need {need} entries (2 x table_size each; largest: "
+            + ", ".join(f"{v.name} {v.table_size}" for v in biggest)
+            + f") but forwarder.table_capacity is {fwd.table_capacity}: raise table_capacity in the "
+            "node file or use smaller tables"))
+    return problems
 
 
 def check_vip_set(found: list[tuple[str, VipConfig]]) -> list[ConfigProblem]:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from node.config import (
     ConfigError,
     NodeConfig,
+    check_forwarder_capacity,
     VipConfig,
     load_vip_sources,
     vip_files,
@@ -106,7 +107,7 @@ class Controller:
         to keep serving), open the forwarder, start health checks and BGP."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._load_state()
-        sources = load_vip_sources(self.vip_dir)  # raises ConfigError
+        sources = self._load_vips()  # raises ConfigError
         self._install_vips(sources, "startup")
         self._watch_signature = self._dir_signature()
         await asyncio.to_thread(self.forwarder.open)
@@ -227,15 +228,19 @@ class Controller:
         self._check_warmup(self._health_map())
         desired = decide(self._inputs(), self.tables)
         if self.warmup_over:
-            await self._apply_forwarder(desired)
-            # A failed sync flips forwarder health; decide again so BGP sees it at once.
+            if await self._apply_forwarder(desired):
+                # New tables are announced only once a self-test has run over them.
+                await self.run_self_test()
+            # A failed sync or self-test flips forwarder health; decide again so BGP sees it.
             desired = decide(self._inputs(), self.tables)
         self._apply_routes(desired)
         self._log_decisions(desired)
         self.desired = desired
         return desired
 
-    async def _apply_forwarder(self, desired: Desired) -> None:
+    async def _apply_forwarder(self, desired: Desired) -> bool:
+        """Program the forwarder if the desired tables or backend states changed; True if it
+        was programmed."""
         key = tuple(
             (
                 name,
@@ -246,7 +251,7 @@ class Controller:
             for name, d in desired.vips.items()
         )
         if key == self._applied_forwarder:
-            return
+            return False
         specs = [self.spec_builder(d) for d in desired.vips.values()]
         started = time.perf_counter()
         try:
@@ -255,7 +260,7 @@ class Controller:
             self.forwarder_error = f"programming the forwarder failed: {exc}"
             self.events.emit("forwarder_sync_failed", self.forwarder_error + "; every VIP is withdrawn until it succeeds", level="error")
             self._applied_forwarder = None
-            return
+            return False
         self.metrics.sync_seconds = time.perf_counter() - started
         self.metrics.syncs += 1
         if self.forwarder_error:
@@ -274,6 +279,7 @@ class Controller:
                     digest=digest,
                     shares=",".join(f"{k}={v:.1%}" for k, v in shares.items()) or "none",
                 )
+        return True
 
     def _apply_routes(self, desired: Desired) -> None:
         routes = routes_for(desired)
@@ -350,7 +356,7 @@ class Controller:
         """Validate the whole VIP directory, then apply it at once; on any error keep serving
         the last good config and report why."""
         try:
-            sources = load_vip_sources(self.vip_dir)
+            sources = self._load_vips()
         except ConfigError as exc:
             result = ReloadResult(False, time.time(), source, [str(p) for p in exc.problems])
             self.last_reload = result
@@ -366,6 +372,14 @@ class Controller:
         self.health.update(set(self.targets.values()))
         self.mark_dirty()
         return result
+
+    def _load_vips(self) -> dict[str, tuple[Path, VipConfig]]:
+        sources = load_vip_sources(self.vip_dir)
+        problems = check_forwarder_capacity({n: v for n, (_, v) in sources.items()}, self.config.forwarder,
+                                            str(self.vip_dir))
+        if problems:
+            raise ConfigError(problems)
+        return sources
 
     def _install_vips(self, sources: dict[str, tuple[Path, VipConfig]], source: str) -> ReloadResult:
         new = {name: vip for name, (_, vip) in sources.items()}
@@ -546,13 +560,7 @@ def _health_of(state: Any) -> Health:
 
 
 def _shares(d: VipDecision) -> dict[str, float]:
-    if d.table is None or not d.table.backends:
-        return {}
-    counts = [0] * len(d.table.backends)
-    for i in d.table.entries:
-        counts[i] += 1
-    size = len(d.table.entries)
-    return {key: counts[i] / size for i, key in enumerate(d.table.backends)}
+    return d.table.shares() if d.table is not None and d.table.backends else {}
 
 
 def health_targets(vips: dict[str, VipConfig]) -> dict[tuple[str, str], Any]:

@@ -27,7 +27,7 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
         config,
         health_factory=lambda cb: HealthMonitor(on_transition=cb),
         speaker=speaker,
-        forwarder=Forwarder(config.forwarder),
+        forwarder=Forwarder(config.forwarder, table_capacity=config.forwarder.table_capacity),
         events=events,
         base_dir=base_dir,
     )

@@ -352,3 +352,13 @@ async def test_stop_withdraws_gracefully_and_detaches(env):
     env.forwarder.attached = True
     await env.c.stop()
     assert env.speaker.stopped is True and not env.forwarder.attached
+
+
+async def test_reload_over_forwarder_capacity_is_rejected(tmp_path):
+    e = Env(tmp_path, [vip()])
+    await e.start()
+    e.write("big.yaml", [vip(f"v{i}", f"10.100.1.{i}", table_size=655373) for i in range(4)])
+    result = e.c.reload("test")
+    assert not result.ok
+    assert "forwarder.table_capacity is 4194304: raise table_capacity" in result.problems[0]
+    assert sorted(e.c.vips) == ["web"]

@@ -212,9 +212,30 @@ class Lab:
         for vip in (P.VIP_V4, P.VIP_V6):
             self.progress(f"waiting for the router to install {vip} via all {self.plan.nodes} nodes")
             self._wait(lambda: len(self.router_nexthops(vip)) == self.plan.nodes, deadline,
-                       f"{self.plan.nodes} nexthops for {vip} on the router", None)
+                       f"{self.plan.nodes} nexthops for {vip} on the router", None,
+                       diagnose=lambda: self._missing_nexthops(vip))
 
-    def _wait(self, cond: Callable[[], bool], deadline: float, what: str, log: Path | None) -> None:
+    def _missing_nexthops(self, vip: str) -> str:
+        """Why a node is not a nexthop for the VIP: its own view of the VIP and of BGP."""
+        try:
+            have = self.router_nexthops(vip)
+        except (OSError, NetnsError):
+            have = set()
+        lines = []
+        for h in self.plan.node_hosts:
+            if h.v4 in have or h.v6 in have:
+                continue
+            status = self.node_api(h.index, "/api/v1/status") or {}
+            vips = {n: f"{'announced' if v['announced'] else 'withdrawn'} ({v['reason']})"
+                    for n, v in status.get("vips", {}).items()}
+            sessions = {p: i.get("state") for p, i in (status.get("bgp") or {}).get("sessions", {}).items()}
+            lines.append(f"{h.name}: VIPs {vips or 'unknown (API not answering)'}; BGP {sessions or 'no sessions'}; "
+                         f"forwarder {(status.get('forwarder') or {}).get('last_self_test')}")
+            lines.append(f"  last lines of its log:\n{_tail(self.plan.node_dir(h.index) / 'node.log', 8)}")
+        return "\n".join(lines)
+
+    def _wait(self, cond: Callable[[], bool], deadline: float, what: str, log: Path | None,
+              diagnose: Callable[[], str] | None = None) -> None:
         """Poll cond until true; a LabError from cond (a process died) ends the wait at once."""
         while True:
             try:
@@ -226,6 +247,8 @@ class Lab:
                 msg = f"timed out waiting for {what}"
                 if log:
                     msg += f"; last lines of {log}:\n{_tail(log)}"
+                if diagnose:
+                    msg += "\n" + diagnose()
                 raise LabError(msg)
             time.sleep(0.25)
 

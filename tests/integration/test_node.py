@@ -260,6 +260,34 @@ def test_node_drain_withdraws_everything(lab):
     wait_for(lambda: VIP in lab.routes(), 10, "the VIPs to come back")
 
 
+def maglev(lab, *args: str) -> subprocess.CompletedProcess:
+    """The operator CLI, run inside the node's namespace as an operator would on the node."""
+    return lab.n.run(sys.executable, "-m", "node.cli", *args, check=False)
+
+
+def test_operator_cli(lab):
+    cfg = str(lab.node_file)
+    r = maglev(lab, "status", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "node itest-node" in r.stdout and "forwarder: OK (native)" in r.stdout
+    assert f"{ROUTER}  established" in r.stdout
+    r = maglev(lab, "vips", "web", "--config", cfg, "--json")
+    view = json.loads(r.stdout)
+    assert view["announced"] and {b["key"] for b in view["backends"]} == {f"{b}:8080" for b in BACKENDS}
+    r = maglev(lab, "drain", f"{BACKENDS[0]}:8080", "--vip", "web", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert f"{BACKENDS[0]}:8080  drain" in r.stdout
+    r = maglev(lab, "trace", "--vip", "web", "192.0.2.9:40000", "--config", cfg, "--json")
+    t = json.loads(r.stdout)
+    assert t["backend"] == f"{BACKENDS[1]}:8080"  # the only active backend now
+    assert t["digest"] == lab.client().get("/api/v1/vips/web")["digest"]
+    r = maglev(lab, "undrain", f"{BACKENDS[0]}:8080", "--vip", "web", "--config", cfg)
+    assert r.returncode == 0 and f"{BACKENDS[0]}:8080  active" in r.stdout
+    # Without the token file the write is refused, with the reason.
+    r = maglev(lab, "node-drain", "--api", "http://127.0.0.1:9180")
+    assert r.returncode == 2 and "bearer token" in r.stderr
+
+
 def test_sigterm_withdraws_then_exits_cleanly(lab):
     lab.node_proc.send_signal(signal.SIGTERM)
     took = wait_for(lambda: not lab.routes(), 10, "routes withdrawn on SIGTERM")

@@ -22,6 +22,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import socket
 import subprocess
 from array import array
@@ -153,6 +154,8 @@ class Forwarder:
         self._own_fds: list[int] = []
         self._meta_mm: mmap.mmap | None = None
         self._tab_mm: mmap.mmap | None = None
+        self._ct_mm: mmap.mmap | None = None
+        self.ct_entries = maps.ct_slots(config.conntrack_size)
         self._ncpu = libbpf.num_possible_cpus()
         self.vip_ids: dict[str, int] = {}
         self.backend_ids: dict[tuple[str, str], int] = {}
@@ -169,7 +172,7 @@ class Forwarder:
         mount_bpffs(self.pin_dir)
         obj = libbpf.BpfObject(self.obj_path or build.build(PROG_NAME))
         try:
-            obj.set_max_entries("conntrack", self.config.conntrack_size)
+            obj.set_max_entries("conntrack", maps.ct_slots(self.config.conntrack_size))
             obj.set_max_entries("tables", self.table_capacity // maps.TABLE_CHUNK)
             for name in maps.MAP_NAMES:
                 pin = self.pin_dir / name
@@ -190,6 +193,7 @@ class Forwarder:
             if not pin.exists():
                 libbpf.obj_pin(fd, pin)
         self.prog_fd = obj.prog_fd(PROG_NAME)
+        self.ct_entries = libbpf.map_info(self.fds["conntrack"]).max_entries
         prog_pin = self.pin_dir / PROG_PIN
         if prog_pin.exists():
             prog_pin.unlink()  # the freshly loaded copy replaces the pin; attach() swaps atomically
@@ -207,10 +211,12 @@ class Forwarder:
                 f"this version needs {maps.MAP_SHAPES[name][0]}/{maps.MAP_SHAPES[name][1]}: it was made by "
                 f"an incompatible version. Detach the old forwarder and remove the pins under {self.pin_dir} "
                 "(that forgets tracked flows), then start again")
-        if name == "conntrack" and info.max_entries != self.config.conntrack_size:
-            log.warning("pinned conntrack map has %d entries, config asks %d; keeping the pinned "
-                        "one (remove %s to resize; that forgets every tracked flow)",
-                        info.max_entries, self.config.conntrack_size, self.pin_dir / name)
+        want = maps.ct_slots(self.config.conntrack_size)
+        if name == "conntrack" and info.max_entries != want:
+            log.warning("pinned conntrack map has %d entries, config asks %d (conntrack_size %d "
+                        "rounded up to a power of two); keeping the pinned one (remove %s to "
+                        "resize; that forgets every tracked flow)",
+                        info.max_entries, want, self.config.conntrack_size, self.pin_dir / name)
         if name == "tables":
             self.table_capacity = info.max_entries * maps.TABLE_CHUNK
 
@@ -222,6 +228,9 @@ class Forwarder:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self._tab_mm = mmap.mmap(self.fds["tables"], tab_len, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        ct_len = (self.ct_entries * C.sizeof(maps.CtEntry) + page - 1) // page * page
+        self._ct_mm = mmap.mmap(self.fds["conntrack"], ct_len, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _write_config(self) -> None:
         c = self.config
@@ -239,6 +248,7 @@ class Forwarder:
         cfg.mtu = c.mtu
         cfg.udp_idle_ns = int(c.udp_idle_timeout * 1e9)
         cfg.new_flow_rate = c.new_flow_rate_limit
+        cfg.ct_mask = self.ct_entries - 1
         libbpf.update(self.fds["config"], C.c_uint32(0), cfg)
 
     def _meta(self, vid: int) -> maps.VipMeta:
@@ -272,10 +282,10 @@ class Forwarder:
     def close(self) -> None:
         """Release this process's handles; pins and any attachment stay (restart-safe)."""
         self._runner = None
-        for mm in (self._meta_mm, self._tab_mm):
+        for mm in (self._meta_mm, self._tab_mm, self._ct_mm):
             if mm is not None:
                 mm.close()
-        self._meta_mm = self._tab_mm = None
+        self._meta_mm = self._tab_mm = self._ct_mm = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -612,7 +622,7 @@ class Forwarder:
             src_v4=c.encap_source_v4.packed if c.encap_source_v4 else None,
             src_v6=c.encap_source_v6.packed if c.encap_source_v6 else None,
             mtu=c.mtu, udp_idle_ns=int(c.udp_idle_timeout * 1e9),
-            new_flow_rate=c.new_flow_rate_limit))
+            new_flow_rate=c.new_flow_rate_limit, ct_slots=self.ct_entries))
         for key in libbpf.keys(self.fds["vips"], maps.VipKey):
             val = maps.VipValue()
             if libbpf.lookup(self.fds["vips"], key, val):
@@ -624,24 +634,48 @@ class Forwarder:
             libbpf.lookup(self.fds["backends"], C.c_uint32(bid), be)
             st.backends[bid] = model.ModelBackend(be.family, bytes(be.addr), be.state, be.vip_id)
         if with_conntrack:
-            for k in libbpf.keys(self.fds["conntrack"], maps.FlowKey):
-                v = maps.CtValue()
-                if libbpf.lookup(self.fds["conntrack"], k, v):
-                    f = model.Flow(k.family, bytes(k.src), bytes(k.dst),
-                                   int.from_bytes(bytes(k.sport_be), "big"),
-                                   int.from_bytes(bytes(k.dport_be), "big"), k.proto)
-                    st.ct[f] = (v.backend_id, v.last_seen_ns, v.vip_id)
+            for e in self._ct_entries():
+                k, v = e.key, e.val
+                f = model.Flow(k.family, bytes(k.src), bytes(k.dst),
+                               int.from_bytes(bytes(k.sport_be), "big"),
+                               int.from_bytes(bytes(k.dport_be), "big"), k.proto)
+                st.ct_put(f, (v.backend_id, v.last_seen_ns, v.vip_id))
         return st
 
+    # The family byte of slot i sits at i * 64 + _CT_FAMILY_OFF: scanning that one byte per
+    # slot (a slice of the mmap) finds the used slots of a million-entry table in milliseconds.
+    _CT_FAMILY_OFF = maps.CtEntry.key.offset + maps.FlowKey.family.offset
+
+    def _ct_used_slots(self) -> list[int]:
+        assert self._ct_mm is not None
+        fams = self._ct_mm[self._CT_FAMILY_OFF:self.ct_entries * C.sizeof(maps.CtEntry):C.sizeof(maps.CtEntry)]
+        return [m.start() for m in re.finditer(rb"[^\x00]", fams)]
+
+    def _ct_entries(self) -> list[maps.CtEntry]:
+        """Copies of the used, stable (even seq) conntrack slots."""
+        size = C.sizeof(maps.CtEntry)
+        out = []
+        for i in self._ct_used_slots():
+            e = maps.CtEntry.from_buffer_copy(self._ct_mm[i * size:(i + 1) * size])
+            if not e.seq & 1:
+                out.append(e)
+        return out
+
     def conntrack_count(self) -> int:
+        """Tracked flows (used conntrack slots)."""
         self._require_open()
-        return len(libbpf.keys(self.fds["conntrack"], maps.FlowKey))
+        return len(self._ct_used_slots())
 
     def conntrack_clear(self) -> None:
         """Forget every tracked flow (tests, and an operator's last resort)."""
         self._require_open()
-        for k in libbpf.keys(self.fds["conntrack"], maps.FlowKey):
-            libbpf.delete(self.fds["conntrack"], k)
+        assert self._ct_mm is not None
+        step = 1 << 20
+        zero = bytes(step)
+        total = self.ct_entries * C.sizeof(maps.CtEntry)
+        for off in range(0, total, step):
+            n = min(step, total - off)
+            self._ct_mm[off:off + n] = zero[:n]
 
     def counters(self) -> dict:
         """{"vips": {vip: stats}, "backends": {key: stats summed over the VIPs it serves},

@@ -18,6 +18,7 @@ NAME_LEN = 256
 DEFAULT_TABLE_CAPACITY = 4194304
 TABLE_CHUNK = 8
 DEFAULT_CT_SIZE = 1000000
+DEFAULT_CT_SLOTS = 1048576
 
 FAM_V4 = 4
 FAM_V6 = 6
@@ -109,10 +110,22 @@ class CtValue(C.Structure):
     _fields_ = [("backend_id", C.c_uint32), ("vip_id", C.c_uint32), ("last_seen_ns", C.c_uint64)]
 
 
+class CtEntry(C.Structure):
+    """One conntrack slot (64 bytes); seq odd = being rewritten, key.family 0 = empty."""
+
+    _fields_ = [("seq", C.c_uint32), ("pad", C.c_uint32), ("key", FlowKey), ("val", CtValue)]
+
+
+def ct_slots(conntrack_size: int) -> int:
+    """Conntrack entries for a configured size: the next power of two (the data path masks
+    the flow hash with entries - 1)."""
+    return 1 << max(0, conntrack_size - 1).bit_length()
+
+
 class Config(C.Structure):
     _fields_ = [("flags", C.c_uint32), ("src_v4", C.c_uint8 * 4), ("src_v6", C.c_uint8 * 16),
                 ("next_hop_mac", C.c_uint8 * 6), ("mtu", C.c_uint16), ("udp_idle_ns", C.c_uint64),
-                ("new_flow_rate", C.c_uint64)]
+                ("new_flow_rate", C.c_uint64), ("ct_mask", C.c_uint32), ("pad2", C.c_uint32)]
 
 
 class RateState(C.Structure):
@@ -130,7 +143,7 @@ STAT_FIELDS = ("packets", "bytes", "new_flows", "ct_hits", "ct_misses")
 LAYOUTS: dict[str, type[C.Structure]] = {
     "vip_key": VipKey, "vip_value": VipValue, "table_slot": TableSlot, "vip_meta": VipMeta,
     "table_chunk": TableChunk,
-    "backend": Backend, "name": Name, "flow_key": FlowKey, "ct_value": CtValue,
+    "backend": Backend, "name": Name, "flow_key": FlowKey, "ct_value": CtValue, "ct_entry": CtEntry,
     "config": Config, "rate_state": RateState, "flow_stats": FlowStats,
 }
 
@@ -144,7 +157,7 @@ def _sz(t) -> int:
 MAP_SHAPES: dict[str, tuple[int, int]] = {
     "vips": (_sz(VipKey), _sz(VipValue)), "vip_meta": (4, _sz(VipMeta)),
     "tables": (4, _sz(TableChunk)), "backends": (4, _sz(Backend)), "vip_names": (4, _sz(Name)),
-    "be_names": (4, _sz(Name)), "conntrack": (_sz(FlowKey), _sz(CtValue)), "config": (4, _sz(Config)),
+    "be_names": (4, _sz(Name)), "conntrack": (4, _sz(CtEntry)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
     "stats": (4, 8),
 }

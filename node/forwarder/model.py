@@ -20,6 +20,7 @@ from ipaddress import IPv4Address, IPv6Address
 from node.forwarder.maps import (
     BE_STATE_ACTIVE,
     BE_STATE_DRAIN,
+    DEFAULT_CT_SLOTS,
     FAM_V4,
     FAM_V6,
     FH_C1,
@@ -127,6 +128,7 @@ class ModelConfig:
     mtu: int = 1500
     udp_idle_ns: int = 30 * 10**9
     new_flow_rate: int = 0
+    ct_slots: int = DEFAULT_CT_SLOTS  # conntrack entries, a power of two (maps.ct_slots)
 
 
 @dataclass
@@ -136,13 +138,28 @@ class ModelState:
     vips: dict[tuple[int, bytes, int, int], int] = field(default_factory=dict)
     tables: dict[int, list[int]] = field(default_factory=dict)  # vip id -> backend ids
     backends: dict[int, ModelBackend] = field(default_factory=dict)
-    # flow -> (backend id, last seen ns, vip id)
+    # flow -> (backend id, last seen ns, vip id); write it through ct_put, which keeps the
+    # program's direct-mapped replacement (one flow per slot, see maglev.h)
     ct: dict[Flow, tuple[int, int, int]] = field(default_factory=dict)
+    ct_owner: dict[int, Flow] = field(default_factory=dict)  # slot -> the flow in it
+    ct_replaced: int = 0  # model-only: tracked flows pushed out by a new flow (tests use it)
     stats: dict[Stat, int] = field(default_factory=dict)
     rate_window: tuple[int, int] = (0, 0)  # (window start ns, count): one CPU
 
     def count(self, reason: Stat) -> None:
         self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    def ct_slot(self, flow: Flow) -> int:
+        return flow_hash(flow) & (self.config.ct_slots - 1)
+
+    def ct_put(self, flow: Flow, value: tuple[int, int, int]) -> None:
+        """Track flow in its slot, replacing the flow that held it (as xdp_lb.c's ct_write)."""
+        slot = self.ct_slot(flow)
+        old = self.ct_owner.get(slot)
+        if old is not None and old != flow and self.ct.pop(old, None) is not None:
+            self.ct_replaced += 1
+        self.ct_owner[slot] = flow
+        self.ct[flow] = value
 
 
 @dataclass
@@ -431,7 +448,7 @@ def _ct_usable(st: ModelState, ct: tuple[int, int, int], p: _Parsed, now: int, s
         if (now - seen) & M64 > st.config.udp_idle_ns:
             return False
         if not selftest and not p.is_icmp_err:
-            st.ct[p.flow] = (be_id, now, vid)
+            st.ct[p.flow] = (be_id, now, vid)  # refresh in place: same flow, same slot
     return True
 
 
@@ -460,7 +477,7 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
             return _drop(st, b, Stat.DROP_BAD_BACKEND, be_id)
         if not p.is_frag and not p.is_icmp_err and not selftest:
             if _rate_allows(st, now):
-                st.ct[f] = (be_id, now if f.proto == UDP else 0, vid)
+                st.ct_put(f, (be_id, now if f.proto == UDP else 0, vid))
                 inserted = True
             else:
                 st.count(Stat.CT_INSERT_BYPASSED)

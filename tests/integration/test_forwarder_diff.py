@@ -158,7 +158,9 @@ RARE = [_first_fragment("10.1.1.1", "tcp", 80), _first_fragment("10.1.1.1", "udp
 
 
 def test_program_and_model_agree_on_random_frames() -> None:
-    with temp_forwarder(table_capacity=1 << 18) as fwd:
+    # The smallest conntrack (1024 slots): random flows collide, so the program's "a new flow
+    # replaces the one in its slot" is compared with the model's too.
+    with temp_forwarder(table_capacity=1 << 18, conntrack_size=1024) as fwd:
         fwd.sync(_vips())
         state = fwd.model_state()
         seen_verdicts: dict[int, int] = {}
@@ -186,6 +188,11 @@ def test_program_and_model_agree_on_random_frames() -> None:
         assert bpf == model
         assert sum(v["ct_hits"] for v in c["vips"].values()) > 0, "no conntrack hit exercised"
         assert sum(v["new_flows"] for v in c["vips"].values()) > 0
+        assert state.ct_replaced > 0, "no conntrack slot replacement exercised"
+        # the same flows are tracked, in the same slots, steered to the same backends
+        # (last_seen differs: the model ran with now = 0)
+        kept = fwd.model_state(with_conntrack=True)
+        assert {f: (v[0], v[2]) for f, v in kept.ct.items()} == {f: (v[0], v[2]) for f, v in state.ct.items()}
         for name in ("DROP_NO_BACKEND", "ICMP_TOO_BIG_SENT", "ICMP_STEERED", "FRAG_FORWARDED",
                      "PASS_MALFORMED", "PASS_IPV6_EXT", "DROP_FRAGMENT"):
             assert model[name] > 0, f"{name} never exercised: {model}"

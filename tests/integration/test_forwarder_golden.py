@@ -169,6 +169,40 @@ def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
     assert key_for(fwd, "web4", outer_dst(run(fwd, new_flow)[1])) == other
 
 
+def test_new_flow_replaces_the_tracked_flow_in_its_slot() -> None:
+    """Conntrack is direct-mapped (maglev.h): a new flow whose hash shares a slot pushes the
+    tracked flow out, and that flow follows the table from then on (and is tracked again)."""
+    with temp_forwarder(conntrack_size=1024) as f:
+        f.sync(base_vips())
+        st = f.model_state()
+        assert st.config.ct_slots == 1024
+        seen: dict[int, int] = {}
+        for sport in range(20000, 40000):
+            s = st.ct_slot(M.Flow.of(CLIENT4, VIP4, sport, 80, "tcp"))
+            if s in seen:
+                a, b = seen[s], sport
+                break
+            seen[s] = sport
+
+        def ack(sport: int) -> bytes:
+            return P.flow_packet(CLIENT4, VIP4, sport, 80, tcp_flags=0x10)
+
+        run(f, P.flow_packet(CLIENT4, VIP4, a, 80))
+        _, out_a = run(f, ack(a))
+        # point the table elsewhere: only conntrack keeps flow a where it is
+        other = next(k for k in "abc" if k != key_for(f, "web4", outer_dst(out_a)))
+        vips = base_vips()
+        vips[0] = vip("web4", VIP4, "tcp", 80, vips[0].backends, [other] * 13)
+        f.sync(vips)
+        assert run(f, ack(a))[1] == out_a
+        run(f, P.flow_packet(CLIENT4, VIP4, b, 80))  # b's SYN takes the slot
+        assert f.conntrack_count() == 1
+        assert list(f.model_state(with_conntrack=True).ct) == [M.Flow.of(CLIENT4, VIP4, b, 80, "tcp")]
+        assert key_for(f, "web4", outer_dst(run(f, ack(a))[1])) == other
+        assert f.conntrack_count() == 1  # a took the slot back
+        assert list(f.model_state(with_conntrack=True).ct) == [M.Flow.of(CLIENT4, VIP4, a, 80, "tcp")]
+
+
 def _flow_on(fwd, key: str) -> tuple[bytes, bytes]:
     """(SYN, ACK) of a new flow the table sends to backend `key` (searching source ports)."""
     st = fwd.model_state()

@@ -120,6 +120,29 @@ def test_conntrack_hit_drain_and_down() -> None:
     assert moved.verdict == M.XDP_TX and not moved.ct_hit and moved.backend_id != first.backend_id
 
 
+def _colliding_flows(st: M.ModelState, n: int) -> list[int]:
+    """Source ports of n TCP flows to VIP4:80 that share one conntrack slot."""
+    by_slot: dict[int, list[int]] = {}
+    for sport in range(1024, 65536):
+        ports = by_slot.setdefault(st.ct_slot(M.Flow.of("192.0.2.7", VIP4, sport, 80, "tcp")), [])
+        ports.append(sport)
+        if len(ports) == n:
+            return ports
+    raise AssertionError("no collision found")
+
+
+def test_conntrack_new_flow_replaces_the_flow_in_its_slot() -> None:
+    st = make_state(ct_slots=1024)
+    a, b = _colliding_flows(st, 2)
+    M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80))
+    assert M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80, tcp_flags=0x10)).ct_hit
+    M.process(st, P.flow_packet("192.0.2.7", VIP4, b, 80))  # same slot: a is pushed out
+    assert list(st.ct) == [M.Flow.of("192.0.2.7", VIP4, b, 80, "tcp")] and st.ct_replaced == 1
+    back = M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80, tcp_flags=0x10))
+    assert not back.ct_hit and back.verdict == M.XDP_TX  # the table steers it, and re-tracks it
+    assert M.Flow.of("192.0.2.7", VIP4, a, 80, "tcp") in st.ct and st.ct_replaced == 2
+
+
 def test_udp_conntrack_expires_after_idle_time() -> None:
     st = make_state(udp_idle_ns=1000)
     frame = P.flow_packet("192.0.2.7", VIP4, 5555, 53, "udp")

@@ -18,6 +18,7 @@
 #define DEFAULT_TABLE_CAPACITY 4194304 /* table entries in `tables` (16 MiB); settable at load */
 #define TABLE_CHUNK 8          /* entries per `tables` element (see struct table_chunk) */
 #define DEFAULT_CT_SIZE 1000000
+#define DEFAULT_CT_SLOTS 1048576  /* conntrack entries: DEFAULT_CT_SIZE rounded up to a power of 2 */
 
 /* ---- families, protocols, states -------------------------------------------------------- */
 #define FAM_V4 4
@@ -83,7 +84,25 @@ struct name {
 	char text[NAME_LEN];
 };
 
-/* ---- connection tracking (LRU hash) ------------------------------------------------------ */
+/* ---- connection tracking (array, mmapable): a direct-mapped hash table -------------------
+ * Entry i of `conntrack` holds the flow whose flow hash (below) has i in its low bits
+ * (i = hash & ct_mask, ct_mask = entries - 1, entries a power of two). A new flow REPLACES the
+ * flow in its slot, whatever its age: the insert is one 64-byte store into one cache line,
+ * with no lock, list or allocator. (The kernel's LRU hash insert alone costs ~300 ns above the
+ * test-run floor here, more than this whole new-flow path; see bench/forwarder.py.) A flow
+ * pushed out falls back to the Maglev table, which still sends it to the same backend unless
+ * the table changed for it meanwhile: with N live flows a new flow replaces a live one with
+ * probability ~N/entries, so size conntrack well above the expected live flows. Empty slots
+ * are all zero (family 0 matches no flow).
+ *
+ * seq lets CPUs share the table without a lock: a writer stores 1 (odd), the key and the value,
+ * then (hash & ~1) of the new flow; a reader copies the entry and uses it only when seq was
+ * even and unchanged (x86-64 keeps loads and stores in order, so compiler barriers suffice;
+ * a weakly ordered CPU would need fences for the same guarantee).
+ * Two flows in one slot share the hash's low bits, so a rewrite the reader overlaps goes
+ * unnoticed only if their high bits agree too (1 in 4096 with a million slots); even then one
+ * packet uses the other flow's entry, which ct_usable still checks (same VIP, backend in
+ * service). A UDP hit refreshes last_seen_ns in place (one aligned 8-byte store). */
 struct flow_key {
 	__u32 src[4];
 	__u32 dst[4];
@@ -100,6 +119,13 @@ struct ct_value {
 	__u64 last_seen_ns;    /* bpf_ktime_get_ns(); refreshed on UDP hits only */
 };
 
+struct ct_entry {
+	__u32 seq;             /* even: stable; odd: being rewritten */
+	__u32 pad;
+	struct flow_key key;
+	struct ct_value val;   /* 64 bytes in all: one cache line */
+};
+
 /* ---- configuration (array, one entry) ---------------------------------------------------- */
 #define CFG_F_FIB_LOOKUP 1     /* no next-hop MAC: use bpf_fib_lookup (flags 0) */
 #define CFG_F_HAVE_SRC_V4 2
@@ -113,6 +139,8 @@ struct config {
 	__u16 mtu;             /* MTU towards the backends (outer packet incl. IP header) */
 	__u64 udp_idle_ns;
 	__u64 new_flow_rate;   /* new conntrack inserts per second per CPU; 0 = unlimited */
+	__u32 ct_mask;         /* conntrack entries - 1 (a power of two minus one) */
+	__u32 pad2;
 };
 
 /* ---- per-CPU rate limiter state (per-CPU array, one entry) ------------------------------- */

@@ -65,8 +65,24 @@ def trace_flow(controller: Any, name: str, source: str, dst_port: str | None) ->
                       note="no table programmed (warming up or no serving backend): new flows are dropped")
         return result
     index = table_index(h, table.size)
-    result.update(index=index, backend=table.backends[table.entries[index]])
+    backend = table.backends[table.entries[index]]
+    live = live_backend(controller.forwarder, name, index)
+    result.update(index=index, backend=backend, live_backend=live)
+    if live is not None and live != backend:
+        result["note"] = (f"the kernel's live table says {live} but the controller computed {backend}: "
+                          "the forwarder has not been programmed with this table yet, or is out of sync")
     return result
+
+
+def live_backend(forwarder: Any, vip: str, index: int) -> str | None:
+    """The backend at `index` of the table the kernel is using now (read back from the map), or
+    None when the forwarder cannot tell (not programmed, or a forwarder without read-back)."""
+    try:
+        ids = forwarder.table_ids(forwarder.vip_id(vip))
+        by_id = {bid: key for (v, key), bid in forwarder.backend_ids.items() if v == vip}
+        return by_id.get(ids[index]) if index < len(ids) else None
+    except (AttributeError, KeyError, IndexError, OSError):
+        return None
 
 
 def _hostport(addr, port: int) -> str:

@@ -147,6 +147,8 @@ def cmd_trace(client: Client, args) -> int:
     def human(t):
         print(f"{t['flow']} -> backend {t['backend']}  (hash {t['hash']:#010x}, entry {t['index']} of "
               f"{t['table_size']}, table digest {t['digest']})")
+        if t.get("live_backend"):
+            print(f"live kernel table entry {t['index']}: {t['live_backend']}")
         if t.get("note"):
             print(t["note"])
     return _out(args, data, human)

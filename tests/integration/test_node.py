@@ -280,6 +280,7 @@ def test_operator_cli(lab):
     r = maglev(lab, "trace", "--vip", "web", "192.0.2.9:40000", "--config", cfg, "--json")
     t = json.loads(r.stdout)
     assert t["backend"] == f"{BACKENDS[1]}:8080"  # the only active backend now
+    assert t["live_backend"] == t["backend"]  # read back from the kernel's table
     assert t["digest"] == lab.client().get("/api/v1/vips/web")["digest"]
     r = maglev(lab, "undrain", f"{BACKENDS[0]}:8080", "--vip", "web", "--config", cfg)
     assert r.returncode == 0 and f"{BACKENDS[0]}:8080  active" in r.stdout

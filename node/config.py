@@ -368,6 +368,11 @@ class ForwarderConfig(Strict):
         None, description="MAC of the gateway towards backends; unset: bpf_fib_lookup"
     )
     conntrack_size: int = Field(1_000_000, ge=1024)
+    conntrack: Literal["lru", "direct"] = Field(
+        "lru", description="connection tracking design: lru = the kernel's LRU hash (no tracked flow "
+        "is displaced below conntrack_size); direct = a direct-mapped array, faster, but a new flow "
+        "replaces the tracked flow in its slot, which then follows the Maglev table"
+    )
     udp_idle_timeout: float = Field(30.0, gt=0)
     new_flow_rate_limit: int = Field(0, ge=0, description="new flows per second per CPU; 0 = unlimited")
     mtu: int = Field(1500, ge=576, le=65535, description="MTU towards the backends")

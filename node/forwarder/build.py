@@ -1,7 +1,10 @@
 """Build the forwarder's BPF objects with clang.
 
 Objects are cached by a hash of their sources (the .c file and every header in bpf/) plus the
-compiler command, so the first use after a change rebuilds and every later one is free.
+compiler command (flags included), so the first use after a change rebuilds and every later one
+is free. One source may give several objects: xdp_lb.c builds ``xdp_lb`` (conntrack in the
+kernel's LRU hash, the default) and ``xdp_lb_direct`` (-DCT_DIRECT: a direct-mapped array; see
+bpf/maglev.h).
 ``python -m node.forwarder.build`` builds all of them (the Makefile's ``bpf`` target).
 """
 
@@ -17,9 +20,19 @@ from functools import lru_cache
 from pathlib import Path
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
-# xdp_lb: the forwarder; xdp_floor: the bench's floor; decap: the backend's tc GRE decapsulation
+# object name -> (source in bpf/ without .c, extra clang flags).
+# xdp_lb / xdp_lb_direct: the forwarder with each conntrack design (forwarder.conntrack "lru" /
+# "direct"); xdp_floor: the bench's floor; decap: the backend's tc GRE decapsulation
 # (bpf/decap.c, owned by the backend side; built here when present).
-PROGRAMS = ("xdp_lb", "xdp_floor", "decap")
+OBJECTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "xdp_lb": ("xdp_lb", ()),
+    "xdp_lb_direct": ("xdp_lb", ("-DCT_DIRECT",)),
+    "xdp_floor": ("xdp_floor", ()),
+    "decap": ("decap", ()),
+}
+PROGRAMS = tuple(OBJECTS)
+# the forwarder object for each forwarder.conntrack setting
+FORWARDER_OBJECTS = {"lru": "xdp_lb", "direct": "xdp_lb_direct"}
 DEFAULT_CACHE = Path(os.environ.get("MAGLEV_BPF_CACHE", Path.home() / ".cache" / "maglev-bpf"))
 
 
@@ -38,24 +51,27 @@ def _arch_include() -> str:
     return f"/usr/include/{triple}"
 
 
-def _command(src: Path, out: Path) -> list[str]:
-    return ["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-Wno-unused-function",
+def _command(src: Path, out: Path, flags: tuple[str, ...] = ()) -> list[str]:
+    return ["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-Wno-unused-function", *flags,
             f"-I{_arch_include()}", f"-I{BPF_DIR}", "-c", str(src), "-o", str(out)]
 
 
 def source_digest(name: str) -> str:
-    """Hash of everything that goes into ``name``.o: its source, every header, the command."""
+    """Hash of everything that goes into ``name``.o: its source, every header, the command
+    with its flags (so two objects of one source never share a cache entry)."""
+    src, flags = OBJECTS[name]
     h = hashlib.sha256()
-    for path in [BPF_DIR / f"{name}.c", *sorted(BPF_DIR.glob("*.h"))]:
+    for path in [BPF_DIR / f"{src}.c", *sorted(BPF_DIR.glob("*.h"))]:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(" ".join(_command(Path("src"), Path("out"))).encode())
+    h.update(" ".join(_command(Path("src"), Path("out"), flags)).encode())
     return h.hexdigest()[:20]
 
 
 def build(name: str = "xdp_lb", cache_dir: Path | None = None) -> Path:
     """Return the path of ``name``.o, compiling it if its sources changed."""
-    if name not in PROGRAMS:
-        raise BuildError(f"unknown BPF program {name!r}; known: {', '.join(PROGRAMS)}")
+    if name not in OBJECTS:
+        raise BuildError(f"unknown BPF program {name!r}; known: {', '.join(OBJECTS)}")
+    src, flags = OBJECTS[name]
     cache = Path(cache_dir or DEFAULT_CACHE)
     cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"{name}-{source_digest(name)}.o"
@@ -66,17 +82,18 @@ def build(name: str = "xdp_lb", cache_dir: Path | None = None) -> Path:
     # Compile to a temporary name and rename, so concurrent builders never see half a file.
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".o.tmp")
     os.close(fd)
-    proc = subprocess.run(_command(BPF_DIR / f"{name}.c", Path(tmp)), capture_output=True, text=True)
+    proc = subprocess.run(_command(BPF_DIR / f"{src}.c", Path(tmp), flags), capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise BuildError(f"clang failed to build {name}.c:\n{proc.stderr.strip()}")
+        what = f"{src}.c" + (f" ({' '.join(flags)})" if flags else "")
+        raise BuildError(f"clang failed to build {what}:\n{proc.stderr.strip()}")
     os.replace(tmp, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    for name in PROGRAMS:
-        if not (BPF_DIR / f"{name}.c").exists():
+    for name, (src, _) in OBJECTS.items():
+        if not (BPF_DIR / f"{src}.c").exists():
             continue
         try:
             print(f"{name}: {build(name)}")

@@ -7,6 +7,11 @@ interfaces (atomically replacing an older copy of itself, so traffic never stops
 program with BPF_PROG_TEST_RUN, ``counters()`` reads the per-CPU counters, ``detach()`` and
 ``close()`` undo.
 
+Conntrack has two designs (bpf/maglev.h), one object each, picked by ``config.conntrack``:
+"lru" (default; the kernel's LRU hash) and "direct" (a direct-mapped array, faster, a new flow
+replaces the one in its slot). Pins made by the other design are refused at ``open()``: the
+maps cannot be shared, and switching forgets every tracked flow.
+
 Tables are written into the VIP's spare slot (an mmap of a BPF_F_MMAPABLE array: one memcpy)
 and published by flipping the VIP's active index with one aligned 32-bit store, so a packet
 never sees a half-written table. Backend ids belong to (VIP name, backend key) pairs, are
@@ -154,9 +159,10 @@ class Forwarder:
         self._own_fds: list[int] = []
         self._meta_mm: mmap.mmap | None = None
         self._tab_mm: mmap.mmap | None = None
-        self._ct_mm: mmap.mmap | None = None
-        self.ct_entries = maps.ct_slots(config.conntrack_size)
+        self._ct_mm: mmap.mmap | None = None  # "direct" only (an LRU hash cannot be mmapped)
+        self.conntrack = config.conntrack
         self._ncpu = libbpf.num_possible_cpus()
+        self.ct_entries = maps.ct_entries(config.conntrack_size, self.conntrack, self._ncpu)
         self.vip_ids: dict[str, int] = {}
         self.backend_ids: dict[tuple[str, str], int] = {}
         self._next_be = 1
@@ -170,9 +176,9 @@ class Forwarder:
         if self._obj is not None:
             return
         mount_bpffs(self.pin_dir)
-        obj = libbpf.BpfObject(self.obj_path or build.build(PROG_NAME))
+        obj = libbpf.BpfObject(self.obj_path or build.build(build.FORWARDER_OBJECTS[self.conntrack]))
         try:
-            obj.set_max_entries("conntrack", maps.ct_slots(self.config.conntrack_size))
+            obj.set_max_entries("conntrack", self.ct_entries)
             obj.set_max_entries("tables", self.table_capacity // maps.TABLE_CHUNK)
             for name in maps.MAP_NAMES:
                 pin = self.pin_dir / name
@@ -182,6 +188,7 @@ class Forwarder:
                     self._check_pinned(name, fd)
                     obj.reuse_map_fd(name, fd)
             obj.load()
+            self._check_object(obj)
         except Exception:
             obj.close()
             self._close_own_fds()
@@ -203,20 +210,42 @@ class Forwarder:
         self._read_back()
         self._runner = libbpf.TestRun(self.prog_fd, 4096)
 
+    def _check_object(self, obj: libbpf.BpfObject) -> None:
+        """The loaded object (obj_path may name any) must be built for the configured design."""
+        kind = libbpf.map_info(obj.map_fd("conntrack")).type
+        if kind != maps.CT_MAP_TYPES[self.conntrack]:
+            other = next((m for m, t in maps.CT_MAP_TYPES.items() if t == kind), f"map type {kind}")
+            raise ForwarderError(
+                f"BPF object {self.obj_path} keeps conntrack as {other!r} but forwarder.conntrack is "
+                f"{self.conntrack!r}; use the {build.FORWARDER_OBJECTS[self.conntrack]} object")
+
     def _check_pinned(self, name: str, fd: int) -> None:
         info = libbpf.map_info(fd)
-        if (info.key_size, info.value_size) != maps.MAP_SHAPES[name]:
+        advice = (f"Detach the old forwarder and remove the pins under {self.pin_dir} (that forgets "
+                  "tracked flows), then start again")
+        if name == "conntrack" and info.type != maps.CT_MAP_TYPES[self.conntrack]:
+            other = next((m for m, t in maps.CT_MAP_TYPES.items() if t == info.type), None)
+            if other is None:
+                raise ForwarderError(
+                    f"pinned map {self.pin_dir / name} has map type {info.type}, this version needs "
+                    f"{maps.CT_MAP_TYPES[self.conntrack]}: it was made by an incompatible version. {advice}")
+            raise ForwarderError(
+                f"pinned conntrack map {self.pin_dir / name} is the {other!r} design but "
+                f"forwarder.conntrack is {self.conntrack!r}: the two cannot share maps. {advice} "
+                f"(or set forwarder.conntrack: {other} to keep the tracked flows)")
+        shape = maps.map_shape(name, self.conntrack)
+        if (info.key_size, info.value_size) != shape:
             raise ForwarderError(
                 f"pinned map {self.pin_dir / name} has key/value sizes {info.key_size}/{info.value_size}, "
-                f"this version needs {maps.MAP_SHAPES[name][0]}/{maps.MAP_SHAPES[name][1]}: it was made by "
-                f"an incompatible version. Detach the old forwarder and remove the pins under {self.pin_dir} "
-                "(that forgets tracked flows), then start again")
-        want = maps.ct_slots(self.config.conntrack_size)
-        if name == "conntrack" and info.max_entries != want:
-            log.warning("pinned conntrack map has %d entries, config asks %d (conntrack_size %d "
-                        "rounded up to a power of two); keeping the pinned one (remove %s to "
-                        "resize; that forgets every tracked flow)",
-                        info.max_entries, want, self.config.conntrack_size, self.pin_dir / name)
+                f"this version needs {shape[0]}/{shape[1]}: it was made by an incompatible version. "
+                + advice)
+        if name == "conntrack" and info.max_entries != self.ct_entries:
+            log.warning("pinned conntrack map has %d entries, config asks %d (conntrack_size %d%s); "
+                        "keeping the pinned one (remove %s to resize; that forgets every tracked flow)",
+                        info.max_entries, self.ct_entries, self.config.conntrack_size,
+                        " rounded up to a power of two" if self.conntrack == "direct"
+                        else " rounded up to a multiple of the CPUs",
+                        self.pin_dir / name)
         if name == "tables":
             self.table_capacity = info.max_entries * maps.TABLE_CHUNK
 
@@ -228,9 +257,10 @@ class Forwarder:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self._tab_mm = mmap.mmap(self.fds["tables"], tab_len, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        ct_len = (self.ct_entries * C.sizeof(maps.CtEntry) + page - 1) // page * page
-        self._ct_mm = mmap.mmap(self.fds["conntrack"], ct_len, mmap.MAP_SHARED,
-                                mmap.PROT_READ | mmap.PROT_WRITE)
+        if self.conntrack == "direct":
+            ct_len = (self.ct_entries * C.sizeof(maps.CtEntry) + page - 1) // page * page
+            self._ct_mm = mmap.mmap(self.fds["conntrack"], ct_len, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _write_config(self) -> None:
         c = self.config
@@ -248,7 +278,7 @@ class Forwarder:
         cfg.mtu = c.mtu
         cfg.udp_idle_ns = int(c.udp_idle_timeout * 1e9)
         cfg.new_flow_rate = c.new_flow_rate_limit
-        cfg.ct_mask = self.ct_entries - 1
+        cfg.ct_mask = self.ct_entries - 1 if self.conntrack == "direct" else 0  # "lru" ignores it
         libbpf.update(self.fds["config"], C.c_uint32(0), cfg)
 
     def _meta(self, vid: int) -> maps.VipMeta:
@@ -622,7 +652,8 @@ class Forwarder:
             src_v4=c.encap_source_v4.packed if c.encap_source_v4 else None,
             src_v6=c.encap_source_v6.packed if c.encap_source_v6 else None,
             mtu=c.mtu, udp_idle_ns=int(c.udp_idle_timeout * 1e9),
-            new_flow_rate=c.new_flow_rate_limit, ct_slots=self.ct_entries))
+            new_flow_rate=c.new_flow_rate_limit, conntrack=self.conntrack,
+            ct_slots=self.ct_entries if self.conntrack == "direct" else maps.DEFAULT_CT_SLOTS))
         for key in libbpf.keys(self.fds["vips"], maps.VipKey):
             val = maps.VipValue()
             if libbpf.lookup(self.fds["vips"], key, val):
@@ -634,13 +665,23 @@ class Forwarder:
             libbpf.lookup(self.fds["backends"], C.c_uint32(bid), be)
             st.backends[bid] = model.ModelBackend(be.family, bytes(be.addr), be.state, be.vip_id)
         if with_conntrack:
-            for e in self._ct_entries():
-                k, v = e.key, e.val
+            for k, v in self._ct_items():
                 f = model.Flow(k.family, bytes(k.src), bytes(k.dst),
                                int.from_bytes(bytes(k.sport_be), "big"),
                                int.from_bytes(bytes(k.dport_be), "big"), k.proto)
                 st.ct_put(f, (v.backend_id, v.last_seen_ns, v.vip_id))
         return st
+
+    def _ct_items(self) -> list[tuple[maps.FlowKey, maps.CtValue]]:
+        """Every tracked flow and its value, in either design."""
+        if self.conntrack == "direct":
+            return [(e.key, e.val) for e in self._ct_entries()]
+        out = []
+        for k in libbpf.keys(self.fds["conntrack"], maps.FlowKey):
+            v = maps.CtValue()
+            if libbpf.lookup(self.fds["conntrack"], k, v):  # it may have been evicted meanwhile
+                out.append((k, v))
+        return out
 
     # The family byte of slot i sits at i * 64 + _CT_FAMILY_OFF: scanning that one byte per
     # slot (a slice of the mmap) finds the used slots of a million-entry table in milliseconds.
@@ -662,13 +703,19 @@ class Forwarder:
         return out
 
     def conntrack_count(self) -> int:
-        """Tracked flows (used conntrack slots)."""
+        """Tracked flows (entries of the LRU hash, or used slots of the direct array)."""
         self._require_open()
+        if self.conntrack == "lru":
+            return len(libbpf.keys(self.fds["conntrack"], maps.FlowKey))
         return len(self._ct_used_slots())
 
     def conntrack_clear(self) -> None:
         """Forget every tracked flow (tests, and an operator's last resort)."""
         self._require_open()
+        if self.conntrack == "lru":
+            for k in libbpf.keys(self.fds["conntrack"], maps.FlowKey):
+                libbpf.delete(self.fds["conntrack"], k)
+            return
         assert self._ct_mm is not None
         step = 1 << 20
         zero = bytes(step)

@@ -111,15 +111,32 @@ class CtValue(C.Structure):
 
 
 class CtEntry(C.Structure):
-    """One conntrack slot (64 bytes); seq odd = being rewritten, key.family 0 = empty."""
+    """One "direct" conntrack slot (64 bytes); seq odd = being rewritten, key.family 0 = empty."""
 
     _fields_ = [("seq", C.c_uint32), ("pad", C.c_uint32), ("key", FlowKey), ("val", CtValue)]
 
 
+# Conntrack designs (maglev.h, forwarder.conntrack): the kernel's LRU hash FlowKey -> CtValue,
+# or a direct-mapped array of CtEntry slots.
+CONNTRACK_MODES = ("lru", "direct")
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_LRU_HASH = 9
+CT_MAP_TYPES = {"lru": BPF_MAP_TYPE_LRU_HASH, "direct": BPF_MAP_TYPE_ARRAY}
+
+
 def ct_slots(conntrack_size: int) -> int:
-    """Conntrack entries for a configured size: the next power of two (the data path masks
-    the flow hash with entries - 1)."""
+    """"direct" conntrack entries for a configured size: the next power of two (the data path
+    masks the flow hash with entries - 1)."""
     return 1 << max(0, conntrack_size - 1).bit_length()
+
+
+def ct_entries(conntrack_size: int, mode: str, ncpu: int) -> int:
+    """The conntrack map's max_entries as the kernel reports it for a configured size: a power
+    of two ("direct"), or a multiple of the possible CPUs ("lru": the kernel rounds up so each
+    CPU's LRU list is the same length)."""
+    if mode == "direct":
+        return ct_slots(conntrack_size)
+    return -(-conntrack_size // ncpu) * ncpu
 
 
 class Config(C.Structure):
@@ -153,14 +170,21 @@ def _sz(t) -> int:
 
 
 # map name -> (key size, value size) as in xdp_lb.c: a pinned map of another shape was made by
-# an incompatible version and cannot be re-used.
+# an incompatible version and cannot be re-used. conntrack's shape depends on the design.
 MAP_SHAPES: dict[str, tuple[int, int]] = {
     "vips": (_sz(VipKey), _sz(VipValue)), "vip_meta": (4, _sz(VipMeta)),
     "tables": (4, _sz(TableChunk)), "backends": (4, _sz(Backend)), "vip_names": (4, _sz(Name)),
-    "be_names": (4, _sz(Name)), "conntrack": (4, _sz(CtEntry)), "config": (4, _sz(Config)),
+    "be_names": (4, _sz(Name)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
     "stats": (4, 8),
 }
+CT_SHAPES: dict[str, tuple[int, int]] = {"lru": (_sz(FlowKey), _sz(CtValue)), "direct": (4, _sz(CtEntry))}
+
+
+def map_shape(name: str, conntrack: str) -> tuple[int, int]:
+    """(key size, value size) of map ``name`` in the object built for conntrack design
+    ``conntrack``."""
+    return CT_SHAPES[conntrack] if name == "conntrack" else MAP_SHAPES[name]
 
 
 def addr_bytes(addr: IPv4Address | IPv6Address | str) -> tuple[int, bytes]:

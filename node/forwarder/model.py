@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import Literal
 
 from node.forwarder.maps import (
     BE_STATE_ACTIVE,
@@ -128,7 +129,11 @@ class ModelConfig:
     mtu: int = 1500
     udp_idle_ns: int = 30 * 10**9
     new_flow_rate: int = 0
-    ct_slots: int = DEFAULT_CT_SLOTS  # conntrack entries, a power of two (maps.ct_slots)
+    # the conntrack design (maglev.h): "lru" = the kernel's LRU hash, modelled as a plain dict
+    # with no eviction (keep the flows below capacity when comparing with the program);
+    # "direct" = one flow per slot, a new flow replaces the one in its slot
+    conntrack: Literal["lru", "direct"] = "lru"
+    ct_slots: int = DEFAULT_CT_SLOTS  # "direct" entries, a power of two (maps.ct_slots)
 
 
 @dataclass
@@ -139,9 +144,9 @@ class ModelState:
     tables: dict[int, list[int]] = field(default_factory=dict)  # vip id -> backend ids
     backends: dict[int, ModelBackend] = field(default_factory=dict)
     # flow -> (backend id, last seen ns, vip id); write it through ct_put, which keeps the
-    # program's direct-mapped replacement (one flow per slot, see maglev.h)
+    # program's design ("direct": one flow per slot, see maglev.h)
     ct: dict[Flow, tuple[int, int, int]] = field(default_factory=dict)
-    ct_owner: dict[int, Flow] = field(default_factory=dict)  # slot -> the flow in it
+    ct_owner: dict[int, Flow] = field(default_factory=dict)  # "direct": slot -> the flow in it
     ct_replaced: int = 0  # model-only: tracked flows pushed out by a new flow (tests use it)
     stats: dict[Stat, int] = field(default_factory=dict)
     rate_window: tuple[int, int] = (0, 0)  # (window start ns, count): one CPU
@@ -150,10 +155,16 @@ class ModelState:
         self.stats[reason] = self.stats.get(reason, 0) + 1
 
     def ct_slot(self, flow: Flow) -> int:
+        """The "direct" slot of a flow."""
         return flow_hash(flow) & (self.config.ct_slots - 1)
 
     def ct_put(self, flow: Flow, value: tuple[int, int, int]) -> None:
-        """Track flow in its slot, replacing the flow that held it (as xdp_lb.c's ct_write)."""
+        """Track flow as xdp_lb.c's ct_insert does: "lru" adds it (nothing is evicted: the
+        model is meant for fewer flows than the map holds); "direct" puts it in its slot,
+        replacing the flow that held it."""
+        if self.config.conntrack == "lru":
+            self.ct[flow] = value
+            return
         slot = self.ct_slot(flow)
         old = self.ct_owner.get(slot)
         if old is not None and old != flow and self.ct.pop(old, None) is not None:

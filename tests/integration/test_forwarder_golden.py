@@ -1,5 +1,7 @@
 """Golden packets through the real XDP program (BPF_PROG_TEST_RUN, root namespace, static
-next-hop MAC): exact outer headers, inner bytes intact, and every "not ours" case untouched."""
+next-hop MAC): exact outer headers, inner bytes intact, and every "not ours" case untouched.
+Every test runs with both conntrack designs (forwarder.conntrack "lru" and "direct"), except
+the two that show where they differ."""
 
 from __future__ import annotations
 
@@ -45,9 +47,18 @@ def base_vips(**states) -> list[VipSpec]:
     ]
 
 
+CT_MODES = ["lru", "direct"]
+
+
+@pytest.fixture(params=CT_MODES)
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def fwd():
-    with temp_forwarder() as f:
+def fwd(mode):
+    with temp_forwarder(conntrack=mode) as f:
+        assert f.conntrack == mode
         f.sync(base_vips())
         yield f
 
@@ -169,36 +180,64 @@ def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
     assert key_for(fwd, "web4", outer_dst(run(fwd, new_flow)[1])) == other
 
 
-def test_new_flow_replaces_the_tracked_flow_in_its_slot() -> None:
-    """Conntrack is direct-mapped (maglev.h): a new flow whose hash shares a slot pushes the
-    tracked flow out, and that flow follows the table from then on (and is tracked again)."""
+def _sharing_a_slot(st: M.ModelState) -> tuple[int, int]:
+    """Source ports of two TCP flows to VIP4:80 whose flow hashes share a 1024-slot "direct"
+    conntrack slot."""
+    seen: dict[int, int] = {}
+    for sport in range(20000, 40000):
+        s = M.flow_hash(M.Flow.of(CLIENT4, VIP4, sport, 80, "tcp")) & 1023
+        if s in seen:
+            return seen[s], sport
+        seen[s] = sport
+    raise AssertionError("no two flows share a slot")
+
+
+def _ack(sport: int) -> bytes:
+    return P.flow_packet(CLIENT4, VIP4, sport, 80, tcp_flags=0x10)
+
+
+def _track_then_repoint(f, sport: int) -> tuple[bytes, str]:
+    """Track flow sport, then point web4's whole table at another backend, so only conntrack
+    keeps the flow where it is: (its encapsulated ACK, that other backend's key)."""
+    run(f, P.flow_packet(CLIENT4, VIP4, sport, 80))
+    _, out = run(f, _ack(sport))
+    other = next(k for k in "abc" if k != key_for(f, "web4", outer_dst(out)))
+    vips = base_vips()
+    vips[0] = vip("web4", VIP4, "tcp", 80, vips[0].backends, [other] * 13)
+    f.sync(vips)
+    assert run(f, _ack(sport))[1] == out
+    return out, other
+
+
+def test_lru_keeps_every_flow_below_capacity() -> None:
+    """"lru" (the default): two flows that would share a "direct" slot are both kept; a new
+    flow displaces no tracked flow while the map has room."""
     with temp_forwarder(conntrack_size=1024) as f:
+        assert f.conntrack == "lru"
+        f.sync(base_vips())
+        a, b = _sharing_a_slot(f.model_state())
+        out_a, _ = _track_then_repoint(f, a)
+        run(f, P.flow_packet(CLIENT4, VIP4, b, 80))
+        assert f.conntrack_count() == 2
+        assert run(f, _ack(a))[1] == out_a  # still tracked: stays on its backend
+        assert set(f.model_state(with_conntrack=True).ct) == {
+            M.Flow.of(CLIENT4, VIP4, a, 80, "tcp"), M.Flow.of(CLIENT4, VIP4, b, 80, "tcp")}
+
+
+def test_direct_new_flow_replaces_the_tracked_flow_in_its_slot() -> None:
+    """"direct" (maglev.h): a new flow whose hash shares a slot pushes the tracked flow out,
+    and that flow follows the table from then on (and is tracked again)."""
+    with temp_forwarder(conntrack_size=1024, conntrack="direct") as f:
         f.sync(base_vips())
         st = f.model_state()
         assert st.config.ct_slots == 1024
-        seen: dict[int, int] = {}
-        for sport in range(20000, 40000):
-            s = st.ct_slot(M.Flow.of(CLIENT4, VIP4, sport, 80, "tcp"))
-            if s in seen:
-                a, b = seen[s], sport
-                break
-            seen[s] = sport
-
-        def ack(sport: int) -> bytes:
-            return P.flow_packet(CLIENT4, VIP4, sport, 80, tcp_flags=0x10)
-
-        run(f, P.flow_packet(CLIENT4, VIP4, a, 80))
-        _, out_a = run(f, ack(a))
-        # point the table elsewhere: only conntrack keeps flow a where it is
-        other = next(k for k in "abc" if k != key_for(f, "web4", outer_dst(out_a)))
-        vips = base_vips()
-        vips[0] = vip("web4", VIP4, "tcp", 80, vips[0].backends, [other] * 13)
-        f.sync(vips)
-        assert run(f, ack(a))[1] == out_a
+        a, b = _sharing_a_slot(st)
+        assert st.ct_slot(M.Flow.of(CLIENT4, VIP4, a, 80, "tcp")) == st.ct_slot(M.Flow.of(CLIENT4, VIP4, b, 80, "tcp"))
+        _, other = _track_then_repoint(f, a)
         run(f, P.flow_packet(CLIENT4, VIP4, b, 80))  # b's SYN takes the slot
         assert f.conntrack_count() == 1
         assert list(f.model_state(with_conntrack=True).ct) == [M.Flow.of(CLIENT4, VIP4, b, 80, "tcp")]
-        assert key_for(f, "web4", outer_dst(run(f, ack(a))[1])) == other
+        assert key_for(f, "web4", outer_dst(run(f, _ack(a))[1])) == other
         assert f.conntrack_count() == 1  # a took the slot back
         assert list(f.model_state(with_conntrack=True).ct) == [M.Flow.of(CLIENT4, VIP4, a, 80, "tcp")]
 
@@ -358,8 +397,8 @@ def test_self_test_passes_and_leaves_no_trace(fwd) -> None:
     assert fwd.conntrack_count() == 0
 
 
-def test_self_test_reports_a_vip_that_cannot_forward() -> None:
-    with temp_forwarder(encap_source_v6=None) as f:
+def test_self_test_reports_a_vip_that_cannot_forward(mode) -> None:
+    with temp_forwarder(encap_source_v6=None, conntrack=mode) as f:
         f.sync(base_vips())
         res = f.self_test()
         assert not res.ok
@@ -368,10 +407,10 @@ def test_self_test_reports_a_vip_that_cannot_forward() -> None:
         assert "DROP" in res.reason
 
 
-def test_udp_conntrack_idle_expiry() -> None:
+def test_udp_conntrack_idle_expiry(mode) -> None:
     import time
 
-    with temp_forwarder(udp_idle_timeout=0.3) as f:
+    with temp_forwarder(udp_idle_timeout=0.3, conntrack=mode) as f:
         f.sync(base_vips())
         frame = P.flow_packet(CLIENT4, VIP4, 40001, 53, "udp")
         run(f, frame)
@@ -383,14 +422,14 @@ def test_udp_conntrack_idle_expiry() -> None:
         assert (s["ct_hits"], s["ct_misses"], s["new_flows"]) == (1, 2, 2)
 
 
-def test_new_flow_insert_rate_limit() -> None:
+def test_new_flow_insert_rate_limit(mode) -> None:
     import os
 
     cpu = sorted(os.sched_getaffinity(0))[0]
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})  # the limit is per CPU
     try:
-        with temp_forwarder(new_flow_rate_limit=10) as f:
+        with temp_forwarder(new_flow_rate_limit=10, conntrack=mode) as f:
             f.sync(base_vips())
             for sport in range(2000, 2025):
                 assert run(f, P.flow_packet(CLIENT4, VIP4, sport, 80))[0] == M.XDP_TX

@@ -37,18 +37,49 @@ def web(backends, table=None, port=80) -> VipSpec:
     return VipSpec("web", ip_address(VIP4), "tcp", port, tuple(backends), table)
 
 
-def test_python_layouts_match_the_object_btf() -> None:
-    obj = build.build("xdp_lb")
+def _btf_structs(obj: Path) -> dict[str, dict]:
     dump = json.loads(subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)],
                                      check=True, capture_output=True, text=True).stdout)
-    structs = {t["name"]: t for t in dump["types"] if t.get("kind") == "STRUCT"}
-    for name, ctype in maps.LAYOUTS.items():
-        assert name in structs, f"struct {name} missing from the object's BTF"
-        t = structs[name]
-        assert t["size"] == __import__("ctypes").sizeof(ctype), name
-        py = [(f[0], getattr(ctype, f[0]).offset * 8) for f in ctype._fields_]
-        c = [(m["name"], m["bits_offset"]) for m in t["members"]]
-        assert py == c, name
+    return {t["name"]: t for t in dump["types"] if t.get("kind") == "STRUCT"}
+
+
+def test_python_layouts_match_the_object_btf() -> None:
+    """Both forwarder objects (one per conntrack design): every struct each one uses matches
+    maps.py, and between them they use every struct maps.py mirrors."""
+    import ctypes
+
+    found: set[str] = set()
+    for mode, name in build.FORWARDER_OBJECTS.items():
+        structs = _btf_structs(build.build(name))
+        need = {"flow_key", "ct_value"} | ({"ct_entry"} if mode == "direct" else set())
+        assert need <= set(structs), (name, need - set(structs))
+        for sname, ctype in maps.LAYOUTS.items():
+            if sname not in structs:
+                continue
+            found.add(sname)
+            t = structs[sname]
+            assert t["size"] == ctypes.sizeof(ctype), (name, sname)
+            py = [(f[0], getattr(ctype, f[0]).offset * 8) for f in ctype._fields_]
+            c = [(m["name"], m["bits_offset"]) for m in t["members"]]
+            assert py == c, (name, sname)
+    assert found == set(maps.LAYOUTS), set(maps.LAYOUTS) - found
+
+
+def test_each_design_has_its_own_object_and_conntrack_map() -> None:
+    from node.forwarder import libbpf
+
+    paths = {mode: build.build(name) for mode, name in build.FORWARDER_OBJECTS.items()}
+    assert paths["lru"] != paths["direct"]
+    with temp_forwarder() as f:
+        assert f.conntrack == "lru"
+        info = libbpf.map_info(f.fds["conntrack"])
+        assert (info.type, info.key_size, info.value_size) == (
+            maps.BPF_MAP_TYPE_LRU_HASH, *maps.CT_SHAPES["lru"])
+        assert info.max_entries == maps.ct_entries(65536, "lru", libbpf.num_possible_cpus())
+    with temp_forwarder(conntrack="direct", conntrack_size=3000) as f:
+        info = libbpf.map_info(f.fds["conntrack"])
+        assert (info.type, info.key_size, info.value_size, info.max_entries) == (
+            maps.BPF_MAP_TYPE_ARRAY, *maps.CT_SHAPES["direct"], 4096)
 
 
 def test_stat_reasons_match_the_header() -> None:
@@ -62,12 +93,13 @@ def test_stat_reasons_match_the_header() -> None:
         assert value == getattr(maps, const), const
 
 
-def test_restart_reopens_pins_keeps_ids_and_conntrack() -> None:
+@pytest.mark.parametrize("mode", ["lru", "direct"])
+def test_restart_reopens_pins_keeps_ids_and_conntrack(mode) -> None:
     backs = [be("a", "10.2.0.1"), be("b", "10.2.0.2")]
     syn = P.flow_packet("192.0.2.9", VIP4, 33333, 80)
     ack = P.flow_packet("192.0.2.9", VIP4, 33333, 80, tcp_flags=0x10)
     with temp_bpffs() as root:
-        cfg = make_config(root / "maglev")
+        cfg = make_config(root / "maglev", conntrack=mode)
         first = Forwarder(cfg, table_capacity=1 << 16)
         first.open()
         first.sync([web(backs)])
@@ -86,9 +118,42 @@ def test_restart_reopens_pins_keeps_ids_and_conntrack() -> None:
             # same spec again: nothing to write
             assert second.stage_table(vid, [ids[("web", "b")]] * 13) is None
             assert second.counters()["vips"]["web"]["ct_hits"] == 1
+            assert second.conntrack_count() == 1
+            second.conntrack_clear()
+            assert second.conntrack_count() == 0
         finally:
             second.close()
             second.remove_pins()
+
+
+@pytest.mark.parametrize("first,then", [("lru", "direct"), ("direct", "lru")])
+def test_pins_of_the_other_conntrack_design_are_refused_with_advice(first, then) -> None:
+    with temp_bpffs() as root:
+        old = Forwarder(make_config(root / "maglev", conntrack=first), table_capacity=1 << 16)
+        old.open()
+        old.sync([web([be("a", "10.2.0.1")])])
+        old.close()
+        try:
+            new = Forwarder(make_config(root / "maglev", conntrack=then), table_capacity=1 << 16)
+            with pytest.raises(ForwarderError, match=rf"conntrack.*'{first}' design.*forwarder.conntrack is "
+                               rf"'{then}'.*remove the pins under .*maglev.*start again"):
+                new.open()
+            # nothing was changed: the old design re-opens with its state
+            again = Forwarder(make_config(root / "maglev", conntrack=first), table_capacity=1 << 16)
+            again.open()
+            assert again.vip_ids == {"web": 0}
+            again.close()
+        finally:
+            old.remove_pins()
+
+
+def test_object_of_the_other_design_is_refused() -> None:
+    with temp_bpffs() as root:
+        f = Forwarder(make_config(root / "maglev"), obj_path=build.build("xdp_lb_direct"),
+                      table_capacity=1 << 16)
+        with pytest.raises(ForwarderError, match="keeps conntrack as 'direct'.*use the xdp_lb object"):
+            f.open()
+        f.remove_pins()
 
 
 def test_incompatible_pinned_map_is_refused_with_advice() -> None:

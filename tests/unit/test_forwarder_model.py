@@ -131,8 +131,8 @@ def _colliding_flows(st: M.ModelState, n: int) -> list[int]:
     raise AssertionError("no collision found")
 
 
-def test_conntrack_new_flow_replaces_the_flow_in_its_slot() -> None:
-    st = make_state(ct_slots=1024)
+def test_conntrack_direct_new_flow_replaces_the_flow_in_its_slot() -> None:
+    st = make_state(conntrack="direct", ct_slots=1024)
     a, b = _colliding_flows(st, 2)
     M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80))
     assert M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80, tcp_flags=0x10)).ct_hit
@@ -141,6 +141,17 @@ def test_conntrack_new_flow_replaces_the_flow_in_its_slot() -> None:
     back = M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80, tcp_flags=0x10))
     assert not back.ct_hit and back.verdict == M.XDP_TX  # the table steers it, and re-tracks it
     assert M.Flow.of("192.0.2.7", VIP4, a, 80, "tcp") in st.ct and st.ct_replaced == 2
+
+
+def test_conntrack_lru_keeps_flows_that_share_a_direct_slot() -> None:
+    st = make_state(ct_slots=1024)
+    assert st.config.conntrack == "lru"  # the default, as in ForwarderConfig
+    a, b = _colliding_flows(st, 2)
+    M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80))
+    M.process(st, P.flow_packet("192.0.2.7", VIP4, b, 80))
+    assert set(st.ct) == {M.Flow.of("192.0.2.7", VIP4, p, 80, "tcp") for p in (a, b)}
+    assert st.ct_replaced == 0
+    assert M.process(st, P.flow_packet("192.0.2.7", VIP4, a, 80, tcp_flags=0x10)).ct_hit
 
 
 def test_udp_conntrack_expires_after_idle_time() -> None:

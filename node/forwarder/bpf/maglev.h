@@ -18,7 +18,7 @@
 #define DEFAULT_TABLE_CAPACITY 4194304 /* table entries in `tables` (16 MiB); settable at load */
 #define TABLE_CHUNK 8          /* entries per `tables` element (see struct table_chunk) */
 #define DEFAULT_CT_SIZE 1000000
-#define DEFAULT_CT_SLOTS 1048576  /* conntrack entries: DEFAULT_CT_SIZE rounded up to a power of 2 */
+#define DEFAULT_CT_SLOTS 1048576  /* "direct" entries: DEFAULT_CT_SIZE rounded up to a power of 2 */
 
 /* ---- families, protocols, states -------------------------------------------------------- */
 #define FAM_V4 4
@@ -84,25 +84,36 @@ struct name {
 	char text[NAME_LEN];
 };
 
-/* ---- connection tracking (array, mmapable): a direct-mapped hash table -------------------
- * Entry i of `conntrack` holds the flow whose flow hash (below) has i in its low bits
+/* ---- connection tracking: two designs, chosen per node (forwarder.conntrack) ---------------
+ * One source, two objects (node/forwarder/build.py): xdp_lb (default) and xdp_lb_direct
+ * (compiled with -DCT_DIRECT). Both key flows by struct flow_key and keep a struct ct_value;
+ * they differ in what happens when a new flow arrives.
+ *
+ * "lru" (default): `conntrack` is the kernel's LRU hash (BPF_F_NO_COMMON_LRU: per-CPU LRU
+ * lists, so inserts do not contend), flow_key -> ct_value. Below capacity no tracked flow is
+ * ever displaced; above it the least recently used one goes. Exact, and slower: the kernel's
+ * insert alone costs ~300 ns above the test-run floor here (bench/forwarder.py). With
+ * per-CPU lists each CPU holds max_entries / possible CPUs of them.
+ *
+ * "direct": `conntrack` is an array (mmapable) of struct ct_entry, a direct-mapped hash
+ * table. Entry i holds the flow whose flow hash (below) has i in its low bits
  * (i = hash & ct_mask, ct_mask = entries - 1, entries a power of two). A new flow REPLACES the
  * flow in its slot, whatever its age: the insert is one 64-byte store into one cache line,
- * with no lock, list or allocator. (The kernel's LRU hash insert alone costs ~300 ns above the
- * test-run floor here, more than this whole new-flow path; see bench/forwarder.py.) A flow
- * pushed out falls back to the Maglev table, which still sends it to the same backend unless
- * the table changed for it meanwhile: with N live flows a new flow replaces a live one with
- * probability ~N/entries, so size conntrack well above the expected live flows. Empty slots
- * are all zero (family 0 matches no flow).
+ * with no lock, list or allocator. A flow pushed out falls back to the Maglev table, which
+ * still sends it to the same backend unless the table changed for it meanwhile: with N live
+ * flows a new flow replaces a live one with probability ~N/entries, so size conntrack well
+ * above the expected live flows. Empty slots are all zero (family 0 matches no flow).
  *
- * seq lets CPUs share the table without a lock: a writer stores 1 (odd), the key and the value,
- * then (hash & ~1) of the new flow; a reader copies the entry and uses it only when seq was
- * even and unchanged (x86-64 keeps loads and stores in order, so compiler barriers suffice;
- * a weakly ordered CPU would need fences for the same guarantee).
+ * seq lets CPUs share the direct table without a lock: a writer stores 1 (odd), the key and
+ * the value, then (hash & ~1) of the new flow; a reader copies the entry and uses it only when
+ * seq was even and unchanged (x86-64 keeps loads and stores in order, so compiler barriers
+ * suffice; a weakly ordered CPU would need fences for the same guarantee).
  * Two flows in one slot share the hash's low bits, so a rewrite the reader overlaps goes
  * unnoticed only if their high bits agree too (1 in 4096 with a million slots); even then one
  * packet uses the other flow's entry, which ct_usable still checks (same VIP, backend in
- * service). A UDP hit refreshes last_seen_ns in place (one aligned 8-byte store). */
+ * service).
+ *
+ * In both designs a UDP hit refreshes last_seen_ns in place (one aligned 8-byte store). */
 struct flow_key {
 	__u32 src[4];
 	__u32 dst[4];
@@ -119,7 +130,7 @@ struct ct_value {
 	__u64 last_seen_ns;    /* bpf_ktime_get_ns(); refreshed on UDP hits only */
 };
 
-struct ct_entry {
+struct ct_entry {             /* "direct" only */
 	__u32 seq;             /* even: stable; odd: being rewritten */
 	__u32 pad;
 	struct flow_key key;
@@ -139,7 +150,7 @@ struct config {
 	__u16 mtu;             /* MTU towards the backends (outer packet incl. IP header) */
 	__u64 udp_idle_ns;
 	__u64 new_flow_rate;   /* new conntrack inserts per second per CPU; 0 = unlimited */
-	__u32 ct_mask;         /* conntrack entries - 1 (a power of two minus one) */
+	__u32 ct_mask;         /* "direct": conntrack entries - 1 (a power of two minus one) */
 	__u32 pad2;
 };
 

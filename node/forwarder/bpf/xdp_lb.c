@@ -17,10 +17,11 @@
  *   (ports 0), without conntrack, when an "all ports" VIP owns (dst, proto). A first fragment
  *   whose ports match a port VIP is dropped (DROP_FRAGMENT): the rest of the datagram could not
  *   follow it. Any other fragment goes to the kernel.
- * - Conntrack (a direct-mapped table, see maglev.h): a TCP SYN (SYN set, ACK clear) skips the
- *   lookup and goes to the table, then inserts (Katran does the same); an insert replaces
- *   whatever flow held the slot. TCP entries never expire by time, UDP entries after
- *   config.udp_idle_ns without packets.
+ * - Conntrack (two designs, see maglev.h; CT_DIRECT picks one at build time): a TCP SYN (SYN
+ *   set, ACK clear) skips the lookup and goes to the table, then inserts (Katran does the same).
+ *   "lru" (default): the kernel's LRU hash; no tracked flow is displaced below capacity.
+ *   "direct": an insert replaces whatever flow held the flow's slot. TCP entries never expire
+ *   by time, UDP entries after config.udp_idle_ns without packets.
  * - ICMP errors (v4 type 3/11, v6 type 1/2/3) quoting a packet from a VIP flow are steered to
  *   the backend that owns the flow (conntrack, else table; no insert).
  * - Over the MTU after encapsulation: ICMP frag-needed (IPv4 with DF) / packet-too-big (IPv6)
@@ -93,16 +94,7 @@ struct {
 	__type(value, struct name);
 } be_names SEC(".maps");
 
-/* An array, not the kernel's LRU hash: see maglev.h (connection tracking) for why. The loader
- * sets max_entries (a power of two) and config.ct_mask; mmapable so user space can count, read
- * and clear a million entries in one pass. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, DEFAULT_CT_SLOTS);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct ct_entry);
-} conntrack SEC(".maps");
+/* conntrack is defined further down, next to its lookup and insert (one map, two designs). */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -142,7 +134,7 @@ struct {
 /* What the parser learnt about a packet that may belong to a VIP. */
 struct parsed {
 	/* the client's flow (for ICMP errors: the quoted flow reversed); 8-aligned because
-	 * conntrack compares keys 8 bytes at a time */
+	 * "direct" conntrack compares keys 8 bytes at a time */
 	struct flow_key fk __attribute__((aligned(8)));
 	__u32 l3_len;          /* length of the IP packet to encapsulate */
 	__u16 frag_dport_be;   /* first fragment: its destination port (policy check) */
@@ -152,6 +144,8 @@ struct parsed {
 	__u8 is_icmp_err;
 	__u8 syn;              /* TCP SYN without ACK: a new connection, conntrack not consulted */
 	__u8 ihl;              /* IPv4 header length in bytes (ICMP frag-needed quote) */
+	__u8 hashed;           /* hash below is valid (flow_hash_of computes it at most once) */
+	__u32 hash;            /* flow_hash(&fk) */
 };
 
 static __always_inline void count(__u32 reason)
@@ -210,6 +204,17 @@ static __always_inline __u32 flow_hash(const struct flow_key *fk)
 	h = fh_mix(h, ports);
 	h = fh_mix(h, fk->proto);
 	return fh_final(h, 40);
+}
+
+/* The packet's flow hash, computed on first use: conntrack ("direct"), the table index and the
+ * IPv6 flow label all need it, an established "lru" flow to an IPv4 backend never does. */
+static __always_inline __u32 flow_hash_of(struct parsed *p)
+{
+	if (!p->hashed) {
+		p->hash = flow_hash(&p->fk);
+		p->hashed = 1;
+	}
+	return p->hash;
 }
 
 static __always_inline __u16 csum_fold(__u64 s)
@@ -674,6 +679,25 @@ static __always_inline void add_stats(void *map, __u32 id, __u32 bytes, int hit,
 	s->new_flows += inserted;
 }
 
+/* ---- conntrack: the map, ct_lookup and ct_insert for the design this object is built for
+ * (maglev.h explains both). The rest of the program sees only these two functions:
+ *   ct_lookup(p, cfg, copy): the map's value for p's flow (to refresh last_seen in place), or
+ *     NULL; *copy then holds a consistent copy of it.
+ *   ct_insert(p, cfg, old, v): track p's flow with value v; old is ct_lookup's result for this
+ *     packet (NULL when it missed or was skipped). 1 when the flow is now tracked. */
+#ifdef CT_DIRECT
+
+/* An array, not the kernel's LRU hash: the loader sets max_entries (a power of two) and
+ * config.ct_mask; mmapable so user space can count, read and clear a million entries in one
+ * pass. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DEFAULT_CT_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct ct_entry);
+} conntrack SEC(".maps");
+
 #define compiler_barrier() asm volatile("" ::: "memory")
 
 static __always_inline int key_eq(const struct flow_key *a, const struct flow_key *b)
@@ -683,50 +707,89 @@ static __always_inline int key_eq(const struct flow_key *a, const struct flow_ke
 	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]));
 }
 
-/* The conntrack slot of a flow (NULL only if config.ct_mask exceeds the map). *found is set
- * when the slot holds this flow; *out is then a consistent copy of its value (the seq
- * protocol in maglev.h). */
-static __always_inline struct ct_entry *ct_find(const struct flow_key *fk, __u32 hash,
-					       const struct config *cfg, struct ct_value *out,
-					       int *found)
+/* The flow's slot holds it when the key matches and seq was even and unchanged around the
+ * copy (the seq protocol in maglev.h). */
+static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct config *cfg,
+						  struct ct_value *copy)
 {
-	__u32 slot = hash & cfg->ct_mask, seq;
+	__u32 slot = flow_hash_of(p) & cfg->ct_mask, seq;
 	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, &slot);
 
-	*found = 0;
 	if (!e)
 		return 0;
 	seq = *(volatile __u32 *)&e->seq;
 	if (seq & 1)
-		return e;
+		return 0;
 	compiler_barrier();
-	if (!key_eq(&e->key, fk))
-		return e;
-	out->backend_id = e->val.backend_id;
-	out->vip_id = e->val.vip_id;
-	out->last_seen_ns = e->val.last_seen_ns;
+	if (!key_eq(&e->key, &p->fk))
+		return 0;
+	copy->backend_id = e->val.backend_id;
+	copy->vip_id = e->val.vip_id;
+	copy->last_seen_ns = e->val.last_seen_ns;
 	compiler_barrier();
-	*found = *(volatile __u32 *)&e->seq == seq;
-	return e;
+	if (*(volatile __u32 *)&e->seq != seq)
+		return 0;
+	return &e->val;
 }
 
-/* Put a flow into its slot, replacing whatever was there. Stores only: loading the (cold) slot
- * first would stall on the cache miss, while stores retire into the store buffer and the miss
- * overlaps the rest of the packet's work (~80 ns less per new flow, measured with
- * bench/forwarder.py). So the writer does not read the old seq: it marks the slot odd, writes,
- * then stores an even seq taken from the flow hash (see maglev.h for what that leaves). */
-static __always_inline void ct_write(struct ct_entry *e, const struct flow_key *fk, __u32 hash,
-				     const struct ct_value *v)
+/* Put the flow into its slot, replacing whatever was there (old is not needed: the slot is
+ * the same). Stores only: loading the (cold) slot first would stall on the cache miss, while
+ * stores retire into the store buffer and the miss overlaps the rest of the packet's work
+ * (~80 ns less per new flow, measured with bench/forwarder.py). So the writer does not read
+ * the old seq: it marks the slot odd, writes, then stores an even seq taken from the flow
+ * hash (see maglev.h for what that leaves). */
+static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
+				     struct ct_value *old, const struct ct_value *v)
 {
-	__u32 seq = hash & ~1u;
+	__u32 hash = flow_hash_of(p), slot = hash & cfg->ct_mask;
+	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, &slot);
 
+	if (!e)
+		return 0; /* only if config.ct_mask exceeds the map */
 	*(volatile __u32 *)&e->seq = 1;
 	compiler_barrier();
-	__builtin_memcpy(&e->key, fk, sizeof(*fk));
+	__builtin_memcpy(&e->key, &p->fk, sizeof(p->fk));
 	e->val = *v;
 	compiler_barrier();
-	*(volatile __u32 *)&e->seq = seq;
+	*(volatile __u32 *)&e->seq = hash & ~1u;
+	return 1;
 }
+
+#else /* the kernel's LRU hash (default) */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, DEFAULT_CT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* per-CPU LRU lists: inserts do not contend */
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} conntrack SEC(".maps");
+
+static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct config *cfg,
+						  struct ct_value *copy)
+{
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->fk);
+
+	if (v)
+		*copy = *v;
+	return v;
+}
+
+/* An entry that was found (but not usable) is rewritten in place: cheaper than a second
+ * hash insert, and it keeps the entry's place in the LRU. */
+static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
+				     struct ct_value *old, const struct ct_value *v)
+{
+	if (old) {
+		old->backend_id = v->backend_id;
+		old->vip_id = v->vip_id;
+		old->last_seen_ns = v->last_seen_ns;
+		return 1;
+	}
+	return bpf_map_update_elem(&conntrack, &p->fk, v, BPF_ANY) == 0;
+}
+
+#endif /* CT_DIRECT */
 
 /* Does the VIP described by meta own this flow? (The conntrack fast path checks this instead
  * of a second hash lookup: a compare of fields already in cache.) */
@@ -742,8 +805,8 @@ static __always_inline int vip_owns(const struct vip_meta *meta, const struct fl
 
 /* A conntrack entry is usable while its VIP still owns the flow and its backend belongs to
  * that VIP and is in service (active or draining); UDP entries also expire when idle. */
-static __always_inline int ct_usable(const struct ct_value *ct, struct ct_entry *e, struct parsed *p,
-				     const struct config *cfg, int selftest,
+static __always_inline int ct_usable(const struct ct_value *ct, struct ct_value *live,
+				     struct parsed *p, const struct config *cfg, int selftest,
 				     struct vip_meta **meta_out, struct backend **be_out)
 {
 	__u32 vip_id = ct->vip_id, be_id = ct->backend_id;
@@ -759,7 +822,7 @@ static __always_inline int ct_usable(const struct ct_value *ct, struct ct_entry 
 		if (now - ct->last_seen_ns > cfg->udp_idle_ns)
 			return 0;
 		if (!selftest && !p->is_icmp_err)
-			e->val.last_seen_ns = now; /* one aligned 8-byte store */
+			live->last_seen_ns = now; /* one aligned 8-byte store */
 	}
 	*meta_out = meta;
 	*be_out = be;
@@ -773,11 +836,10 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	struct vip_meta *meta = 0;
 	struct config *cfg;
 	struct backend *be = 0;
-	struct ct_entry *e = 0;
-	struct ct_value cv;
-	__u32 zero = 0, vip_id, be_id = 0, hash = 0, hashed = 0, active;
+	struct ct_value *ct = 0, cv;
+	__u32 zero = 0, vip_id, be_id = 0, hash, active;
 	__u8 dmac[6];
-	int hit = 0, inserted = 0, found = 0, rc;
+	int hit = 0, inserted = 0, rc;
 
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
@@ -786,10 +848,8 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	 * connection and skips it (as Katran does); the insert below overwrites whatever an
 	 * earlier connection on the same 5-tuple left. Fragments never use conntrack. */
 	if (!p->is_frag && !p->syn) {
-		hash = flow_hash(&p->fk);
-		hashed = 1;
-		e = ct_find(&p->fk, hash, cfg, &cv, &found);
-		if (found && ct_usable(&cv, e, p, cfg, selftest, &meta, &be)) {
+		ct = ct_lookup(p, cfg, &cv);
+		if (ct && ct_usable(&cv, ct, p, cfg, selftest, &meta, &be)) {
 			hit = 1;
 			vip_id = cv.vip_id;
 			be_id = cv.backend_id;
@@ -834,10 +894,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 			count(DROP_NO_BACKEND);
 			return XDP_DROP;
 		}
-		if (!hashed)
-			hash = flow_hash(&p->fk);
-		hashed = 1;
-		idx = slot.offset + (__u32)(((__u64)hash * slot.size) >> 32);
+		idx = slot.offset + (__u32)(((__u64)flow_hash_of(p) * slot.size) >> 32);
 		chunk = idx / TABLE_CHUNK;
 		c = bpf_map_lookup_elem(&tables, &chunk);
 		if (!c)
@@ -858,15 +915,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 
 				if (p->fk.proto == IPPROTO_UDP)
 					nv.last_seen_ns = now;
-				if (!e) {
-					__u32 cs = hash & cfg->ct_mask;
-
-					e = bpf_map_lookup_elem(&conntrack, &cs);
-				}
-				if (e) {
-					ct_write(e, &p->fk, hash, &nv);
-					inserted = 1;
-				}
+				inserted = ct_insert(p, cfg, ct, &nv);
 			} else {
 				count(CT_INSERT_BYPASSED);
 			}
@@ -892,8 +941,8 @@ chosen:
 			return too_big_v6(ctx, l2, p, cfg->mtu - overhead);
 		}
 	}
-	if (be->family == FAM_V6 && !hashed)
-		hash = flow_hash(&p->fk);
+	/* only an IPv6 outer header carries the hash (its flow label) */
+	hash = be->family == FAM_V6 ? flow_hash_of(p) : 0;
 
 	if (cfg->flags & CFG_F_FIB_LOOKUP) {
 		struct bpf_fib_lookup fib = {};

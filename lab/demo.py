@@ -109,11 +109,12 @@ def nexthops(lab: Lab) -> str:
     return "; ".join(parts)
 
 
-def backend_serving_anywhere(lab: Lab, address: str) -> bool:
+def backend_serving_anywhere(lab: Lab, addresses: set[str]) -> bool:
+    """True while any node still gives the backend (by any of its addresses) table entries."""
     for h in lab.plan.node_hosts:
         data = lab.node_api(h.index, "/api/v1/vips") or {"vips": []}
         for v in data["vips"]:
-            if any(b["address"] == address and b.get("serving") for b in v["backends"]):
+            if any(b["address"] in addresses and b.get("serving") for b in v["backends"]):
                 return True
     return False
 
@@ -170,7 +171,7 @@ async def scenario(lab: Lab) -> dict:
         victim = lab.plan.backend(2)
         await asyncio.to_thread(lab.kill_backend, 2)
         t0 = time.monotonic()
-        gone = await wait_for(lambda: not backend_serving_anywhere(lab, victim.v4), 15, interval=0.1)
+        gone = await wait_for(lambda: not backend_serving_anywhere(lab, {victim.v4, victim.v6}), 15, interval=0.1)
         failed = len(load.failures) - before
         say(f"backend-2 left every node's table after {gone:.1f} s (health check: interval x fall); "
             f"{failed} new connections hashed to it were refused meanwhile" if gone is not None

@@ -158,11 +158,26 @@ RARE = [_first_fragment("10.1.1.1", "tcp", 80), _first_fragment("10.1.1.1", "udp
         _first_fragment("2001:db8:1::1", "tcp", 443)]
 
 
+def _colliding_syns(slots: int) -> list[bytes]:
+    """Two SYNs to a port VIP whose flows share a "direct" conntrack slot: the second replaces
+    the first. Random examples hit this only by chance, so it is always among them."""
+    src, dst = ip_address("192.0.2.1"), ip_address("10.1.1.1")
+
+    def slot(sport: int) -> int:
+        return M.flow_hash(M.Flow.of(src, dst, sport, 80, "tcp")) & (slots - 1)
+
+    first = slot(1000)
+    other = next(p for p in range(1001, 65536) if slot(p) == first)
+    return [P.ether(P.ipv4(str(src), str(dst), 6, P.l4("tcp", src.packed, dst.packed, p, 80, b"")), 0x0800)
+            for p in (1000, other)]
+
+
 # conntrack_size per design. "direct": the smallest (1024 slots), so random flows collide and
 # the program's "a new flow replaces the one in its slot" is compared with the model's too.
 # "lru": room for every flow the examples make (the model does not evict; with per-CPU LRU
 # lists each CPU holds conntrack_size / possible CPUs).
 CT_SIZES = {"lru": 65536, "direct": 1024}
+COLLIDING = _colliding_syns(CT_SIZES["direct"])
 
 
 @pytest.mark.parametrize("mode", ["lru", "direct"])
@@ -179,6 +194,8 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
         @example(RARE[0])
         @example(RARE[1])
         @example(RARE[2])
+        @example(COLLIDING[0])
+        @example(COLLIDING[1])
         def check(frame: bytes) -> None:
             verdict, out = fwd.test_run(frame)
             expect = M.process(state, frame)

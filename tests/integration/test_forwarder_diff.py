@@ -158,9 +158,10 @@ RARE = [_first_fragment("10.1.1.1", "tcp", 80), _first_fragment("10.1.1.1", "udp
         _first_fragment("2001:db8:1::1", "tcp", 443)]
 
 
-def _colliding_syns(slots: int) -> list[bytes]:
-    """Two SYNs to a port VIP whose flows share a "direct" conntrack slot: the second replaces
-    the first. Random examples hit this only by chance, so it is always among them."""
+def _colliding_flows(slots: int) -> list[bytes]:
+    """SYNs of two flows to a port VIP that share a "direct" conntrack slot (the second replaces
+    the first), then an ACK of the second (a conntrack hit). Random frames do this only by
+    chance, so every run also sends this sequence, in this order."""
     src, dst = ip_address("192.0.2.1"), ip_address("10.1.1.1")
 
     def slot(sport: int) -> int:
@@ -168,8 +169,8 @@ def _colliding_syns(slots: int) -> list[bytes]:
 
     first = slot(1000)
     other = next(p for p in range(1001, 65536) if slot(p) == first)
-    return [P.ether(P.ipv4(str(src), str(dst), 6, P.l4("tcp", src.packed, dst.packed, p, 80, b"")), 0x0800)
-            for p in (1000, other)]
+    return [P.ether(P.ipv4(str(src), str(dst), 6, P.l4("tcp", src.packed, dst.packed, p, 80, b"", flags)), 0x0800)
+            for p, flags in ((1000, 0x02), (other, 0x02), (other, 0x10))]
 
 
 # conntrack_size per design. "direct": the smallest (1024 slots), so random flows collide and
@@ -177,7 +178,7 @@ def _colliding_syns(slots: int) -> list[bytes]:
 # "lru": room for every flow the examples make (the model does not evict; with per-CPU LRU
 # lists each CPU holds conntrack_size / possible CPUs).
 CT_SIZES = {"lru": 65536, "direct": 1024}
-COLLIDING = _colliding_syns(CT_SIZES["direct"])
+COLLIDING = _colliding_flows(CT_SIZES["direct"])
 
 
 @pytest.mark.parametrize("mode", ["lru", "direct"])
@@ -188,22 +189,25 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
         assert state.config.conntrack == mode
         seen_verdicts: dict[int, int] = {}
 
-        @settings(max_examples=2000, deadline=None, database=None, derandomize=False,
-                  suppress_health_check=list(HealthCheck))
-        @given(frames())
-        @example(RARE[0])
-        @example(RARE[1])
-        @example(RARE[2])
-        @example(COLLIDING[0])
-        @example(COLLIDING[1])
-        def check(frame: bytes) -> None:
+        def compare(frame: bytes) -> None:
             verdict, out = fwd.test_run(frame)
             expect = M.process(state, frame)
             assert verdict == expect.verdict, (frame.hex(), expect)
             assert out == expect.data, (frame.hex(), out.hex(), expect.data.hex())
             seen_verdicts[verdict] = seen_verdicts.get(verdict, 0) + 1
 
+        @settings(max_examples=2000, deadline=None, database=None, derandomize=False,
+                  suppress_health_check=list(HealthCheck))
+        @given(frames())
+        @example(RARE[0])
+        @example(RARE[1])
+        @example(RARE[2])
+        def check(frame: bytes) -> None:
+            compare(frame)
+
         check()
+        for frame in COLLIDING:
+            compare(frame)
         # every kind of outcome was exercised, and the counters agree
         assert {M.XDP_TX, M.XDP_PASS, M.XDP_DROP} <= set(seen_verdicts), seen_verdicts
         c = fwd.counters()

@@ -596,10 +596,25 @@ FORWARDER_MAX_VIPS = 512
 FORWARDER_MAX_BACKENDS = 8191
 
 
-def check_forwarder_capacity(vips: dict[str, "VipConfig"], fwd: ForwarderConfig, source: str) -> list[ConfigProblem]:
-    """A VIP set the forwarder cannot hold is a config error, caught before anything is applied:
-    otherwise programming would fail on every node at once and withdraw every VIP."""
+def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source: str) -> list[ConfigProblem]:
+    """VIPs this node could not serve or announce are config errors, caught before anything is
+    applied: otherwise every node of the fleet would fail the same way at once (a forwarder that
+    cannot encapsulate fails its self-test and withdraws every VIP; a VIP with no BGP session of
+    its family is silently never announced)."""
+    fwd = node.forwarder
     problems = []
+    peer_families = {p.address.version for p in node.bgp.peers}
+    for vip in vips.values():
+        fam = vip.address.version
+        if fam == 6 and fwd.encap_source_v6 is None and vip.backends:
+            problems.append(ConfigProblem(source, vip.name, "backends",
+                                          "IPv6 backends need forwarder.encap_source_v6 in the node file (the GRE outer source)"))
+        if fam == 4 and fwd.encap_source_v4 is None and vip.backends:
+            problems.append(ConfigProblem(source, vip.name, "backends",
+                                          "IPv4 backends need forwarder.encap_source_v4 in the node file (the GRE outer source)"))
+        if node.bgp.peers and fam not in peer_families:
+            problems.append(ConfigProblem(source, vip.name, "address",
+                                          f"IPv{fam} VIP but the node has no IPv{fam} BGP peer: it could never be announced"))
     if len(vips) > FORWARDER_MAX_VIPS:
         problems.append(ConfigProblem(source, None, None, f"{len(vips)} VIPs exceed the forwarder's limit of {FORWARDER_MAX_VIPS}"))
     pairs = sum(len(v.backends) for v in vips.values())

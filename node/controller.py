@@ -21,7 +21,7 @@ from typing import Any, Callable
 from node.config import (
     ConfigError,
     NodeConfig,
-    check_forwarder_capacity,
+    check_vips_for_node,
     VipConfig,
     load_vip_sources,
     vip_files,
@@ -375,7 +375,7 @@ class Controller:
 
     def _load_vips(self) -> dict[str, tuple[Path, VipConfig]]:
         sources = load_vip_sources(self.vip_dir)
-        problems = check_forwarder_capacity({n: v for n, (_, v) in sources.items()}, self.config.forwarder,
+        problems = check_vips_for_node({n: v for n, (_, v) in sources.items()}, self.config,
                                             str(self.vip_dir))
         if problems:
             raise ConfigError(problems)

@@ -10,7 +10,7 @@ import yaml
 from node.config import (
     ConfigError,
     ConfigProblem,
-    check_forwarder_capacity,
+    check_vips_for_node,
     load_node_file,
     load_vip_dir,
     load_vip_file,
@@ -51,7 +51,7 @@ def check_path(path: Path) -> list[str]:
         vip_dir = node.vip_dir if node.vip_dir.is_absolute() else path.parent / node.vip_dir
         if vip_dir.is_dir():
             lines.extend(check_path(vip_dir))
-            problems = check_forwarder_capacity(load_vip_dir(vip_dir), node.forwarder, str(vip_dir))
+            problems = check_vips_for_node(load_vip_dir(vip_dir), node, str(vip_dir))
             if problems:
                 raise ConfigError(problems)
         return lines

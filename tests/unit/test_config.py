@@ -110,6 +110,7 @@ def test_invalid_yaml(tmp_path):
 def test_node_peer_family_mixup(tmp_path):
     data = yaml.safe_load((REPO / "configs/node.yaml").read_text())
     data["bgp"]["peers"] = [{"address": "fd00::1", "peer_as": 65000}]
+    data["bgp"].pop("local_address_v6")
     f = write(tmp_path / "node.yaml", data)
     with pytest.raises(ConfigError) as info:
         load_node_file(f)
@@ -146,3 +147,23 @@ def test_check_config_lists_every_error(tmp_path):
     assert "bogus: unknown key" in r.stdout
     assert "missing.yaml: no such file or directory" in r.stdout
     assert "3 error(s)" in r.stdout
+
+
+def test_vips_the_node_cannot_serve_or_announce(tmp_path):
+    from node.config import check_vips_for_node, parse_node_object, parse_vip_object
+
+    data = yaml.safe_load((REPO / "configs/node.yaml").read_text())
+    data["bgp"]["peers"] = data["bgp"]["peers"][:1]  # IPv4 only
+    data["forwarder"].pop("encap_source_v6")
+    node = parse_node_object(data, "node.yaml")
+    v6 = parse_vip_object(vip(name="web6", address="fd00:100::1", backends=[{"address": "fd00:1::2"}]))
+    v4 = parse_vip_object(vip())
+    msgs = [str(p) for p in check_vips_for_node({"web6": v6, "web": v4}, node, "vips.d")]
+    assert msgs == [
+        "vips.d: vip 'web6': backends: IPv6 backends need forwarder.encap_source_v6 in the node file (the GRE outer source)",
+        "vips.d: vip 'web6': address: IPv6 VIP but the node has no IPv6 BGP peer: it could never be announced",
+    ]
+    data["forwarder"]["table_capacity"] = 65536
+    node = parse_node_object(data, "node.yaml")
+    (msg,) = [str(p) for p in check_vips_for_node({"web": v4}, node, "vips.d")]
+    assert "tables need 131074 entries" in msg and "table_capacity is 65536" in msg

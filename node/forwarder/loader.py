@@ -23,7 +23,6 @@ differs, so a stale id can only cause a counted drop, never a forward to another
 from __future__ import annotations
 
 import ctypes as C
-import errno
 import logging
 import mmap
 import os
@@ -33,7 +32,7 @@ import subprocess
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Literal
 

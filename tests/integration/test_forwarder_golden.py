@@ -13,7 +13,6 @@ import pytest
 from node.forwarder import model as M
 from node.forwarder import packets as P
 from node.forwarder.loader import BackendSpec, VipSpec
-from node.forwarder.maps import Stat
 from node.forwarder.testing import TEST_NEXT_HOP, temp_forwarder
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]

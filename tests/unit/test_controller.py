@@ -3,18 +3,16 @@ drain semantics, reload keeping the last good config, digest-based no-op."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from healthcheck import State, Target, TargetStatus
+from healthcheck import State, TargetStatus
 from node.config import parse_node_object
 from node.controller import Controller
 from node.events import EventLog
-from node.reconcile import Health
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,7 @@ healthcheck/, bgp/ and node/forwarder/.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 
 class HealthPort(Protocol):
@@ -38,6 +37,3 @@ class ForwarderPort(Protocol):
     def detach(self) -> None: ...
     def close(self) -> None: ...
 
-
-HealthFactory = Callable[[Callable[[Any], None]], HealthPort]
-SpeakerFactory = Callable[[Path, Callable[[], None]], SpeakerPort]

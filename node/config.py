@@ -302,6 +302,15 @@ class BgpPeer(Strict):
     passive: bool = False
 
 
+class BfdConfig(Strict):
+    """BFD next to ExaBGP (FRR's bfdd, one single-hop session per BGP peer): routers with
+    ``neighbor X bfd`` drop a dead node in interval x multiplier instead of the hold time."""
+
+    enabled: bool = False
+    interval_ms: int = Field(100, ge=10, le=60000, description="transmit and receive interval, ms")
+    multiplier: int = Field(3, ge=2, le=255, description="missed packets before the session is down")
+
+
 class BgpConfig(Strict):
     local_as: int = Field(..., ge=1, le=4294967295)
     router_id: ipaddress.IPv4Address
@@ -319,6 +328,7 @@ class BgpConfig(Strict):
     min_change_interval: float = Field(1.0, ge=0, description="a VIP's route changes at most this often")
     flap_hold_down: float = Field(5.0, ge=0, description="initial hold-down for a flapping VIP route")
     flap_hold_down_max: float = Field(120.0, ge=0)
+    bfd: BfdConfig = Field(default_factory=BfdConfig)
 
     @field_validator("hold_time")
     @classmethod

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 from bgp import exabgp
+from bgp.bfd import BfdDaemon
 from bgp.reconciler import Command, Reconciler
 from bgp.routes import GRACEFUL_SHUTDOWN, Route
 from node.config import BgpConfig
@@ -104,6 +105,8 @@ class BgpSpeaker:
         clock: Callable[[], float] = time.monotonic,
         flap_threshold: int = 3,
         flap_window: float = 60.0,
+        bfd_dir: Path | None = None,
+        bfdd_wrapper: Sequence[str] = (),
     ):
         self.config = config
         self.run_dir = Path(run_dir)
@@ -134,6 +137,10 @@ class BgpSpeaker:
         self._tasks: list[asyncio.Task] = []
         self._last_announced: set[str] = set()
         self._started_at = 0.0
+        # Optional BFD next to ExaBGP (bgp.bfd.enabled): routers drop a dead node in
+        # interval x multiplier instead of the hold time. bfdd_wrapper: like exabgp_argv's prefix.
+        self.bfd = (BfdDaemon(config, Path(bfd_dir) if bfd_dir else self.run_dir / "bfd", wrapper=bfdd_wrapper)
+                    if config.bfd.enabled else None)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -144,6 +151,9 @@ class BgpSpeaker:
             raise BgpError(f"run directory {self.run_dir} is too long for a UNIX socket path "
                            f"(max {SOCKET_PATH_MAX} characters); use a shorter one")
         self.config_path.write_text(exabgp.render_config(self.config, self.socket_path))
+        if self.bfd is not None:
+            # First, so BFD is up by the time the BGP sessions are (raises BfdError).
+            await self.bfd.start()
         self.socket_path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._on_client, path=str(self.socket_path))
         os.chmod(self.socket_path, 0o600)
@@ -176,6 +186,9 @@ class BgpSpeaker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._terminate(graceful)
+        if self.bfd is not None:
+            # After ExaBGP: the sessions are closed, so BFD going away changes nothing at the router.
+            await self.bfd.stop()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -434,4 +447,5 @@ class BgpSpeaker:
             "hold_downs": self.reconciler.hold_downs(),
             "restarts": self.restarts,
             "last_error": self.last_error or self.reconciler.last_error,
+            "bfd": self.bfd.status() if self.bfd is not None else {"enabled": False},
         }

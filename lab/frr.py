@@ -9,7 +9,8 @@ routers can run on one machine without touching /etc/frr. The router is queried 
 Public API:
 - ``render_config(...) -> str`` (bgpd config: AS, router id, neighbors or listen ranges,
   maximum-paths, multipath-relax, timers, optional BFD per neighbor)
-- ``render_bfd_config(peers) -> str`` (bfdd: the router's profile, or a node's peers)
+- ``render_bfd_config(peers) -> str`` (bfdd: the router's profile, or a node's peers; from bgp.bfd,
+  shared with the node's own bfdd)
 - ``FrrRouter(ns, config, workdir=None)`` with ``start()``, ``stop()``, ``vtysh()``, ``vtysh_json()``,
   ``routes(prefix)``, ``nexthops(prefix)``, ``neighbors()``, ``kernel_nexthops(prefix)``.
 """
@@ -19,8 +20,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import pwd
-import grp
 import shutil
 import signal
 import subprocess
@@ -30,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from bgp.bfd import (BFD_PROFILE, FRR_DIR, VTYSH, frr_daemon_argv, parse_bfd_peers, prepare_frr_dir,
+                     render_bfd_config, vtysh_argv)
 from lab.netns import Netns, NetnsError
 
-FRR_DIR = Path("/usr/lib/frr")
-VTYSH = "vtysh"
-BFD_PROFILE = "maglev"
+# Re-exported: the tests and the lab's plan render bfdd configs through lab.frr.
+__all__ = ["BFD_PROFILE", "FRR_DIR", "FrrRouter", "Neighbor", "render_bfd_config", "render_config",
+           "parse_route_nexthops", "frr_available"]
 
 
 @dataclass(frozen=True)
@@ -112,22 +113,6 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def render_bfd_config(peers: Sequence[tuple[str, str]] = (), *, interval_ms: int = 100,
-                      multiplier: int = 3) -> str:
-    """bfdd configuration: the router's profile (for ``neighbor X bfd profile``) and, for a node
-    running bfdd alone, its single-hop peers as (peer address, local address) pairs.
-
-    100 ms x 3 detects a dead node in ~0.3 s; the BGP hold timer alone needs up to 3 s.
-    """
-    ms, mult = int(interval_ms), int(multiplier)
-    timers = [f"  receive-interval {ms}", f"  transmit-interval {ms}", f"  detect-multiplier {mult}"]
-    lines = ["bfd", f" profile {BFD_PROFILE}", *timers, " exit"]
-    for peer, local in peers:
-        lines += [f" peer {ipaddress.ip_address(peer)} local-address {ipaddress.ip_address(local)}", *timers, " exit"]
-    lines.append("exit")
-    return "\n".join(lines) + "\n"
-
-
 class FrrRouter:
     """zebra + bgpd (+ bfdd) of one router namespace, with private files under ``workdir``."""
 
@@ -150,25 +135,17 @@ class FrrRouter:
 
     def start(self, timeout: float = 10.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.dir.chmod(0o755)
         (self.dir / "zebra.conf").write_text("hostname zebra\n")
         (self.dir / "bgpd.conf").write_text(self.config)
         (self.dir / "bfdd.conf").write_text(self.bfd_config)
-        uid, gid = pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid
         # The daemons drop to user frr and must write their pid files and sockets here.
-        for p in [self.dir, *self.dir.iterdir()]:
-            os.chown(p, uid, gid)
+        prepare_frr_dir(self.dir)
         for daemon in self.daemons:
             self._start_daemon(daemon)
         self._wait_ready(timeout)
 
     def _start_daemon(self, daemon: str) -> None:
-        argv = [str(FRR_DIR / daemon), "-d", "-f", str(self.dir / f"{daemon}.conf"),
-                "-i", str(self.dir / f"{daemon}.pid"), "-z", str(self.dir / "zserv.api"),
-                "--vty_socket", str(self.dir), "--log", f"file:{self.dir / daemon}.log"]
-        if daemon == "bfdd":
-            argv += ["--bfdctl", str(self.dir / "bfdd.sock")]
-        proc = self.ns.run(*argv, check=False, timeout=20)
+        proc = self.ns.run(*frr_daemon_argv(daemon, self.dir), check=False, timeout=20)
         if proc.returncode != 0:
             raise NetnsError(f"FRR {daemon} in {self.ns.name} failed to start ({proc.returncode}): "
                              f"{proc.stderr.strip() or proc.stdout.strip()}; see {self.dir / daemon}.log")
@@ -221,10 +198,7 @@ class FrrRouter:
     # -- queries -------------------------------------------------------------------------------
 
     def _vtysh_proc(self, *commands: str) -> subprocess.CompletedProcess[str]:
-        argv = [VTYSH, "--vty_socket", str(self.dir)]
-        for c in commands:
-            argv += ["-c", c]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=15)
+        return subprocess.run(vtysh_argv(self.dir, *commands), capture_output=True, text=True, timeout=15)
 
     def vtysh(self, *commands: str) -> str:
         proc = self._vtysh_proc(*commands)
@@ -270,8 +244,7 @@ class FrrRouter:
 
     def bfd_peers(self) -> dict[str, str]:
         """BFD peer address -> status ('up', 'down', 'init')."""
-        data = self.vtysh_json("show bfd peers json")
-        return {p["peer"]: p.get("status", "") for p in data if isinstance(p, dict) and "peer" in p}
+        return {peer: info["status"] for peer, info in parse_bfd_peers(self.vtysh_json("show bfd peers json")).items()}
 
     def kernel_nexthops(self, prefix: str) -> set[str]:
         """Nexthops of prefix in the router namespace's kernel FIB (``ip route show``)."""

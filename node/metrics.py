@@ -93,6 +93,9 @@ def render(controller: Any, counters: dict[str, Any]) -> str:
     ex.metric("maglev_bgp_session_state", "gauge", "BGP session state per peer (1 for the current state)", samples)
     ex.metric("maglev_bgp_speaker_up", "gauge", "1 while ExaBGP is running under supervision",
               [({}, int(bool(getattr(c.speaker, "healthy", False))))])
+    bfd_peers = (bgp.get("bfd") or {}).get("peers") or {}
+    ex.metric("maglev_bfd_peer_up", "gauge", "1 while the BFD session with the peer is up (bgp.bfd.enabled)",
+              [({"peer": p}, int(i.get("status") == "up")) for p, i in sorted(bfd_peers.items())])
     announced = c.speaker.announced()
     ex.metric("maglev_bgp_announced_routes", "gauge", "Routes currently announced", [({}, len(announced))])
 

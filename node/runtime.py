@@ -22,7 +22,8 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
         if controller_ref:
             controller_ref[0].mark_dirty()
 
-    speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change)
+    # With bgp.bfd enabled the speaker also runs bfdd (own files in run_dir/bfd, owned by frr).
+    speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change, bfd_dir=run_dir / "bfd")
     controller = Controller(
         config,
         health_factory=lambda cb: HealthMonitor(on_transition=cb),

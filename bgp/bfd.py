@@ -223,8 +223,7 @@ class BfdDaemon:
         self._closing = False
         self.config_path.write_text(render_bfd_config(
             bfd_peers(self.config), interval_ms=self.bfd.interval_ms, multiplier=self.bfd.multiplier))
-        (self.dir / "bfdd.pid").unlink(missing_ok=True)
-        prepare_frr_dir(self.dir)
+        self._prepare_dir()
         await self._spawn()  # raises if bfdd cannot even be executed
         self._tasks = [asyncio.create_task(self._supervise(), name="bfd-supervisor"),
                        asyncio.create_task(self._poll_loop(), name="bfd-poll")]
@@ -234,6 +233,21 @@ class BfdDaemon:
                 log.warning("bfdd did not answer vtysh within 10 s; see %s", self.log_path)
                 break
             await asyncio.sleep(0.05)
+
+    def _prepare_dir(self) -> None:
+        """The directory stays ours (root's), group frr, 0775: bfdd (user frr) writes its pid
+        file and sockets there, and the node rewrites its config on every start without needing
+        CAP_DAC_OVERRIDE. Stale files of an earlier bfdd go first."""
+        for name in ("bfdd.pid", "bfdd.vty", "bfdd.sock"):
+            (self.dir / name).unlink(missing_ok=True)
+        try:
+            os.chown(self.dir, -1, grp.getgrnam(FRR_USER).gr_gid)
+            self.dir.chmod(0o775)
+            self.config_path.chmod(0o644)
+        except OSError as e:
+            raise BfdError(f"cannot give group {FRR_USER} the BFD directory {self.dir} ({e}): with bgp.bfd "
+                           "enabled the node needs CAP_CHOWN, CAP_SETUID and CAP_SETGID "
+                           "(systemd: add them to CapabilityBoundingSet)") from None
 
     async def stop(self) -> None:
         """Stop bfdd by PID (SIGTERM, then SIGKILL after 3 s)."""

@@ -4,7 +4,7 @@
 2. Traffic: steady new connections to both VIPs plus long-lived keep-alive connections, with a
    live table: requests per backend (from the replies the client got) and packets per node (the
    router's counters on each node's port) with the VIPs each node announces.
-3. A node crash (links down + SIGKILL): the router drops it after its hold time; every
+3. A node crash (links down + SIGKILL): the router drops it by BFD (~0.3 s); every
    long-lived connection keeps its backend through another node (Maglev: any node sends a flow
    to the same backend) and none is reset.
 4. A backend failure: health checks take it out of every node's table within interval x fall;
@@ -27,6 +27,9 @@ from lab.netns import run
 from lab.traffic import Load, open_long_lived
 
 LONG_LIVED = 24
+# A reply that took longer than this waited for the router (replies normally take milliseconds;
+# a request lost in the crashed node is retransmitted after TCP's 200 ms minimum RTO).
+STALL = 0.15
 VIPS = [P.VIP_V4, P.VIP_V6]
 
 
@@ -146,19 +149,21 @@ async def scenario(lab: Lab) -> dict:
     if n >= 2:
         step(3, "node crash: kill-node 1 (links down, SIGKILL) with long-lived connections open")
         await asyncio.to_thread(lab.kill_node, 1)
-        t = await wait_for(lambda: all(len(lab.router_nexthops(v)) == n - 1 for v in VIPS), 15)
-        say(f"router dropped node-1 after {t:.1f} s (hold timer): {nexthops(lab)}" if t is not None
-            else "router did not drop node-1 within 15 s")
+        # Polled fast: BFD converges in a few tenths of a second.
+        t = await wait_for(lambda: all(len(lab.router_nexthops(v)) == n - 1 for v in VIPS), 15, interval=0.02)
+        bfd = f"BFD {P.BFD_INTERVAL_MS} ms x {P.BFD_MULTIPLIER}"
+        say(f"router dropped node-1 after {t:.2f} s ({bfd}; the hold timer alone takes 2-3 s): {nexthops(lab)}"
+            if t is not None else "router did not drop node-1 within 15 s")
         await watch(table, 3, "crashed")
         alive = sum(1 for c in conns if c.alive)
         switched = sum(1 for c in conns if c.switched)
         resets = sum(1 for c in conns for e in c.errors if e.startswith("reset"))
         worst = max(c.max_gap for c in conns)
-        stalled = sum(1 for c in conns if c.max_gap > 1.0)
+        stalled = sum(1 for c in conns if c.max_gap > STALL)
         say(f"long-lived connections: {alive}/{len(conns)} still working, {resets} reset, "
             f"{switched} answered by another backend; {stalled} went through node-1 and waited "
             f"up to {worst:.1f} s for the router, then carried on through another node")
-        summary["node crash"] = (f"router converged in {t:.1f} s; " if t is not None else "") + (
+        summary["node crash"] = (f"router converged in {t:.2f} s ({bfd}); " if t is not None else "") + (
             f"{alive}/{len(conns)} long-lived connections survived ({stalled} had used node-1), {resets} reset")
         say("restarting node-1")
         await asyncio.to_thread(lab.start_node, 1)

@@ -172,7 +172,7 @@ class Lab:
         self._write_state()
         topology.build(self.plan, self.progress)
         self._write_token()
-        self.progress("router: starting FRR (zebra + bgpd), ECMP over the nodes")
+        self.progress("router: starting FRR (zebra + bgpd + bfdd), ECMP over the nodes, BFD with each")
         self.router().start()
         for h in self.plan.backend_hosts:
             self.progress(f"{h.name}: maglev backend setup (decap, VIPs on lo, DSR sysctls) + HTTP server")
@@ -214,6 +214,15 @@ class Lab:
             self._wait(lambda: len(self.router_nexthops(vip)) == self.plan.nodes, deadline,
                        f"{self.plan.nodes} nexthops for {vip} on the router", None,
                        diagnose=lambda: self._missing_nexthops(vip))
+        # Without BFD up a crash would be noticed by the hold timer only (seconds, not 0.3 s).
+        self.progress("waiting for BFD between the router and every node")
+        self._wait(lambda: self._bfd_down() == [], deadline, "BFD sessions with every node", None,
+                   diagnose=lambda: f"BFD not up with: {', '.join(self._bfd_down())}")
+
+    def _bfd_down(self) -> list[str]:
+        """Node addresses whose BFD session at the router is not up."""
+        up = {peer for peer, status in self.router().bfd_peers().items() if status == "up"}
+        return [a for h in self.plan.node_hosts for a in (h.v4, h.v6) if a not in up]
 
     def _missing_nexthops(self, vip: str) -> str:
         """Why a node is not a nexthop for the VIP: its own view of the VIP and of BGP."""
@@ -280,7 +289,8 @@ class Lab:
     def router(self):
         from lab.frr import FrrRouter
 
-        return FrrRouter(Netns(P.ROUTER_NS), self.plan.frr_config(), workdir=self.plan.router_dir)
+        return FrrRouter(Netns(P.ROUTER_NS), self.plan.frr_config(), workdir=self.plan.router_dir,
+                         bfd=True, bfd_config=self.plan.bfd_config())
 
     def router_nexthops(self, vip: str) -> set[str]:
         """The router's kernel FIB nexthops for the VIP's host route."""
@@ -354,7 +364,8 @@ class Lab:
 
     def kill_node(self, index: int) -> list[int]:
         """A crash: the node's links go down first (no FIN or BGP NOTIFICATION escapes), then
-        every process in its namespace gets SIGKILL. The router notices by its hold timer."""
+        every process in its namespace gets SIGKILL. The router notices by BFD (~0.3 s), or by
+        its hold timer (2-3 s) where BFD is off."""
         h = self.plan.node(index)
         topology.set_node_links(self.plan, index, up=False)
         ns = Netns(h.ns)
@@ -450,6 +461,7 @@ class Lab:
         try:
             r = self.router()
             out["router"]["bgp_established"] = sorted(r.established())
+            out["router"]["bfd_up"] = sorted(p for p, st in r.bfd_peers().items() if st == "up")
         except (OSError, NetnsError, ValueError) as exc:
             out["router"]["error"] = str(exc)
         out["router"]["nexthops"] = {}
@@ -491,6 +503,12 @@ def _node_summary(s: dict[str, Any]) -> str:
     parts = [
         f"forwarder {'ok' if fwd.get('ok') else 'FAILING'} ({fwd.get('mode') or '?'})",
         f"BGP {up}/{len(sessions)} up",
+    ]
+    bfd = (s.get("bgp") or {}).get("bfd") or {}
+    if bfd.get("enabled"):
+        peers = bfd.get("peers") or {}
+        parts.append(f"BFD {sum(1 for p in peers.values() if p.get('status') == 'up')}/{len(peers)} up")
+    parts += [
         "warm-up over" if s.get("warmup_over") else "warming up",
     ]
     if s.get("node_drained"):
@@ -504,6 +522,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"  {vip:<14} -> {', '.join(h['node'] for h in hops) or 'none (not reachable)'}")
     if "bgp_established" in st["router"]:
         lines.append(f"  BGP established with: {', '.join(st['router']['bgp_established']) or 'nobody'}")
+    if "bfd_up" in st["router"]:
+        lines.append(f"  BFD up with: {', '.join(st['router']['bfd_up']) or 'nobody'}")
     if "error" in st["router"]:
         lines.append(f"  router error: {st['router']['error']}")
     lines.append("nodes:")

@@ -126,6 +126,12 @@ def test_router_bgp_config_peers_with_every_node(compose: dict) -> None:
         for addr in svc["networks"]["fabric"].values():
             assert re.search(rf"neighbor {re.escape(addr)} remote-as {P.NODE_AS}\b", conf), (name, addr)
             assert f"neighbor {addr} activate" in conf
+            # BFD (bfdd on the router, bgp.bfd on the node) drops a dead node in ~0.3 s.
+            assert f"neighbor {addr} bfd profile" in conf, (name, addr)
+    bfdd = host_volumes(router)["/etc/maglev/frr/bfdd.conf"].read_text()
+    assert [ln for ln in bfdd.splitlines() if not ln.startswith("!")] == PLAN.bfd_config().splitlines()
+    script = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert "/usr/lib/frr/bfdd" in script and "/etc/maglev/frr/bfdd.conf" in script
     sysctls = router["sysctls"]
     assert sysctls["net.ipv4.fib_multipath_hash_policy"] == "1"
     assert sysctls["net.ipv6.fib_multipath_hash_policy"] == "1"

@@ -91,8 +91,15 @@ def cmd_status(client: Client, args) -> int:
         print(f"forwarder: {'OK' if f['ok'] else 'FAILING'} ({f.get('mode')}) on {', '.join(f['interfaces'])}: "
               f"{f['error'] or f['last_self_test']['reason']}")
         sessions = (s.get("bgp") or {}).get("sessions", {})
-        rows = [[peer, i.get("state"), i.get("last_error") or ""] for peer, i in sorted(sessions.items())]
-        print(table(rows, ["BGP PEER", "STATE", "LAST ERROR"]) if rows else "BGP: no sessions")
+        bfd = (s.get("bgp") or {}).get("bfd") or {}
+        if bfd.get("enabled"):  # bgp.bfd: each peer's BFD session next to its BGP session
+            peers = bfd.get("peers") or {}
+            rows = [[peer, i.get("state"), (peers.get(peer) or {}).get("status", "-"), i.get("last_error") or ""]
+                    for peer, i in sorted(sessions.items())]
+            print(table(rows, ["BGP PEER", "STATE", "BFD", "LAST ERROR"]) if rows else "BGP: no sessions")
+        else:
+            rows = [[peer, i.get("state"), i.get("last_error") or ""] for peer, i in sorted(sessions.items())]
+            print(table(rows, ["BGP PEER", "STATE", "LAST ERROR"]) if rows else "BGP: no sessions")
         rows = [[n, "yes" if v["announced"] else "no", f"{v['serving']}/{v['backends']}", v["digest"], v["reason"]]
                 for n, v in sorted(s["vips"].items())]
         print(table(rows, ["VIP", "ANNOUNCED", "SERVING", "DIGEST", "WHY"]))

@@ -84,7 +84,8 @@ async def test_node_crash_keeps_long_lived_connections(ready: Lab) -> None:
         assert all(c.alive for c in conns)
         dead = {ready.plan.node(1).v4, ready.plan.node(1).v6}
         # The router runs BFD with every node: that is what drops a crashed node in ~0.3 s.
-        assert dead <= {p for p, st in ready.router().bfd_peers().items() if st == "up"}
+        await await_until(lambda: dead <= {p for p, st in ready.router().bfd_peers().items() if st == "up"}, 10,
+                          "BFD up between the router and node-1")
         t0 = time.monotonic()
         await asyncio.to_thread(ready.kill_node, 1)
         for addr in VIPS.values():

@@ -157,3 +157,30 @@ async def test_metrics_show_each_bfd_peer_up_or_not(tmp_path):
     env.speaker.status = lambda: {"sessions": {}, "bfd": {"enabled": False}}
     families = {f.name: f for f in text_string_to_metric_families(metrics.render(env.c, {}))}
     assert families["maglev_bfd_peer_up"].samples == []
+
+
+def test_maglev_status_shows_bfd_next_to_each_bgp_session(capsys):
+    import argparse
+
+    from node.commands.ops import cmd_status
+
+    status = {"node_id": "lb-1", "uptime": 1.0, "warmup_over": True, "node_drained": False,
+              "forwarder": {"ok": True, "mode": "native", "interfaces": ["eth0"], "error": None,
+                            "last_self_test": {"reason": "ok"}},
+              "bgp": {"sessions": {"192.0.2.1": {"state": "established"}, "2001:db8::1": {"state": "idle"}},
+                      "bfd": {"enabled": True, "peers": {"192.0.2.1": {"status": "up"},
+                                                         "2001:db8::1": {"status": "down"}}}},
+              "vips": {}, "last_reload": None}
+
+    class Client:
+        def get(self, path):
+            return status
+
+    assert cmd_status(Client(), argparse.Namespace(json=False)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.split()[:3] == ["BGP", "PEER", "STATE"] and "BFD" in ln for ln in lines)
+    assert any(ln.split()[:3] == ["192.0.2.1", "established", "up"] for ln in lines)
+    assert any(ln.split()[:3] == ["2001:db8::1", "idle", "down"] for ln in lines)
+    status["bgp"]["bfd"] = {"enabled": False}
+    cmd_status(Client(), argparse.Namespace(json=False))
+    assert "BFD" not in capsys.readouterr().out

@@ -56,6 +56,8 @@ def render(controller: Any, counters: dict[str, Any]) -> str:
               [({"result": "pass" if k else "fail"}, v) for k, v in sorted(c.metrics.self_tests.items())])
     ex.metric("maglev_forwarder_sync_seconds", "gauge", "Duration of the last forwarder programming",
               [({}, c.metrics.sync_seconds)])
+    ex.metric("maglev_forwarder_syncs_total", "counter", "Times the forwarder was programmed (a table or backend state changed)",
+              [({}, c.metrics.syncs)])
     ex.metric("maglev_table_builds_total", "counter", "Maglev tables built (cache misses)",
               [({}, c.tables.builds)])
     ex.metric("maglev_table_build_seconds_total", "counter", "Time spent building Maglev tables",

@@ -39,7 +39,7 @@ STATS_MAP = "decap_stats"
 TC_HANDLE = 0x6D6C  # "ml"
 TC_PRIORITY = 0xA11  # low enough to run before most filters, unusual enough not to collide
 
-# Mirrors enum decap_counter_index in bpf/decap.h, in index order.
+# Mirrors enum decap_counter_index in bpf/maglev.h, in index order.
 DECAP_COUNTERS = (
     "decap_v4",
     "decap_v6",

@@ -246,7 +246,7 @@ def test_counters_add_up_to_packets_seen(prog):
 
 
 def test_map_layouts_match_the_python_mirror(prog):
-    """decap.h and tc.py describe the same bytes (a drift would corrupt the VIP map silently)."""
+    """maglev.h (decap section) and tc.py describe the same bytes (a drift would corrupt the VIP map silently)."""
     import ctypes
 
     from node.forwarder import libbpf

@@ -41,14 +41,14 @@ def test_dotted_interface_names_use_the_slash_form_for_sysctl():
     assert B._split_key("net.ipv4.conf.eth0.100.arp_ignore") == ("ipv4", "conf", "eth0.100", "arp_ignore")
 
 
-def test_vip_key_layout_matches_decap_h():
+def test_vip_key_layout_matches_the_header():
     key = DecapVipKey.of(V4)
     assert bytes(key) == b"\x04\0\0\0" + V4.packed + bytes(12)
     assert DecapVipKey.of(V6).address() == V6 and key.address() == V4
 
 
-def test_counter_names_follow_the_enum_in_decap_h():
-    text = (BPF_DIR / "decap.h").read_text()
+def test_counter_names_follow_the_enum_in_the_header():
+    text = (BPF_DIR / "maglev.h").read_text()
     enum = re.findall(r"^\s*DECAP_([A-Z0-9_]+) = (\d+),", text, re.M)
     names = [n.lower().replace("ok_", "decap_") for n, _ in enum if n != "COUNTER_MAX"]
     assert [int(v) for _, v in enum] == list(range(len(enum)))

@@ -17,7 +17,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "decap.h"
+#include "maglev.h"
 
 #define GRE_HLEN 4
 /* Ethernet + IPv4 with the largest options + GRE + inner IPv6: the most this program reads. */

@@ -329,7 +329,7 @@ def _parse_v6(b: bytes, l3: int) -> _Parsed:
 # ---- output -----------------------------------------------------------------------------------
 
 
-def _csum(data: bytes, initial: int = 0) -> int:
+def checksum(data: bytes, initial: int = 0) -> int:
     if len(data) % 2:
         data += b"\0"
     s = initial + sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -349,7 +349,7 @@ def _encap(b: bytes, l2: int, p: _Parsed, be: ModelBackend, cfg: ModelConfig, h:
     if be.family == FAM_V4:
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, p.tos, p.l3_len + GRE_V4_OVERHEAD, 0, 0x4000,
                           OUTER_TTL, GRE, 0, cfg.src_v4, be.addr[:4])
-        hdr = hdr[:10] + _csum(hdr).to_bytes(2, "big") + hdr[12:]
+        hdr = hdr[:10] + checksum(hdr).to_bytes(2, "big") + hdr[12:]
         eth = _eth(b, l2, cfg.next_hop_mac, b[0:6], 0x0800)
     else:
         w0 = 0x60000000 | (p.tos << 20) | (h & 0xFFFFF)
@@ -362,9 +362,9 @@ def _too_big_v4(b: bytes, l2: int, p: _Parsed, mtu: int) -> bytes:
     quote = b[l2:l2 + p.ihl + 8]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(quote), 0, 0, OUTER_TTL, ICMP, 0,
                      b[l2 + 16:l2 + 20], b[l2 + 12:l2 + 16])
-    ip = ip[:10] + _csum(ip).to_bytes(2, "big") + ip[12:]
+    ip = ip[:10] + checksum(ip).to_bytes(2, "big") + ip[12:]
     icmp = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quote
-    icmp = icmp[:2] + _csum(icmp).to_bytes(2, "big") + icmp[4:]
+    icmp = icmp[:2] + checksum(icmp).to_bytes(2, "big") + icmp[4:]
     return _eth(b, l2, b[6:12], b[0:6], 0x0800) + ip + icmp
 
 
@@ -375,7 +375,7 @@ def _too_big_v6(b: bytes, l2: int, p: _Parsed, mtu: int) -> bytes:
     ip = struct.pack("!IHBB16s16s", 0x60000000, 8 + n, ICMP6, OUTER_TTL, src, dst)
     icmp = struct.pack("!BBHI", 2, 0, 0, mtu) + quote
     pseudo = src + dst + struct.pack("!II", 8 + n, ICMP6)
-    c = _csum(pseudo + icmp)
+    c = checksum(pseudo + icmp)
     icmp = icmp[:2] + c.to_bytes(2, "big") + icmp[4:]
     return _eth(b, l2, b[6:12], b[0:6], 0x86DD) + ip + icmp
 

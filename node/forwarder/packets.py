@@ -9,17 +9,10 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from node.forwarder.model import checksum
+
 CLIENT_MAC = bytes.fromhex("02000000c001")
 NODE_MAC = bytes.fromhex("02000000a001")
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def l4(proto: str, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes,
@@ -36,7 +29,7 @@ def l4(proto: str, src: bytes, dst: bytes, sport: int, dport: int, payload: byte
         pseudo = src + dst + struct.pack("!BBH", 0, num, len(seg))
     else:
         pseudo = src + dst + struct.pack("!IxxxB", len(seg), num)
-    c = _csum(pseudo + seg) or (0xFFFF if num == 17 else 0)
+    c = checksum(pseudo + seg) or (0xFFFF if num == 17 else 0)
     off = 16 if proto == "tcp" else 6
     return seg[:off] + c.to_bytes(2, "big") + seg[off + 2:]
 
@@ -47,7 +40,7 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, *, tos: int = 0, df: bo
     flags = (0x4000 if df else 0) | frag
     hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, tos, ihl * 4 + len(payload), ident, flags, ttl,
                       proto, 0, IPv4Address(src).packed, IPv4Address(dst).packed) + options
-    hdr = hdr[:10] + _csum(hdr).to_bytes(2, "big") + hdr[12:]
+    hdr = hdr[:10] + checksum(hdr).to_bytes(2, "big") + hdr[12:]
     return hdr + payload
 
 

@@ -14,6 +14,7 @@ import struct
 
 import pytest
 
+from node.forwarder.model import checksum
 from node.forwarder.tc import TC_ACT_OK, TC_ACT_SHOT, DecapProgram, build_decap_object
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -29,15 +30,6 @@ ETH_IP, ETH_IP6, ETH_ARP = 0x0800, 0x86DD, 0x0806
 GRE, TCP, UDP = 47, 6, 17
 
 
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def eth(proto: int) -> bytes:
     return bytes.fromhex("020000000002") + bytes.fromhex("020000000001") + struct.pack("!H", proto)
 
@@ -48,7 +40,7 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, *, frag: int = 0, optio
         "!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(payload), 0x1234, frag, 64, proto, 0,
         socket.inet_aton(src), socket.inet_aton(dst),
     ) + options
-    hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
     return hdr + payload
 
 

@@ -102,7 +102,7 @@ def test_vip_packet_is_gre_encapsulated(fwd, src, dst, port, proto) -> None:
         hdr = out[14:34]
         assert hdr[0] == 0x45 and hdr[8] == 64 and hdr[9] == 47 and hdr[12:16] == SRC4
         assert struct.unpack("!H", hdr[2:4])[0] == struct.unpack("!H", frame[16:18])[0] + 24
-        assert M._csum(hdr) == 0, "outer IPv4 checksum must verify"
+        assert M.checksum(hdr) == 0, "outer IPv4 checksum must verify"
         assert out[34:38] == b"\x00\x00\x08\x00" and out[38:] == frame[14:]
 
 
@@ -336,7 +336,7 @@ def test_too_big_ipv4_answers_frag_needed(fwd) -> None:
     assert out[0:6] == P.CLIENT_MAC and out[6:12] == P.NODE_MAC
     ip, icmp = out[14:34], out[34:]
     assert ip[9] == 1 and ip[12:16] == ip_address(VIP4).packed and ip[16:20] == ip_address(CLIENT4).packed
-    assert M._csum(ip) == 0 and M._csum(icmp) == 0
+    assert M.checksum(ip) == 0 and M.checksum(icmp) == 0
     assert icmp[:2] == b"\x03\x04" and struct.unpack("!H", icmp[6:8])[0] == 1500 - 24
     assert icmp[8:] == frame[14:14 + 28]
     assert fwd.counters()["events"]["icmp_too_big_sent"] == 1
@@ -353,7 +353,7 @@ def test_too_big_ipv6_answers_packet_too_big(fwd) -> None:
     assert icmp[:2] == b"\x02\x00" and struct.unpack("!I", icmp[4:8])[0] == 1500 - 44
     assert len(icmp) == 8 + 1232 and icmp[8:] == frame[14:14 + 1232]
     pseudo = out[22:54] + struct.pack("!II", len(icmp), 58)
-    assert M._csum(pseudo + icmp) == 0
+    assert M.checksum(pseudo + icmp) == 0
 
 
 def test_icmp_error_steered_to_flow_owner(fwd) -> None:

@@ -72,7 +72,7 @@ def test_ipv4_tcp_encap_header_and_inner_intact() -> None:
     assert (ver_ihl, ttl, proto, frag, tot) == (0x45, 64, 47, 0x4000, inner_len + 24)
     assert src == a("10.0.0.1")[:4]
     assert dst == a("10.2.0.1")[:4] or dst == a("10.2.0.2")[:4]
-    assert M._csum(outer) == 0  # a valid header sums to 0xffff
+    assert M.checksum(outer) == 0  # a valid header sums to 0xffff
     assert out[34:38] == b"\x00\x00\x08\x00"
     assert out[38:] == frame[14:]
 
@@ -187,7 +187,7 @@ def test_too_big_answers_with_reduced_mtu() -> None:
     assert ip[9] == 1 and ip[12:16] == a(VIP4)[:4] and ip[16:20] == a("192.0.2.7")[:4]
     icmp = r.data[34:]
     assert icmp[0:2] == b"\x03\x04" and struct.unpack("!H", icmp[6:8])[0] == 1500 - 24
-    assert icmp[8:] == frame[14:14 + 28] and M._csum(icmp) == 0
+    assert icmp[8:] == frame[14:14 + 28] and M.checksum(icmp) == 0
     no_df = P.flow_packet("192.0.2.7", VIP4, 5555, 80, payload=bytes(1460), df=False)
     assert M.process(st, no_df).reason == Stat.DROP_TOO_BIG
 

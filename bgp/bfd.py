@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from bgp.supervise import MAX_FAILURES, STABLE_AFTER, Supervised
 from node.config import BgpConfig
 
 log = logging.getLogger("maglev.bfd")
@@ -48,10 +49,6 @@ BFD_PROFILE = "maglev"
 BFDD_CAPS = "+net_bind_service,+net_raw,+sys_admin"
 POLL_INTERVAL = 1.0
 VTYSH_TIMEOUT = 5.0
-MAX_FAILURES = 5
-STABLE_AFTER = 10.0
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 30.0
 LOG_MAX_BYTES = 5 * 1024 * 1024
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
@@ -169,7 +166,7 @@ def _die_with_parent_argv() -> list[str]:
             "--inh-caps", BFDD_CAPS, "--ambient-caps", BFDD_CAPS, "--pdeathsig", "SIGKILL", "--"]
 
 
-class BfdDaemon:
+class BfdDaemon(Supervised):
     """bfdd with one single-hop session per BGP peer, supervised, polled for session state.
 
     ``wrapper`` is prepended to the command (e.g. ``ip netns exec NS`` in tests); it must exec,
@@ -281,28 +278,14 @@ class BfdDaemon:
         log.info("bfdd started (pid %d, %d peer(s), %d ms x %d, config %s, log %s)", self.proc.pid,
                  len(self._peers), self.bfd.interval_ms, self.bfd.multiplier, self.config_path, self.log_path)
 
-    async def _supervise(self) -> None:
-        while not self._closing:
-            proc = self.proc
-            if proc is not None:
-                rc = await proc.wait()
-                if self._closing:
-                    return
-                ran = self.clock() - self._started_at
-                self._failures = (0 if ran >= STABLE_AFTER else self._failures) + 1
-                self.restarts += 1
-                self.last_error = f"bfdd exited with status {rc} after {ran:.1f} s; see {self.log_path}"
-                log.error("%s; restarting (routers with BFD drop this node's BGP sessions meanwhile)",
-                          self.last_error)
-                self._set_all("unknown")
-            await asyncio.sleep(min(BACKOFF_INITIAL * 2 ** max(self._failures - 1, 0), BACKOFF_MAX))
-            try:
-                await self._spawn()
-            except OSError as e:
-                self.proc = None
-                self._failures += 1
-                self.last_error = f"cannot start bfdd: {e}"
-                log.error(self.last_error)
+    def _exited(self, rc: int, ran: float) -> None:
+        self.last_error = f"bfdd exited with status {rc} after {ran:.1f} s; see {self.log_path}"
+        log.error("%s; restarting (routers with BFD drop this node's BGP sessions meanwhile)", self.last_error)
+        self._set_all("unknown")
+
+    def _spawn_failed(self, exc: OSError) -> None:
+        self.last_error = f"cannot start bfdd: {exc}"
+        log.error(self.last_error)
 
     # -- session state -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from bgp import exabgp
 from bgp.bfd import BfdDaemon
 from bgp.reconciler import Command, Reconciler
 from bgp.routes import GRACEFUL_SHUTDOWN, Route
+from bgp.supervise import MAX_FAILURES, STABLE_AFTER, Supervised
 from node.config import BgpConfig
 
 log = logging.getLogger("maglev.bgp")
@@ -37,10 +38,6 @@ log = logging.getLogger("maglev.bgp")
 PR_SET_PDEATHSIG = 1
 ACK_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
-MAX_FAILURES = 5
-STABLE_AFTER = 10.0
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 30.0
 LOG_MAX_BYTES = 5 * 1024 * 1024
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
@@ -86,7 +83,7 @@ def _ancestors(pid: int, limit: int = 8) -> list[int]:
     return out
 
 
-class BgpSpeaker:
+class BgpSpeaker(Supervised):
     """Announce a desired set of VIP routes through a supervised ExaBGP.
 
     Call its methods from the event loop it was started on (not thread-safe). ``announced()``
@@ -239,29 +236,14 @@ class BgpSpeaker:
         self._started_at = self.clock()
         log.info("ExaBGP started (pid %d, config %s, log %s)", self.proc.pid, self.config_path, self.log_path)
 
-    async def _supervise(self) -> None:
-        while not self._closing:
-            proc = self.proc
-            if proc is not None:
-                rc = await proc.wait()
-                if self._closing:
-                    return
-                ran = self.clock() - self._started_at
-                self._failures = 0 if ran >= STABLE_AFTER else self._failures
-                self._failures += 1
-                self.restarts += 1
-                self.last_error = f"ExaBGP exited with status {rc} after {ran:.1f} s; last log lines: {self._log_tail()}"
-                log.error("%s; restarting", self.last_error)
-                self._lost_exabgp("ExaBGP exited")
-            delay = min(BACKOFF_INITIAL * 2 ** max(self._failures - 1, 0), BACKOFF_MAX)
-            await asyncio.sleep(delay)
-            try:
-                await self._spawn()
-            except OSError as e:
-                self.proc = None
-                self._failures += 1
-                self.last_error = f"cannot start ExaBGP ({' '.join(self.exabgp_argv)}): {e}"
-                log.error(self.last_error)
+    def _exited(self, rc: int, ran: float) -> None:
+        self.last_error = f"ExaBGP exited with status {rc} after {ran:.1f} s; last log lines: {self._log_tail()}"
+        log.error("%s; restarting", self.last_error)
+        self._lost_exabgp("ExaBGP exited")
+
+    def _spawn_failed(self, exc: OSError) -> None:
+        self.last_error = f"cannot start ExaBGP ({' '.join(self.exabgp_argv)}): {exc}"
+        log.error(self.last_error)
 
     def _lost_exabgp(self, reason: str) -> None:
         now = time.time()

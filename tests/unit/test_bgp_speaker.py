@@ -173,7 +173,7 @@ async def test_dead_exabgp_is_restarted_and_gets_all_routes(env):
 
 
 async def test_exabgp_that_keeps_dying_makes_the_speaker_unhealthy(env, monkeypatch):
-    monkeypatch.setattr(speaker_mod, "BACKOFF_INITIAL", 0.01)
+    monkeypatch.setattr(speaker_mod.BgpSpeaker, "backoff_initial", 0.01)
     monkeypatch.setattr(speaker_mod, "CONNECT_TIMEOUT", 0.2)
     sp = make(env, mode="crash")
     await sp.start()

@@ -463,6 +463,21 @@ static __always_inline int tail_delta(void *data, void *end, __u32 want)
 	return (int)((__s64)want - have);
 }
 
+/* The Ethernet header of an ICMP answer to the client: the received frame's MACs swapped, its
+ * VLAN tag (if any) kept. The caller has checked that l2 <= 18 bytes lie within the frame. */
+static __always_inline void reply_eth(void *data, const __u8 *mac, const __u8 *tag, __u32 l2, __u16 proto)
+{
+	__builtin_memcpy(data, mac + 6, 6);
+	__builtin_memcpy(data + 6, mac, 6);
+	if (l2 == 18) {
+		*(__u16 *)(data + 12) = bpf_htons(ETH_P_8021Q_);
+		__builtin_memcpy(data + 14, tag + 2, 2);
+		*(__u16 *)(data + 16) = bpf_htons(proto);
+	} else {
+		*(__u16 *)(data + 12) = bpf_htons(proto);
+	}
+}
+
 static __always_inline int too_big_v4(struct xdp_md *ctx, __u32 l2, struct parsed *p, __u16 mtu)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
@@ -487,15 +502,7 @@ static __always_inline int too_big_v4(struct xdp_md *ctx, __u32 l2, struct parse
 	end = (void *)(long)ctx->data_end;
 	if (data + l2 + 28 + 28 > end || l2 > 18)
 		return XDP_DROP;
-	__builtin_memcpy(data, mac + 6, 6);
-	__builtin_memcpy(data + 6, mac, 6);
-	if (l2 == 18) {
-		*(__u16 *)(data + 12) = bpf_htons(ETH_P_8021Q_);
-		__builtin_memcpy(data + 14, tag + 2, 2);
-		*(__u16 *)(data + 16) = bpf_htons(ETH_P_IP);
-	} else {
-		*(__u16 *)(data + 12) = bpf_htons(ETH_P_IP);
-	}
+	reply_eth(data, mac, tag, l2, ETH_P_IP);
 	ip = data + l2;
 	if ((void *)(ip + 1) > end)
 		return XDP_DROP;
@@ -559,15 +566,7 @@ static __always_inline int too_big_v6(struct xdp_md *ctx, __u32 l2, struct parse
 	end = (void *)(long)ctx->data_end;
 	if (l2 > 18 || data + l2 + 48 + 40 > end)
 		return XDP_DROP;
-	__builtin_memcpy(data, mac + 6, 6);
-	__builtin_memcpy(data + 6, mac, 6);
-	if (l2 == 18) {
-		*(__u16 *)(data + 12) = bpf_htons(ETH_P_8021Q_);
-		__builtin_memcpy(data + 14, tag + 2, 2);
-		*(__u16 *)(data + 16) = bpf_htons(ETH_P_IPV6);
-	} else {
-		*(__u16 *)(data + 12) = bpf_htons(ETH_P_IPV6);
-	}
+	reply_eth(data, mac, tag, l2, ETH_P_IPV6);
 	ip = data + l2;
 	orig = data + l2 + 48;
 	if ((void *)(orig + 1) > end)

@@ -121,6 +121,25 @@ def veth(a: Netns | None, a_name: str, b: Netns | None, b_name: str, *, mtu: int
         run(["ip", *(["-n", ns.name] if ns else []), "link", "set", name, "up"])
 
 
+def quiet_ipv6(ns: Netns, *, keep_addr_on_down: bool = False) -> None:
+    """No duplicate address detection (FRR resets IPv6 sessions until addresses settle), and
+    optionally keep addresses when a link goes down (a node whose link flaps keeps its peers)."""
+    ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
+    ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
+    if keep_addr_on_down:
+        ns.sysctl("net.ipv6.conf.all.keep_addr_on_down", 1)
+
+
+def point_to_point(a: Netns, a_name: str, b: Netns, b_name: str, v4_net: str, v6_net: str) -> None:
+    """A veth link with a dual-stack /24 and /64: a gets .1 / ::1, b gets .2 / ::2.
+    v4_net is the first three octets ("10.77.1"), v6_net the prefix ("fd77:1")."""
+    veth(a, a_name, b, b_name)
+    a.add_address(a_name, f"{v4_net}.1/24")
+    a.add_address(a_name, f"{v6_net}::1/64")
+    b.add_address(b_name, f"{v4_net}.2/24")
+    b.add_address(b_name, f"{v6_net}::2/64")
+
+
 def cleanup_prefix(prefix: str) -> list[str]:
     """Delete every namespace (and root-namespace link) whose name starts with prefix."""
     removed = []

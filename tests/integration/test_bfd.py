@@ -12,7 +12,6 @@ only the 3 s hold timer does. Measured times are printed (-s to see them).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import pytest
 
 from bgp import exabgp
 from lab.frr import FrrRouter, Neighbor, render_config
-from lab.netns import Netns, cleanup_prefix, unique_prefix, veth
+from lab.netns import Netns, cleanup_prefix, point_to_point, quiet_ipv6, unique_prefix
 from node.config import BgpConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -102,18 +101,11 @@ class Lab:
         rns = Netns.create(f"{self.prefix}-r")
         for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
             rns.sysctl(key, 1)
-        rns.sysctl("net.ipv6.conf.all.accept_dad", 0)
-        rns.sysctl("net.ipv6.conf.default.accept_dad", 0)
+        quiet_ipv6(rns)
         for i in (BFD_NODE, PLAIN_NODE):
             ns = Netns.create(f"{self.prefix}-n{i}")
-            ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
-            ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
-            ns.sysctl("net.ipv6.conf.all.keep_addr_on_down", 1)
-            veth(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}")
-            rns.add_address(f"{self.prefix}r{i}", f"10.78.{i}.1/24")
-            rns.add_address(f"{self.prefix}r{i}", f"fd78:{i}::1/64")
-            ns.add_address(f"{self.prefix}n{i}", f"10.78.{i}.2/24")
-            ns.add_address(f"{self.prefix}n{i}", f"fd78:{i}::2/64")
+            quiet_ipv6(ns, keep_addr_on_down=True)
+            point_to_point(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}", f"10.78.{i}", f"fd78:{i}")
             self.nodes[i] = ns
         # BFD on every neighbor, also the node without it: that must change nothing for it.
         neighbors = [Neighbor(a, 65200 + i, bfd=True) for i in self.nodes for a in (v4(i), v6(i))]

@@ -30,7 +30,7 @@ import pytest
 
 from bgp import BgpSpeaker, Route
 from lab.frr import FrrRouter, Neighbor, render_bfd_config, render_config
-from lab.netns import Netns, cleanup_prefix, unique_prefix, veth
+from lab.netns import Netns, cleanup_prefix, point_to_point, quiet_ipv6, unique_prefix
 from node.config import BgpConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -117,18 +117,11 @@ class Lab:
                     "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy"):
             rns.sysctl(key, 1)
         # FRR resets IPv6 sessions until the interface has its link-local address: skip DAD.
-        rns.sysctl("net.ipv6.conf.all.accept_dad", 0)
-        rns.sysctl("net.ipv6.conf.default.accept_dad", 0)
+        quiet_ipv6(rns)
         for i in range(1, n_nodes + 1):
             ns = Netns.create(f"{self.prefix}-n{i}")
-            ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
-            ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
-            ns.sysctl("net.ipv6.conf.all.keep_addr_on_down", 1)
-            veth(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}")
-            rns.add_address(f"{self.prefix}r{i}", f"10.77.{i}.1/24")
-            rns.add_address(f"{self.prefix}r{i}", f"fd77:{i}::1/64")
-            ns.add_address(f"{self.prefix}n{i}", f"10.77.{i}.2/24")
-            ns.add_address(f"{self.prefix}n{i}", f"fd77:{i}::2/64")
+            quiet_ipv6(ns, keep_addr_on_down=True)
+            point_to_point(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}", f"10.77.{i}", f"fd77:{i}")
             self.nodes[i] = ns
         # node5 is a static neighbor with BFD (listen-range peers get BFD re-created per flap).
         cfg = render_config(asn=ROUTER_AS, router_id="10.77.0.1",

@@ -21,40 +21,22 @@ packet silently:
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Callable
 
 from lab import plan as P
+from node.forwarder import build as bpf_build
 from lab.netns import Netns, NetnsError, delete_namespace, list_namespaces, mount_bpffs, run, umount, veth
 
 Progress = Callable[[str], None]
 
-XDP_PASS_C = r"""
-/* Trivial XDP program for the receiving peer of a veth whose other end sends with XDP_TX:
- * without an XDP program here, native XDP_TX frames are dropped (see the datapath notes). */
-#include <linux/bpf.h>
-__attribute__((section("xdp"), used)) int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }
-char _license[] __attribute__((section("license"), used)) = "GPL";
-"""
-
-
-def build_xdp_pass(out_dir: Path) -> Path:
-    """Compile the XDP_PASS program once per source version (cached by its hash)."""
-    digest = hashlib.sha256(XDP_PASS_C.encode()).hexdigest()[:12]
-    obj = out_dir / f"xdp_pass-{digest}.o"
-    if obj.exists():
-        return obj
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = out_dir / "xdp_pass.c"
-    src.write_text(XDP_PASS_C)
-    proc = subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-c", str(src), "-o", str(obj)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NetnsError(f"clang could not build the XDP_PASS program: {proc.stderr.strip()}")
-    return obj
+def build_xdp_pass(cache_dir: Path | None = None) -> Path:
+    """The XDP_PASS object (bpf/xdp_pass.c), built by the project's one BPF builder."""
+    try:
+        return bpf_build.build("xdp_pass", cache_dir)
+    except bpf_build.BuildError as exc:
+        raise NetnsError(f"cannot build the XDP_PASS program for the router's node ports: {exc}") from exc
 
 
 def _no_offload(ns: Netns, dev: str) -> None:
@@ -166,7 +148,7 @@ def build(lab: P.LabPlan, progress: Progress = print) -> None:
     tears down what exists)."""
     lab.run_dir.mkdir(parents=True, exist_ok=True)
     progress("compiling the XDP_PASS program for the router's node ports")
-    xdp_pass = build_xdp_pass(lab.run_dir / "bpf")
+    xdp_pass = build_xdp_pass()
     progress(f"router {P.ROUTER_NS}: bridge {P.FABRIC_BRIDGE} (MTU {P.FABRIC_MTU}), forwarding, L4 ECMP hashing")
     router = build_router(lab)
     progress(f"client {P.CLIENT_NS}: {P.CLIENT_V4}, {P.CLIENT_V6}, default via the router")

@@ -23,12 +23,14 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 # object name -> (source in bpf/ without .c, extra clang flags).
 # xdp_lb / xdp_lb_direct: the forwarder with each conntrack design (forwarder.conntrack "lru" /
 # "direct"); xdp_floor: the bench's floor; decap: the backend's tc GRE decapsulation
-# (bpf/decap.c, owned by the backend side; built here when present).
+# (bpf/decap.c, owned by the backend side); xdp_pass: the trivial program the lab puts on the
+# veth peers of nodes (native XDP_TX needs an XDP program on the receiving side).
 OBJECTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "xdp_lb": ("xdp_lb", ()),
     "xdp_lb_direct": ("xdp_lb", ("-DCT_DIRECT",)),
     "xdp_floor": ("xdp_floor", ()),
     "decap": ("decap", ()),
+    "xdp_pass": ("xdp_pass", ()),
 }
 PROGRAMS = tuple(OBJECTS)
 # the forwarder object for each forwarder.conntrack setting
@@ -93,8 +95,6 @@ def build(name: str = "xdp_lb", cache_dir: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     for name, (src, _) in OBJECTS.items():
-        if not (BPF_DIR / f"{src}.c").exists():
-            continue
         try:
             print(f"{name}: {build(name)}")
         except BuildError as exc:

@@ -170,7 +170,7 @@ class Lab:
             ns.add_address("eth0", f"{ip6}/64")
             sw.ip("link", "set", port, "master", "br0")
         # XDP_TX frames from the node's veth are only delivered if its peer runs XDP.
-        xdp_pass = build_xdp_pass(self.tmp / "xdp")
+        xdp_pass = build_xdp_pass()
         sw.ip("link", "set", "dev", f"{self.prefix}n", "xdpdrv", "obj", str(xdp_pass), "sec", "xdp")
 
         client, node, backend = self.ns["c"], self.ns["n"], self.ns["b"]

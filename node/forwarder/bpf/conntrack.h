@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: GPL-2.0
+/* conntrack.h: connection tracking, both designs (maglev.h explains them; CT_DIRECT picks one at
+ * build time), and the per-CPU rate limiter that guards its inserts. The steering decision in
+ * xdp_lb.c sees only ct_lookup, ct_insert and rate_allows; whether an entry it found is still
+ * usable (VIP, backend state, UDP idle time) is the decision's business, not this file's.
+ */
+#ifndef CONNTRACK_H
+#define CONNTRACK_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "maglev.h"
+#include "parse.h"
+#include "flow_hash.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rate_state);
+} rate SEC(".maps");
+
+/* now is only read when a limit is configured (bpf_ktime_get_ns costs ~40 ns here). */
+static __always_inline int rate_allows(const struct config *cfg, __u64 now)
+{
+	__u32 zero = 0;
+	struct rate_state *r;
+
+	if (!cfg->new_flow_rate)
+		return 1;
+	r = bpf_map_lookup_elem(&rate, &zero);
+	if (!r)
+		return 1;
+	if (now - r->window_start_ns >= 1000000000ull) {
+		r->window_start_ns = now;
+		r->count = 0;
+	}
+	if (r->count >= cfg->new_flow_rate)
+		return 0;
+	r->count++;
+	return 1;
+}
+
+/* ---- conntrack: the map, ct_lookup and ct_insert for the design this object is built for
+ * (maglev.h explains both). The rest of the program sees only these two functions:
+ *   ct_lookup(p, cfg, copy): the map's value for p's flow (to refresh last_seen in place), or
+ *     NULL; *copy then holds a consistent copy of it.
+ *   ct_insert(p, cfg, old, v): track p's flow with value v; old is ct_lookup's result for this
+ *     packet (NULL when it missed or was skipped). 1 when the flow is now tracked. */
+#ifdef CT_DIRECT
+
+/* An array, not the kernel's LRU hash: the loader sets max_entries (a power of two) and
+ * config.ct_mask; mmapable so user space can count, read and clear a million entries in one
+ * pass. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DEFAULT_CT_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct ct_entry);
+} conntrack SEC(".maps");
+
+#define compiler_barrier() asm volatile("" ::: "memory")
+
+static __always_inline int key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const void *)a, *y = (const void *)b;
+
+	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]));
+}
+
+/* The flow's slot holds it when the key matches and seq was even and unchanged around the
+ * copy (the seq protocol in maglev.h). */
+static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct config *cfg,
+						  struct ct_value *copy)
+{
+	__u32 slot = flow_hash_of(p) & cfg->ct_mask, seq;
+	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, &slot);
+
+	if (!e)
+		return 0;
+	seq = *(volatile __u32 *)&e->seq;
+	if (seq & 1)
+		return 0;
+	compiler_barrier();
+	if (!key_eq(&e->key, &p->fk))
+		return 0;
+	copy->backend_id = e->val.backend_id;
+	copy->vip_id = e->val.vip_id;
+	copy->last_seen_ns = e->val.last_seen_ns;
+	compiler_barrier();
+	if (*(volatile __u32 *)&e->seq != seq)
+		return 0;
+	return &e->val;
+}
+
+/* Put the flow into its slot, replacing whatever was there (old is not needed: the slot is
+ * the same). Stores only: loading the (cold) slot first would stall on the cache miss, while
+ * stores retire into the store buffer and the miss overlaps the rest of the packet's work
+ * (~80 ns less per new flow, measured with bench/forwarder.py). So the writer does not read
+ * the old seq: it marks the slot odd, writes, then stores an even seq taken from the flow
+ * hash (see maglev.h for what that leaves). */
+static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
+				     struct ct_value *old, const struct ct_value *v)
+{
+	__u32 hash = flow_hash_of(p), slot = hash & cfg->ct_mask;
+	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, &slot);
+
+	if (!e)
+		return 0; /* only if config.ct_mask exceeds the map */
+	*(volatile __u32 *)&e->seq = 1;
+	compiler_barrier();
+	__builtin_memcpy(&e->key, &p->fk, sizeof(p->fk));
+	e->val = *v;
+	compiler_barrier();
+	*(volatile __u32 *)&e->seq = hash & ~1u;
+	return 1;
+}
+
+#else /* the kernel's LRU hash (default) */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, DEFAULT_CT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* per-CPU LRU lists: inserts do not contend */
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+} conntrack SEC(".maps");
+
+static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct config *cfg,
+						  struct ct_value *copy)
+{
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->fk);
+
+	if (v)
+		*copy = *v;
+	return v;
+}
+
+/* An entry that was found (but not usable) is rewritten in place: cheaper than a second
+ * hash insert, and it keeps the entry's place in the LRU. */
+static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
+				     struct ct_value *old, const struct ct_value *v)
+{
+	if (old) {
+		old->backend_id = v->backend_id;
+		old->vip_id = v->vip_id;
+		old->last_seen_ns = v->last_seen_ns;
+		return 1;
+	}
+	return bpf_map_update_elem(&conntrack, &p->fk, v, BPF_ANY) == 0;
+}
+
+#endif /* CT_DIRECT */
+
+#endif

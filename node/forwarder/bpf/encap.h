@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: GPL-2.0
+/* encap.h: GRE encapsulation towards the chosen backend (the outer headers are specified in
+ * maglev.h; model.py: _encap).
+ */
+#ifndef ENCAP_H
+#define ENCAP_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "maglev.h"
+#include "parse.h"
+#include "csum.h"
+#include "counters.h"
+
+#define IPPROTO_GRE_ 47
+
+/* Prepend Ethernet (+ the original VLAN tag) + outer IP + GRE. l2 is a constant (14 or 18) at
+ * each call site so every offset below is constant for the verifier. */
+static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct parsed *p,
+				 const struct backend *be, const struct config *cfg,
+				 const __u8 *dmac, __u32 hash)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	__u32 overhead = be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD;
+	__u16 inner_type = p->fk.family == FAM_V4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
+	__u8 smac[6], tag[2];
+
+	if (data + l2 > end)
+		return XDP_DROP;
+	__builtin_memcpy(smac, data, 6);
+	if (l2 == 18)
+		__builtin_memcpy(tag, data + 14, 2);
+	if (bpf_xdp_adjust_head(ctx, -(int)overhead)) {
+		count(DROP_ADJUST);
+		return XDP_DROP;
+	}
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if (data + l2 + GRE_V6_OVERHEAD > end)
+		return XDP_DROP;
+	__builtin_memcpy(data, dmac, 6);
+	__builtin_memcpy(data + 6, smac, 6);
+	if (l2 == 18) {
+		*(__u16 *)(data + 12) = bpf_htons(ETH_P_8021Q_);
+		__builtin_memcpy(data + 14, tag, 2);
+	}
+	if (be->family == FAM_V4) {
+		struct iphdr *o = data + l2;
+
+		*(__u16 *)(data + l2 - 2) = bpf_htons(ETH_P_IP);
+		o->version = 4;
+		o->ihl = 5;
+		o->tos = p->tos;
+		o->tot_len = bpf_htons(p->l3_len + GRE_V4_OVERHEAD);
+		o->id = 0;
+		o->frag_off = bpf_htons(0x4000);
+		o->ttl = OUTER_TTL;
+		o->protocol = IPPROTO_GRE_;
+		o->check = 0;
+		o->saddr = cfg->src_v4;
+		o->daddr = be->addr[0];
+		o->check = iph_csum(o);
+		*(__u32 *)(o + 1) = (__u32)inner_type << 16;
+	} else {
+		struct ipv6hdr *o = data + l2;
+		__u32 *w = (__u32 *)o;
+
+		*(__u16 *)(data + l2 - 2) = bpf_htons(ETH_P_IPV6);
+		w[0] = bpf_htonl(0x60000000 | ((__u32)p->tos << 20) | (hash & 0xfffff));
+		o->payload_len = bpf_htons(p->l3_len + 4);
+		o->nexthdr = IPPROTO_GRE_;
+		o->hop_limit = OUTER_TTL;
+		w[2] = cfg->src_v6[0];
+		w[3] = cfg->src_v6[1];
+		w[4] = cfg->src_v6[2];
+		w[5] = cfg->src_v6[3];
+		w[6] = be->addr[0];
+		w[7] = be->addr[1];
+		w[8] = be->addr[2];
+		w[9] = be->addr[3];
+		*(__u32 *)(o + 1) = (__u32)inner_type << 16;
+	}
+	return XDP_TX;
+}
+
+#endif

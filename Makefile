@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # System packages: BPF toolchain, FRR for the router, tools the lab and tests drive.
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps gcc openssl curl
 
-.PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf clean
+.PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf fuzz clean
 
 all: deps
 
@@ -46,6 +46,15 @@ integration: deps
 
 e2e: deps
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The forwarder's differential test (program vs model) on many more random frames than
+# `make test` sends, from a fresh seed each run (FRAMES=..., SEED=... to choose); a failure names
+# the seed and the frame, so `make fuzz SEED=n` replays it.
+FRAMES ?= 2000000
+fuzz: deps
+	@seed=$${SEED:-$$(date +%s)}; echo "fuzz: $(FRAMES) frames per conntrack design, seed $$seed"; \
+	MAGLEV_DIFF_FRAMES=$(FRAMES) MAGLEV_DIFF_SEED=$$seed $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/integration/test_forwarder_diff.py $(PYTEST_ARGS)
 
 demo: deps
 	$(VENV)/bin/maglev lab demo

@@ -32,7 +32,7 @@ import subprocess
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Literal
 
@@ -167,6 +167,8 @@ class Forwarder:
         self._next_be = 1
         self._attached: dict[str, tuple[int, str]] = {}  # ifname -> (ifindex, mode)
         self._runner: libbpf.TestRun | None = None
+        self._filter: list[int] = []  # vip_addrs words as written
+        self._frag_keys: dict[tuple[int, bytes, int], int] = {}  # fragment keys in vips
 
     # ---- open / close ----------------------------------------------------------------------
 
@@ -207,6 +209,8 @@ class Forwarder:
         self._mmap()
         self._write_config()
         self._read_back()
+        self._load_addresses()
+        self._sync_addresses(self.vip_ids.values())  # pins of an older version lack them
         self._runner = libbpf.TestRun(self.prog_fd, 4096)
 
     def _check_object(self, obj: libbpf.BpfObject) -> None:
@@ -427,6 +431,7 @@ class Forwarder:
             self._meta(vid).in_use = 1
         for bid, state in later:
             self._set_state(bid, state)
+        self._sync_addresses([self.vip_ids[n] for n in wanted])
         # Removed VIPs stop matching before their backends disappear: packets pass to the
         # kernel rather than meeting a table of freed ids.
         for name in [n for n in self.vip_ids if n not in wanted]:
@@ -508,6 +513,63 @@ class Forwarder:
             libbpf.delete(self.fds["vips"], m.key)  # the VIP's address/protocol/port changed
         libbpf.update(self.fds["vips"], key, maps.VipValue(vip_id=vid))
         C.memmove(C.addressof(m.key), C.addressof(key), C.sizeof(key))
+
+    # ---- address pre-filter and fragment keys (maglev.h) ---------------------------------
+
+    def _load_addresses(self) -> None:
+        """Read back the pre-filter words and the fragment keys the maps hold now."""
+        self._filter.clear()
+        w = C.c_uint64()
+        for i in range(maps.VIP_FILTER_WORDS):
+            libbpf.lookup(self.fds["vip_addrs"], C.c_uint32(i), w)
+            self._filter.append(w.value)
+        self._frag_keys.clear()
+        val = maps.VipValue()
+        for key in libbpf.keys(self.fds["vips"], maps.VipKey):
+            if key.family & maps.VIP_KEY_FRAG and libbpf.lookup(self.fds["vips"], key, val):
+                self._frag_keys[(key.family & ~maps.VIP_KEY_FRAG, bytes(key.addr), key.proto)] = val.vip_id
+
+    def _sync_addresses(self, vids) -> None:
+        """Make the pre-filter and the fragment keys match the VIPs ``vids`` (whose keys are
+        written). Run before removed VIPs' keys go, so no fragment key names a removed VIP;
+        a filter bit set late or cleared early only sends that address's packets to the
+        kernel, as if the VIP did not exist yet or any more."""
+        keys = []
+        for vid in vids:
+            k = self._meta(vid).key
+            keys.append((k.family, bytes(k.addr), int.from_bytes(bytes(k.port_be), "big"), k.proto, vid))
+        words = maps.vip_filter_words((fam, addr) for fam, addr, *_ in keys)
+        for i, word in enumerate(words):
+            if word != self._filter[i]:
+                libbpf.update(self.fds["vip_addrs"], C.c_uint32(i), C.c_uint64(word))
+                self._filter[i] = word
+        want = maps.fragment_owners(keys)
+        for (fam, addr, proto), vid in want.items():
+            if self._frag_keys.get((fam, addr, proto)) != vid:
+                try:
+                    libbpf.update(self.fds["vips"], self._frag_key(fam, addr, proto), maps.VipValue(vip_id=vid))
+                except libbpf.BpfError as exc:
+                    # only with a vips map pinned by a version that had no room for them
+                    log.warning("no fragment key for %s proto %d (%s): its fragments are not "
+                                "forwarded; re-create the pins under %s to make room",
+                                self._addr_text(fam, addr), proto, exc, self.pin_dir)
+                    continue
+                self._frag_keys[(fam, addr, proto)] = vid
+        for k in [k for k in self._frag_keys if k not in want]:
+            libbpf.delete(self.fds["vips"], self._frag_key(*k))
+            del self._frag_keys[k]
+
+    @staticmethod
+    def _frag_key(fam: int, addr: bytes, proto: int) -> maps.VipKey:
+        k = maps.VipKey()
+        k.addr[:] = addr
+        k.proto = proto
+        k.family = fam | maps.VIP_KEY_FRAG
+        return k
+
+    @staticmethod
+    def _addr_text(fam: int, addr: bytes) -> str:
+        return str(ip_address(addr[:4] if fam == maps.FAM_V4 else addr))
 
     def _put_backend(self, vip: str, vid: int, b: BackendSpec) -> tuple[int, int | None]:
         """Write a backend; returns (id, state to apply after the table flip, if any)."""
@@ -657,6 +719,9 @@ class Forwarder:
             val = maps.VipValue()
             if libbpf.lookup(self.fds["vips"], key, val):
                 port = int.from_bytes(bytes(key.port_be), "big")
+                if key.family & maps.VIP_KEY_FRAG:
+                    st.frag_vips[(key.family & ~maps.VIP_KEY_FRAG, bytes(key.addr), key.proto)] = val.vip_id
+                    continue
                 st.vips[(key.family, bytes(key.addr), port, key.proto)] = val.vip_id
                 st.tables[val.vip_id] = self.table_ids(val.vip_id)
         be = maps.Backend()

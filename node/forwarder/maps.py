@@ -44,7 +44,13 @@ IPPROTO = {"tcp": 6, "udp": 17}
 
 # Map names as in xdp_lb.c (also the pin file names under the bpffs directory).
 MAP_NAMES = ("vips", "vip_meta", "tables", "backends", "vip_names", "be_names", "conntrack",
-             "config", "rate", "vip_stats", "be_stats", "stats")
+             "config", "rate", "vip_stats", "be_stats", "stats", "vip_addrs")
+
+# Fragment keys in `vips` and the address pre-filter `vip_addrs` (maglev.h).
+VIP_KEY_FRAG = 0x80
+VIP_FILTER_LOG2 = 16
+VIP_FILTER_WORDS = (1 << VIP_FILTER_LOG2) // 64
+VIP_FILTER_MUL = 0x9E3779B1
 
 
 class Stat(enum.IntEnum):
@@ -176,7 +182,7 @@ MAP_SHAPES: dict[str, tuple[int, int]] = {
     "tables": (4, _sz(TableChunk)), "backends": (4, _sz(Backend)), "vip_names": (4, _sz(Name)),
     "be_names": (4, _sz(Name)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
-    "stats": (4, 8),
+    "stats": (4, 8), "vip_addrs": (4, 8),
 }
 CT_SHAPES: dict[str, tuple[int, int]] = {"lru": (_sz(FlowKey), _sz(CtValue)), "direct": (4, _sz(CtEntry))}
 
@@ -207,6 +213,36 @@ def vip_key(address: IPv4Address | IPv6Address, protocol: str, port: int | str) 
     k.proto = IPPROTO[protocol]
     k.family = fam
     return k
+
+
+def vip_filter_bit(family: int, addr: bytes) -> int:
+    """The pre-filter bit of a 16-byte address (maglev.h): the XOR of its four words as the
+    data path loads them (little-endian), times VIP_FILTER_MUL, top VIP_FILTER_LOG2 bits."""
+    w = [int.from_bytes(addr[i:i + 4], "little") for i in range(0, 16, 4)]
+    return (((w[0] ^ w[1] ^ w[2] ^ w[3]) * VIP_FILTER_MUL) & 0xFFFFFFFF) >> (32 - VIP_FILTER_LOG2)
+
+
+def vip_filter_words(addresses) -> list[int]:
+    """The vip_addrs array for these (family, 16-byte address) pairs."""
+    words = [0] * VIP_FILTER_WORDS
+    for fam, addr in addresses:
+        i = vip_filter_bit(fam, addr)
+        words[i // 64] |= 1 << (i % 64)
+    return words
+
+
+def fragment_owners(keys) -> dict[tuple[int, bytes, int], int]:
+    """(family, addr, proto) -> vip id of the one port VIP that fragments of that address and
+    protocol follow: only where there is exactly one port VIP and no "all ports" VIP (maglev.h).
+    keys: (family, addr16, port, proto, vip id) of every VIP."""
+    ports: dict[tuple[int, bytes, int], list[int]] = {}
+    all_ports: set[tuple[int, bytes, int]] = set()
+    for fam, addr, port, proto, vid in keys:
+        if port == 0:
+            all_ports.add((fam, addr, proto))
+        else:
+            ports.setdefault((fam, addr, proto), []).append(vid)
+    return {k: v[0] for k, v in ports.items() if len(v) == 1 and k not in all_ports}
 
 
 def encode_name(text: str) -> bytes:

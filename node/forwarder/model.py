@@ -141,6 +141,8 @@ class ModelState:
     config: ModelConfig
     # (family, addr16, port, proto) -> vip id; port 0 = "all ports"
     vips: dict[tuple[int, bytes, int, int], int] = field(default_factory=dict)
+    # fragment keys (maglev.h): (family, addr16, proto) -> the one port VIP fragments follow
+    frag_vips: dict[tuple[int, bytes, int], int] = field(default_factory=dict)
     tables: dict[int, list[int]] = field(default_factory=dict)  # vip id -> backend ids
     backends: dict[int, ModelBackend] = field(default_factory=dict)
     # flow -> (backend id, last seen ns, vip id); write it through ct_put, which keeps the
@@ -172,6 +174,16 @@ class ModelState:
         self.ct_owner[slot] = flow
         self.ct[flow] = value
 
+    def ct_forget(self, flow: Flow) -> None:
+        """Stop tracking flow (a RST ended it), as xdp_lb.c's ct_forget: "direct" empties the
+        flow's slot."""
+        self.ct.pop(flow, None)
+        if self.config.conntrack == "direct":
+            slot = self.ct_slot(flow)
+            old = self.ct_owner.pop(slot, None)
+            if old is not None and old != flow:
+                self.ct.pop(old, None)
+
 
 @dataclass
 class Result:
@@ -195,6 +207,7 @@ class _Parsed:
     is_icmp_err: bool = False
     frag_dport: int = 0
     syn: bool = False
+    rst: bool = False
 
 
 class _NotOurs(Exception):
@@ -210,6 +223,12 @@ def _u16(b: bytes, off: int) -> int:
 
 
 # ---- parsing ------------------------------------------------------------------------------------
+
+
+def _tcp_flags(p: _Parsed, flags: int) -> None:
+    """SYN without ACK opens a connection; RST ends it (parse.h: tcp_flags)."""
+    p.syn = flags & 0x12 == 0x02
+    p.rst = bool(flags & 0x04)
 
 
 def _parse_icmp4_err(b: bytes, icmp: int, tos: int, l3: int, tot: int) -> _Parsed:
@@ -263,7 +282,7 @@ def _parse_v4(b: bytes, l3: int) -> _Parsed:
         raise _NotOurs(_MALFORMED)
     p = _Parsed(Flow(FAM_V4, src, dst, _u16(b, ports), _u16(b, ports + 2), proto), l3, tot, tos, ihl, df)
     if proto == TCP and tot >= ihl + 14 and ports + 14 <= end:
-        p.syn = b[ports + 13] & 0x12 == 0x02
+        _tcp_flags(p, b[ports + 13])
     return p
 
 
@@ -322,7 +341,7 @@ def _parse_v6(b: bytes, l3: int) -> _Parsed:
         raise _NotOurs(_MALFORMED)
     p.flow = Flow(FAM_V6, src, dst, _u16(b, ports), _u16(b, ports + 2), nh)
     if nh == TCP and plen >= 14 and ports + 14 <= end:
-        p.syn = b[ports + 13] & 0x12 == 0x02
+        _tcp_flags(p, b[ports + 13])
     return p
 
 
@@ -427,17 +446,17 @@ def _drop(st: ModelState, b: bytes, reason: Stat, be_id: int | None = None) -> R
 
 
 def _find_vip(st: ModelState, b: bytes, p: _Parsed) -> int | Result:
+    """The port's VIP, else the "all ports" VIP; a fragment (port 0) takes the "all ports"
+    VIP, else the one port VIP of its address and protocol (frag_vips), else: a first fragment
+    whose port has a VIP is dropped (several port VIPs: the rest could not follow it)."""
     f = p.flow
     vid = st.vips.get((f.family, f.dst, f.dport, f.proto))
-    if vid is not None:
-        return vid
-    if not f.dport and not p.frag_dport:
-        return Result(XDP_PASS, b)
-    vid = st.vips.get((f.family, f.dst, 0, f.proto))
+    if vid is None and f.dport:
+        vid = st.vips.get((f.family, f.dst, 0, f.proto))
     if vid is None and p.is_frag:
-        if st.vips.get((f.family, f.dst, p.frag_dport, f.proto)) is not None:
+        vid = st.frag_vips.get((f.family, f.dst, f.proto))
+        if vid is None and p.frag_dport and st.vips.get((f.family, f.dst, p.frag_dport, f.proto)) is not None:
             return _drop(st, b, Stat.DROP_FRAGMENT)
-        return Result(XDP_PASS, b)
     return Result(XDP_PASS, b) if vid is None else vid
 
 
@@ -486,7 +505,7 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
         be = st.backends.get(be_id)
         if be is None or be.vip_id != vid or be.state != BE_STATE_ACTIVE:
             return _drop(st, b, Stat.DROP_BAD_BACKEND, be_id)
-        if not p.is_frag and not p.is_icmp_err and not selftest:
+        if not p.is_frag and not p.is_icmp_err and not selftest and not p.rst:
             if _rate_allows(st, now):
                 st.ct_put(f, (be_id, now if f.proto == UDP else 0, vid))
                 inserted = True
@@ -508,6 +527,8 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
     if selftest:
         st.count(Stat.SELF_TEST_PACKETS)
     else:
+        if hit and p.rst:
+            st.ct_forget(f)
         if p.is_frag:
             st.count(Stat.FRAG_FORWARDED)
         if p.is_icmp_err:

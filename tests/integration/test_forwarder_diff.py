@@ -1,21 +1,26 @@
 """Differential test: random frames through the real XDP program (BPF_PROG_TEST_RUN) and
 through node/forwarder/model.py must give identical verdicts and identical output bytes, and
-the same drop/event counters at the end.
+the same drop/event counters and tracked flows at the end.
 
 Frames are built to reach every branch: both families, VLAN tags, VIP and non-VIP addresses and
-ports, all-ports VIPs, TCP/UDP/ICMP/other protocols, ICMP errors quoting VIP flows, fragments,
-IPv4 options, oversize packets (the too-big answer), then random truncation and byte damage.
-It runs once per conntrack design ("lru", "direct"), each with its own model.
+ports, all-ports VIPs, an address with one port VIP per protocol and one with several (the two
+fragment policies), TCP/UDP/ICMP/other protocols, SYN/ACK/FIN/RST, ICMP errors quoting VIP
+flows, fragments, IPv4 options, oversize packets (the too-big answer), then random truncation
+and byte damage. A fixed sequence first guarantees the rare outcomes (each counter below is
+asserted), then MAGLEV_DIFF_FRAMES random frames (default 100,000) from MAGLEV_DIFF_SEED
+(default 13): the same frames every run. `make fuzz` runs many more with a fresh seed; a
+failure names the seed and the frame, so it replays. It runs once per conntrack design ("lru",
+"direct"), each with its own model.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import struct
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
 from node.forwarder import model as M
 from node.forwarder import packets as P
@@ -25,11 +30,15 @@ from node.forwarder.testing import temp_forwarder
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
-VIPS4 = ["10.1.1.1", "10.1.1.2", "10.1.1.3"]
+FRAMES = int(os.environ.get("MAGLEV_DIFF_FRAMES", "100000"))
+SEED = int(os.environ.get("MAGLEV_DIFF_SEED", "13"))
+
+VIPS4 = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.4"]
 VIPS6 = ["2001:db8:1::1", "2001:db8:1::2"]
 OTHER4 = ["10.9.9.9", "192.0.2.1"]
 OTHER6 = ["2001:db8:9::9"]
-PORTS = [80, 80, 443, 443, 53, 53, 81, 0, 65535]  # weighted towards VIP ports
+PORTS = [80, 80, 443, 443, 53, 53, 81, 0, 65535, 22]  # weighted towards VIP ports
+TCP_FLAGS = [0x02, 0x02, 0x10, 0x10, 0x10, 0x11, 0x12, 0x04, 0x14]
 
 
 def _vips() -> list[VipSpec]:
@@ -42,104 +51,117 @@ def _vips() -> list[VipSpec]:
         return VipSpec(name, ip_address(addr), proto, port, tuple(backends), table)
 
     return [
+        # 10.1.1.1: one TCP and one UDP port VIP (fragments follow them by the 3-tuple)
         v("t80", "10.1.1.1", "tcp", 80, [b("a", "10.2.0.1"), b("b", "10.2.0.2"), b("c", "10.2.0.3", "drain")]),
         v("u53", "10.1.1.1", "udp", 53, [b("d", "10.2.1.1"), b("e", "10.2.1.2", "down")], size=7),
         v("tall", "10.1.1.2", "tcp", "all", [b("f", "10.2.2.1"), b("g", "10.2.2.2")], size=251),
         v("uall", "10.1.1.2", "udp", "all", [b("h", "10.2.3.1")]),
         v("none", "10.1.1.3", "tcp", 80, [], size=0),
+        # 10.1.1.4: two TCP port VIPs (a first fragment to either port is dropped)
+        v("t4a", "10.1.1.4", "tcp", 80, [b("m", "10.2.4.1")]),
+        v("t4b", "10.1.1.4", "tcp", 443, [b("n", "10.2.4.2"), b("o", "2001:db8:2::4")], size=11),
         v("t6", "2001:db8:1::1", "tcp", 443, [b("i", "2001:db8:2::1"), b("j", "2001:db8:2::2")], size=65537),
         v("u6all", "2001:db8:1::2", "udp", "all", [b("k", "2001:db8:2::3")]),
     ]
 
 
-def ip4(draw, pool) -> str:
-    return draw(st.one_of(st.sampled_from(pool), st.ip_addresses(v=4).map(str)))
+class Frames:
+    """Random frames from one seeded generator (fast enough for 100k per design)."""
 
+    def __init__(self, seed: int):
+        self.r = random.Random(seed)
 
-def ip6(draw, pool) -> str:
-    return draw(st.one_of(st.sampled_from(pool), st.ip_addresses(v=6).map(str)))
+    def ip4(self, pool) -> str:
+        r = self.r
+        return r.choice(pool) if r.random() < 0.5 else str(IPv4Address(r.getrandbits(32)))
 
+    def ip6(self, pool) -> str:
+        r = self.r
+        return r.choice(pool) if r.random() < 0.5 else str(IPv6Address(r.getrandbits(128)))
 
-@st.composite
-def l4_segment(draw, src: bytes, dst: bytes):
-    proto = draw(st.sampled_from(["tcp", "udp"]))
-    size = draw(st.one_of(st.integers(0, 64), st.integers(1300, 1500)))
-    seg = P.l4(proto, src, dst, draw(st.sampled_from([1234, 40000, *PORTS])),
-               draw(st.sampled_from(PORTS)), bytes(size), draw(st.sampled_from([0x02, 0x10, 0x11])))
-    return (6 if proto == "tcp" else 17), seg
+    def l4(self, src: bytes, dst: bytes) -> tuple[int, bytes]:
+        r = self.r
+        proto = r.choice(["tcp", "udp"])
+        size = r.randint(0, 64) if r.random() < 0.5 else r.randint(1300, 1500)
+        seg = P.l4(proto, src, dst, r.choice([1234, 40000, *PORTS]), r.choice(PORTS), bytes(size),
+                   r.choice(TCP_FLAGS))
+        return (6 if proto == "tcp" else 17), seg
 
+    def v4(self) -> tuple[bytes, int]:
+        r = self.r
+        src = self.ip4(OTHER4)
+        dst = r.choice(VIPS4) if r.random() < 0.75 else self.ip4(OTHER4)
+        kind = r.choice(["l4", "l4", "l4", "icmp_err", "icmp_other", "frag", "other"])
+        df = r.random() < 0.5
+        tos = r.randint(0, 255)
+        options = r.choice([b"", b"", b"\x01\x01\x01\x00", bytes(8)])
+        a, b = ip_address(src).packed, ip_address(dst).packed
+        if kind == "l4":
+            num, seg = self.l4(a, b)
+            l3 = P.ipv4(src, dst, num, seg, df=df, tos=tos, options=options)
+        elif kind == "icmp_err":
+            # a backend's reply (VIP -> client) quoted by a router
+            num, seg = self.l4(b, a)
+            quoted = P.ipv4(dst, src, num, seg)[:28 + r.randint(0, 20)]
+            icmp = struct.pack("!BBHHH", r.choice([3, 11, 5]), 4, 0, 0, 1400) + quoted
+            l3 = P.ipv4(self.ip4(OTHER4), dst, 1, icmp, df=df, tos=tos)
+        elif kind == "icmp_other":
+            l3 = P.ipv4(src, dst, 1, b"\x08\x00\x00\x00" + bytes(r.randint(0, 40)), tos=tos)
+        elif kind == "frag":
+            num, seg = self.l4(a, b)
+            frag = r.choice([0x2000, 0x2000, 0x2000 | 5, 5, 0x1FFF])
+            l3 = P.ipv4(src, dst, num, seg, df=False, frag=frag, tos=tos, options=options)
+        else:
+            l3 = P.ipv4(src, dst, r.choice([47, 50, 132, 2]), bytes(20), tos=tos)
+        return l3, 0x0800
 
-@st.composite
-def frame_v4(draw):
-    family_vip = draw(st.sampled_from([True, True, True, False]))
-    src = ip4(draw, OTHER4)
-    dst = draw(st.sampled_from(VIPS4)) if family_vip else ip4(draw, OTHER4)
-    kind = draw(st.sampled_from(["l4", "l4", "l4", "icmp_err", "icmp_other", "frag", "other"]))
-    df = draw(st.booleans())
-    tos = draw(st.integers(0, 255))
-    options = draw(st.sampled_from([b"", b"", b"\x01\x01\x01\x00", bytes(8)]))
-    if kind == "l4":
-        num, seg = draw(l4_segment(ip_address(src).packed, ip_address(dst).packed))
-        l3 = P.ipv4(src, dst, num, seg, df=df, tos=tos, options=options)
-    elif kind == "icmp_err":
-        # a backend's reply (VIP -> client) quoted by a router
-        num, seg = draw(l4_segment(ip_address(dst).packed, ip_address(src).packed))
-        quoted = P.ipv4(dst, src, num, seg)[:28 + draw(st.integers(0, 20))]
-        icmp = struct.pack("!BBHHH", draw(st.sampled_from([3, 11, 5])), 4, 0, 0, 1400) + quoted
-        l3 = P.ipv4(ip4(draw, OTHER4), dst, 1, icmp, df=df, tos=tos)
-    elif kind == "icmp_other":
-        l3 = P.ipv4(src, dst, 1, b"\x08\x00\x00\x00" + bytes(draw(st.integers(0, 40))), tos=tos)
-    elif kind == "frag":
-        num, seg = draw(l4_segment(ip_address(src).packed, ip_address(dst).packed))
-        frag = draw(st.sampled_from([0x2000, 0x2000, 0x2000 | 5, 5, 0x1FFF]))
-        l3 = P.ipv4(src, dst, num, seg, df=False, frag=frag, tos=tos, options=options)
-    else:
-        l3 = P.ipv4(src, dst, draw(st.sampled_from([47, 50, 132, 2])), bytes(20), tos=tos)
-    return l3, 0x0800
+    def v6(self) -> tuple[bytes, int]:
+        r = self.r
+        src = self.ip6(OTHER6)
+        dst = r.choice(VIPS6) if r.random() < 0.75 else self.ip6(OTHER6)
+        kind = r.choice(["l4", "l4", "l4", "icmp_err", "frag", "ext", "other"])
+        tc = r.randint(0, 255)
+        a, b = ip_address(src).packed, ip_address(dst).packed
+        if kind == "l4":
+            num, seg = self.l4(a, b)
+            l3 = P.ipv6(src, dst, num, seg, tc=tc, flow=r.randint(0, 0xFFFFF))
+        elif kind == "icmp_err":
+            num, seg = self.l4(b, a)
+            quoted = P.ipv6(dst, src, num, seg)[:48 + r.randint(0, 40)]
+            icmp = struct.pack("!BBHI", r.choice([1, 2, 3, 4, 128]), 0, 0, 1400) + quoted
+            l3 = P.ipv6(self.ip6(OTHER6), dst, 58, icmp, tc=tc)
+        elif kind == "frag":
+            num, seg = self.l4(a, b)
+            off = r.choice([0, 1, 0x100])
+            fh = struct.pack("!BBHI", num, 0, (off << 3) | r.choice([0, 1]), 7)
+            l3 = P.ipv6(src, dst, 44, fh + seg, tc=tc)
+        elif kind == "ext":
+            l3 = P.ipv6(src, dst, r.choice([0, 43, 60]), bytes(24), tc=tc)
+        else:
+            l3 = P.ipv6(src, dst, r.choice([47, 50, 132]), bytes(20), tc=tc)
+        return l3, 0x86DD
 
-
-@st.composite
-def frame_v6(draw):
-    src = ip6(draw, OTHER6)
-    dst = draw(st.sampled_from(VIPS6)) if draw(st.sampled_from([True, True, True, False])) else ip6(draw, OTHER6)
-    kind = draw(st.sampled_from(["l4", "l4", "l4", "icmp_err", "frag", "ext", "other"]))
-    tc = draw(st.integers(0, 255))
-    if kind == "l4":
-        num, seg = draw(l4_segment(ip_address(src).packed, ip_address(dst).packed))
-        l3 = P.ipv6(src, dst, num, seg, tc=tc, flow=draw(st.integers(0, 0xFFFFF)))
-    elif kind == "icmp_err":
-        num, seg = draw(l4_segment(ip_address(dst).packed, ip_address(src).packed))
-        quoted = P.ipv6(dst, src, num, seg)[:48 + draw(st.integers(0, 40))]
-        icmp = struct.pack("!BBHI", draw(st.sampled_from([1, 2, 3, 4, 128])), 0, 0, 1400) + quoted
-        l3 = P.ipv6(ip6(draw, OTHER6), dst, 58, icmp, tc=tc)
-    elif kind == "frag":
-        num, seg = draw(l4_segment(ip_address(src).packed, ip_address(dst).packed))
-        off = draw(st.sampled_from([0, 1, 0x100]))
-        fh = struct.pack("!BBHI", num, 0, (off << 3) | draw(st.sampled_from([0, 1])), 7)
-        l3 = P.ipv6(src, dst, 44, fh + seg, tc=tc)
-    elif kind == "ext":
-        l3 = P.ipv6(src, dst, draw(st.sampled_from([0, 43, 60])), bytes(24), tc=tc)
-    else:
-        l3 = P.ipv6(src, dst, draw(st.sampled_from([47, 50, 132])), bytes(20), tc=tc)
-    return l3, 0x86DD
-
-
-@st.composite
-def frames(draw):
-    l3, ethertype = draw(st.one_of(frame_v4(), frame_v4(), frame_v6(), frame_v6(),
-                                   st.tuples(st.binary(min_size=0, max_size=60), st.sampled_from([0x0806, 0x0800, 0x86DD, 0x8100]))))
-    frame = P.ether(l3, ethertype, vlan=draw(st.sampled_from([None, None, 5])))
-    damage = draw(st.sampled_from(["none"] * 7 + ["truncate", "byte", "length"]))
-    if damage == "truncate":
-        frame = frame[:draw(st.integers(14, len(frame)))]
-    elif damage == "byte":
-        pos = draw(st.integers(12, min(len(frame) - 1, 100)))
-        frame = frame[:pos] + bytes([draw(st.integers(0, 255))]) + frame[pos + 1:]
-    elif damage == "length":
-        pos = 16 if frame[12:14] == b"\x08\x00" else 18 if frame[12:14] == b"\x86\xdd" else None
-        if pos is not None and len(frame) > pos + 2:
-            frame = frame[:pos] + draw(st.integers(0, 0xFFFF)).to_bytes(2, "big") + frame[pos + 2:]
-    return frame
+    def frame(self) -> bytes:
+        r = self.r
+        pick = r.randrange(5)
+        if pick < 2:
+            l3, ethertype = self.v4()
+        elif pick < 4:
+            l3, ethertype = self.v6()
+        else:
+            l3, ethertype = r.randbytes(r.randint(0, 60)), r.choice([0x0806, 0x0800, 0x86DD, 0x8100])
+        frame = P.ether(l3, ethertype, vlan=r.choice([None, None, 5]))
+        damage = r.choice(["none"] * 7 + ["truncate", "byte", "length"])
+        if damage == "truncate":
+            frame = frame[:r.randint(14, len(frame))]
+        elif damage == "byte":
+            pos = r.randint(12, min(len(frame) - 1, 100))
+            frame = frame[:pos] + bytes([r.randint(0, 255)]) + frame[pos + 1:]
+        elif damage == "length":
+            pos = 16 if frame[12:14] == b"\x08\x00" else 18 if frame[12:14] == b"\x86\xdd" else None
+            if pos is not None and len(frame) > pos + 2:
+                frame = frame[:pos] + r.randint(0, 0xFFFF).to_bytes(2, "big") + frame[pos + 2:]
+        return frame
 
 
 def _first_fragment(dst: str, proto: str, dport: int) -> bytes:
@@ -152,10 +174,6 @@ def _first_fragment(dst: str, proto: str, dport: int) -> bytes:
         return P.ether(P.ipv4("192.0.2.1", dst, num, seg, df=False, frag=0x2000), 0x0800)
     fh = struct.pack("!BBHI", num, 0, 1, 9)
     return P.ether(P.ipv6("2001:db8:9::1", dst, 44, fh + seg), 0x86DD)
-
-
-RARE = [_first_fragment("10.1.1.1", "tcp", 80), _first_fragment("10.1.1.1", "udp", 53),
-        _first_fragment("2001:db8:1::1", "tcp", 443)]
 
 
 def _colliding_flows(slots: int) -> list[bytes]:
@@ -173,11 +191,32 @@ def _colliding_flows(slots: int) -> list[bytes]:
             for p, flags in ((1000, 0x02), (other, 0x02), (other, 0x10))]
 
 
+def _guaranteed() -> list[bytes]:
+    """One frame (or sequence) per rare outcome the test asserts, sent before the random ones."""
+    c4, c6 = "192.0.2.1", "2001:db8:9::1"
+    syn = P.flow_packet(c4, "10.1.1.1", 2000, 80, tcp_flags=0x02)
+    rst = P.flow_packet(c4, "10.1.1.1", 2000, 80, tcp_flags=0x14)
+    quoted = P.ipv4("10.1.1.1", c4, 6, P.l4("tcp", ip_address("10.1.1.1").packed, ip_address(c4).packed, 80, 2001, b""))
+    icmp = struct.pack("!BBHHH", 3, 4, 0, 0, 1400) + quoted[:28]
+    return [
+        _first_fragment("10.1.1.4", "tcp", 80),      # several port VIPs: DROP_FRAGMENT
+        _first_fragment("10.1.1.1", "udp", 53),      # one port VIP: FRAG_FORWARDED
+        _first_fragment("2001:db8:1::1", "tcp", 443),
+        P.flow_packet(c4, "10.1.1.3", 2000, 80),     # empty table: DROP_NO_BACKEND
+        P.flow_packet(c4, "10.1.1.1", 2001, 80, tcp_flags=0x10, size=1500),  # ICMP_TOO_BIG_SENT
+        P.flow_packet(c4, "10.1.1.1", 2002, 80, tcp_flags=0x10, size=1500, df=False),  # DROP_TOO_BIG
+        P.ether(P.ipv4("198.51.100.1", "10.1.1.1", 1, icmp), 0x0800),       # ICMP_STEERED
+        P.ether(P.ipv6(c6, "2001:db8:1::1", 0, bytes(24)), 0x86DD),          # PASS_IPV6_EXT
+        P.flow_packet(c4, "10.1.1.1", 2000, 80)[:30],                        # PASS_MALFORMED
+        syn, rst, rst,                                # tracked, forgotten, then a miss
+        *COLLIDING,
+    ]
+
+
 # conntrack_size per design. "direct": the smallest (1024 slots), so random flows collide and
 # the program's "a new flow replaces the one in its slot" is compared with the model's too.
-# "lru": room for every flow the examples make (the model does not evict; with per-CPU LRU
-# lists each CPU holds conntrack_size / possible CPUs).
-CT_SIZES = {"lru": 65536, "direct": 1024}
+# "lru": room for every flow the frames make (the model does not evict).
+CT_SIZES = {"lru": 1 << 18, "direct": 1024}
 COLLIDING = _colliding_flows(CT_SIZES["direct"])
 
 
@@ -188,26 +227,22 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
         state = fwd.model_state()
         assert state.config.conntrack == mode
         seen_verdicts: dict[int, int] = {}
+        gen = Frames(SEED)
 
-        def compare(frame: bytes) -> None:
+        def compare(frame: bytes, n: int) -> None:
             verdict, out = fwd.test_run(frame)
             expect = M.process(state, frame)
-            assert verdict == expect.verdict, (frame.hex(), expect)
-            assert out == expect.data, (frame.hex(), out.hex(), expect.data.hex())
+            where = f"seed {SEED}, frame {n}: {frame.hex()}"
+            assert verdict == expect.verdict, (where, expect)
+            assert out == expect.data, (where, out.hex(), expect.data.hex())
             seen_verdicts[verdict] = seen_verdicts.get(verdict, 0) + 1
 
-        @settings(max_examples=2000, deadline=None, database=None, derandomize=False,
-                  suppress_health_check=list(HealthCheck))
-        @given(frames())
-        @example(RARE[0])
-        @example(RARE[1])
-        @example(RARE[2])
-        def check(frame: bytes) -> None:
-            compare(frame)
-
-        check()
-        for frame in COLLIDING:
-            compare(frame)
+        for i, frame in enumerate(_guaranteed()):
+            compare(frame, -1 - i)
+        forgotten = state.ct.get(M.Flow.of("192.0.2.1", "10.1.1.1", 2000, 80, "tcp"))
+        assert forgotten is None, "the RST did not end the tracked flow"
+        for n in range(FRAMES):
+            compare(gen.frame(), n)
         # every kind of outcome was exercised, and the counters agree
         assert {M.XDP_TX, M.XDP_PASS, M.XDP_DROP} <= set(seen_verdicts), seen_verdicts
         c = fwd.counters()
@@ -226,5 +261,5 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
         kept = fwd.model_state(with_conntrack=True)
         assert {f: (v[0], v[2]) for f, v in kept.ct.items()} == {f: (v[0], v[2]) for f, v in state.ct.items()}
         for name in ("DROP_NO_BACKEND", "ICMP_TOO_BIG_SENT", "ICMP_STEERED", "FRAG_FORWARDED",
-                     "PASS_MALFORMED", "PASS_IPV6_EXT", "DROP_FRAGMENT"):
+                     "PASS_MALFORMED", "PASS_IPV6_EXT", "DROP_FRAGMENT", "DROP_TOO_BIG"):
             assert model[name] > 0, f"{name} never exercised: {model}"

@@ -370,20 +370,119 @@ def test_icmp_error_steered_to_flow_owner(fwd) -> None:
     assert fwd.counters()["events"]["icmp_steered"] == 1
 
 
-def test_fragments_follow_policy(fwd) -> None:
-    a = ip_address
-    seg = P.l4("udp", a(CLIENT4).packed, a("10.1.1.2").packed, 7, 5000, bytes(40))
-    first = P.ether(P.ipv4(CLIENT4, "10.1.1.2", 17, seg, df=False, frag=0x2000), 0x0800)
-    later = P.ether(P.ipv4(CLIENT4, "10.1.1.2", 17, bytes(48), df=False, frag=6), 0x0800)
-    (v1, o1), (v2, o2) = run(fwd, first), run(fwd, later)
-    assert v1 == v2 == M.XDP_TX and outer_dst(o1) == outer_dst(o2) == "10.2.2.1"
-    tseg = P.l4("tcp", a(CLIENT4).packed, a(VIP4).packed, 7, 80, bytes(40))
-    tfirst = P.ether(P.ipv4(CLIENT4, VIP4, 6, tseg, df=False, frag=0x2000), 0x0800)
-    tlater = P.ether(P.ipv4(CLIENT4, VIP4, 6, bytes(48), df=False, frag=6), 0x0800)
-    assert run(fwd, tfirst)[0] == M.XDP_DROP
-    assert run(fwd, tlater) == (M.XDP_PASS, tlater)
+def _fragments(src: str, dst: str, proto: str, sport: int, dport: int, payload: bytes, piece: int = 1200) -> list[bytes]:
+    """A real datagram (correct L4 checksum) cut into fragments of at most ``piece`` payload
+    bytes (a multiple of 8), as a host whose path MTU is smaller than the datagram sends it."""
+    a, b = ip_address(src), ip_address(dst)
+    seg = P.l4(proto, a.packed, b.packed, sport, dport, payload)
+    num = 6 if proto == "tcp" else 17
+    out = []
+    for off in range(0, len(seg), piece):
+        more = off + piece < len(seg)
+        chunk = seg[off:off + piece]
+        if a.version == 4:
+            l3 = P.ipv4(src, dst, num, chunk, df=False, frag=(0x2000 if more else 0) | (off // 8), ident=77)
+            out.append(P.ether(l3, 0x0800))
+        else:
+            fh = struct.pack("!BBHI", num, 0, off | int(more), 77)
+            out.append(P.ether(P.ipv6(src, dst, 44, fh + chunk), 0x86DD))
+    return out
+
+
+def _three_tuple_backend(fwd, vipname: str, src: str, dst: str, proto: str) -> str:
+    """The backend address the VIP's table gives the 3-tuple (ports 0) of a fragment."""
+    st = fwd.model_state()
+    vid = fwd.vip_ids[vipname]
+    table = st.tables[vid]
+    bid = table[M.table_index(M.flow_hash(M.Flow.of(src, dst, 0, 0, proto)), len(table))]
+    be = st.backends[bid]
+    return str(ip_address(be.addr[:4] if be.family == 4 else be.addr))
+
+
+def test_fragments_of_an_all_ports_vip_follow_its_table(fwd) -> None:
+    frags = _fragments(CLIENT4, "10.1.1.2", "udp", 7, 5000, bytes(3000))
+    outs = [run(fwd, f) for f in frags]
+    assert [v for v, _ in outs] == [M.XDP_TX] * 3
+    assert {outer_dst(o) for _, o in outs} == {"10.2.2.1"}
+    assert fwd.counters()["events"]["frag_forwarded"] == 3
+
+
+@pytest.mark.parametrize("src,dst,proto,port,vipname", [
+    (CLIENT4, VIP4, "udp", 53, "dns4"), (CLIENT6, VIP6, "udp", 53, "dns6"),
+    (CLIENT4, VIP4, "tcp", 80, "web4"), (CLIENT6, VIP6, "tcp", 443, "web6"),
+])
+def test_large_datagram_to_the_only_port_vip_of_its_address_meets_one_backend(fwd, src, dst, proto, port, vipname) -> None:
+    """EDNS-sized UDP (and a fragmented TCP segment) to a port VIP: the address has exactly one
+    port VIP for the protocol, so every fragment, the first included, follows that VIP's table
+    by the 3-tuple and arrives intact inside GRE."""
+    frags = _fragments(src, dst, proto, 40001, port, bytes(range(256)) * 12)
+    want = _three_tuple_backend(fwd, vipname, src, dst, proto)
+    st = fwd.model_state()
+    for f in frags:
+        verdict, out = run(fwd, f)
+        assert verdict == M.XDP_TX, f.hex()
+        assert outer_dst(out) == want
+        assert out[-(len(f) - 14):] == f[14:], "inner fragment must be untouched"
+        assert out == M.process(st, f).data
     c = fwd.counters()
-    assert c["drops"]["fragment"] == 1 and c["events"]["frag_forwarded"] == 2
+    assert c["events"]["frag_forwarded"] == len(frags) and c["drops"].get("fragment", 0) == 0
+    assert fwd.conntrack_count() == 0, "fragments never create conntrack entries"
+
+
+def test_fragments_to_an_address_with_several_port_vips_keep_the_old_policy(fwd) -> None:
+    """Two UDP port VIPs on one address: a fragment cannot tell them apart, so the first one
+    (whose port has a VIP) is dropped and counted, the later ones go to the kernel. Removing
+    the second VIP brings the 3-tuple steering back."""
+    vips = base_vips() + [vip("sip4", VIP4, "udp", 5060, [be("s1", "10.2.4.1")])]
+    fwd.sync(vips)
+    assert (4, ip_address(VIP4).packed + bytes(12), 17) not in fwd.model_state().frag_vips
+    first, *later = _fragments(CLIENT4, VIP4, "udp", 7, 53, bytes(3000))
+    assert run(fwd, first)[0] == M.XDP_DROP
+    for f in later:
+        assert run(fwd, f) == (M.XDP_PASS, f)
+    assert fwd.counters()["drops"]["fragment"] == 1
+    # TCP on the same address still has one port VIP: its fragments are forwarded
+    tfirst = _fragments(CLIENT4, VIP4, "tcp", 7, 80, bytes(3000))[0]
+    assert run(fwd, tfirst)[0] == M.XDP_TX
+    fwd.sync(base_vips())
+    assert fwd.model_state().frag_vips[(4, ip_address(VIP4).packed + bytes(12), 17)] == fwd.vip_ids["dns4"]
+    assert run(fwd, first)[0] == M.XDP_TX
+
+
+def test_an_all_ports_vip_takes_the_fragments_before_a_port_vip(fwd) -> None:
+    vips = base_vips() + [vip("tcp2", "10.1.1.2", "tcp", 22, [be("t1", "10.2.5.1")]),
+                          vip("tcp2all", "10.1.1.2", "tcp", "all", [be("t2", "10.2.5.2")])]
+    fwd.sync(vips)
+    for f in _fragments(CLIENT4, "10.1.1.2", "tcp", 7, 22, bytes(3000)):
+        verdict, out = run(fwd, f)
+        assert verdict == M.XDP_TX and outer_dst(out) == "10.2.5.2"
+
+
+def test_rst_ends_the_tracked_flow(fwd) -> None:
+    """A client's RST is forwarded to the flow's backend and removes its conntrack entry (the
+    slot is free at once); a RST that misses conntrack creates none."""
+    syn = P.flow_packet(CLIENT4, VIP4, 40100, 80, tcp_flags=0x02)
+    rst = P.flow_packet(CLIENT4, VIP4, 40100, 80, tcp_flags=0x14)
+    v, out_syn = run(fwd, syn)
+    assert v == M.XDP_TX and fwd.conntrack_count() == 1
+    v, out_rst = run(fwd, rst)
+    assert v == M.XDP_TX and outer_dst(out_rst) == outer_dst(out_syn)
+    assert fwd.conntrack_count() == 0
+    stray = P.flow_packet(CLIENT4, VIP4, 40101, 80, tcp_flags=0x04)
+    assert run(fwd, stray)[0] == M.XDP_TX and fwd.conntrack_count() == 0
+    c = fwd.counters()["vips"]["web4"]
+    assert (c["new_flows"], c["ct_hits"]) == (1, 1)
+
+
+def test_fin_keeps_the_tracked_flow(fwd) -> None:
+    """The forwarder sees only the client's half: after the client's FIN the server may still
+    send for as long as it likes and the client's ACKs must reach the same backend, so a FIN
+    leaves the entry where it is (README: connection tracking)."""
+    run(fwd, P.flow_packet(CLIENT4, VIP4, 40102, 80, tcp_flags=0x02))
+    run(fwd, P.flow_packet(CLIENT4, VIP4, 40102, 80, tcp_flags=0x11))
+    assert fwd.conntrack_count() == 1
+    run(fwd, P.flow_packet(CLIENT4, VIP4, 40102, 80, tcp_flags=0x10))
+    assert fwd.counters()["vips"]["web4"]["ct_hits"] == 2
 
 
 def test_self_test_passes_and_leaves_no_trace(fwd) -> None:

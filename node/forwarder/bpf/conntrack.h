@@ -42,11 +42,12 @@ static __always_inline int rate_allows(const struct config *cfg, __u64 now)
 }
 
 /* ---- conntrack: the map, ct_lookup and ct_insert for the design this object is built for
- * (maglev.h explains both). The rest of the program sees only these two functions:
+ * (maglev.h explains both). The rest of the program sees only these three functions:
  *   ct_lookup(p, cfg, copy): the map's value for p's flow (to refresh last_seen in place), or
  *     NULL; *copy then holds a consistent copy of it.
  *   ct_insert(p, cfg, old, v): track p's flow with value v; old is ct_lookup's result for this
- *     packet (NULL when it missed or was skipped). 1 when the flow is now tracked. */
+ *     packet (NULL when it missed or was skipped). 1 when the flow is now tracked.
+ *   ct_forget(p, cfg): stop tracking p's flow. */
 #ifdef CT_DIRECT
 
 /* An array, not the kernel's LRU hash: the loader sets max_entries (a power of two) and
@@ -117,12 +118,32 @@ static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
 	return 1;
 }
 
+/* Stop tracking p's flow (a RST ended it): its slot goes back to empty (family 0). A flow
+ * that another CPU put into the same slot meanwhile would go too; it then follows the table. */
+static __always_inline void ct_forget(struct parsed *p, const struct config *cfg)
+{
+	__u32 hash = flow_hash_of(p), slot = hash & cfg->ct_mask;
+	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, &slot);
+
+	if (!e)
+		return;
+	*(volatile __u32 *)&e->seq = 1;
+	compiler_barrier();
+	e->key.family = 0;
+	compiler_barrier();
+	*(volatile __u32 *)&e->seq = hash & ~1u;
+}
+
 #else /* the kernel's LRU hash (default) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, DEFAULT_CT_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* per-CPU LRU lists: inserts do not contend */
+#ifdef CT_LRU_PERCPU
+	/* per-CPU LRU lists: each CPU holds max_entries / CPUs flows. Only for the bench's
+	 * comparison (bench/forwarder.py): slower inserts and an uneven-traffic displacement. */
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+#endif
 	__type(key, struct flow_key);
 	__type(value, struct ct_value);
 } conntrack SEC(".maps");
@@ -149,6 +170,13 @@ static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
 		return 1;
 	}
 	return bpf_map_update_elem(&conntrack, &p->fk, v, BPF_ANY) == 0;
+}
+
+/* Stop tracking p's flow (a RST ended it): the slot returns to the free list at once instead
+ * of waiting to be the least recently used. */
+static __always_inline void ct_forget(struct parsed *p, const struct config *cfg)
+{
+	bpf_map_delete_elem(&conntrack, &p->fk);
 }
 
 #endif /* CT_DIRECT */

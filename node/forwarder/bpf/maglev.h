@@ -46,6 +46,27 @@ struct vip_value {
 	__u32 flags;
 };
 
+/* Fragment keys, in the same vips map: {addr, port 0, proto, family | VIP_KEY_FRAG} -> the id
+ * of the ONE port VIP of (addr, proto) when there is exactly one and no "all ports" VIP. Every
+ * fragment of (addr, proto), the first included, then follows that VIP's table by the 3-tuple
+ * hash, so a datagram too large for one packet (EDNS, IKE, SIP) meets one backend. With
+ * several port VIPs user space writes no such key (a fragment cannot tell them apart). */
+#define VIP_KEY_FRAG 0x80
+#define VIP_KEYS_MAX (2 * MAX_VIPS) /* each VIP's key, plus at most one fragment key each */
+
+/* ---- address pre-filter: vip_addrs (array of VIP_FILTER_WORDS __u64) -----------------------
+ * One bit per hash of a destination address, set for every address that has a VIP (any
+ * protocol, port or family). The data path tests it before any hash lookup, so a packet that
+ * is not for a VIP address (the node's own BGP, BFD, health checks, SSH) costs one array load
+ * and no hash. A set bit only says "maybe": the vips lookup decides. Bit index (model.py,
+ * maps.vip_filter_bit):
+ *   i = ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) * 0x9e3779b1) >> (32 - VIP_FILTER_LOG2)
+ * over the address words as loaded (little-endian reads of wire bytes, IPv4 in addr[0]);
+ * word i / 64, bit i % 64. 4096 addresses leave ~6 % of other addresses passing the filter. */
+#define VIP_FILTER_LOG2 16
+#define VIP_FILTER_WORDS ((1 << VIP_FILTER_LOG2) / 64)
+#define VIP_FILTER_MUL 0x9e3779b1u
+
 /* ---- per-VIP metadata: vip_meta (array, mmapable) indexed by vip id ----------------------
  * Two table slots; the data path reads slot[active & 1]. User space writes the spare slot's
  * region of `tables`, then the spare slot's {offset,size}, then flips `active` with one

@@ -36,6 +36,7 @@ struct parsed {
 	__u8 df;
 	__u8 is_icmp_err;
 	__u8 syn;              /* TCP SYN without ACK: a new connection, conntrack not consulted */
+	__u8 rst;              /* TCP RST: the connection ends, its conntrack entry goes */
 	__u8 ihl;              /* IPv4 header length in bytes (ICMP frag-needed quote) */
 	__u8 hashed;           /* hash below is valid (flow_hash_of computes it at most once) */
 	__u32 hash;            /* flow_hash(&fk) */
@@ -56,6 +57,13 @@ static __always_inline __u32 flow_hash_of(struct parsed *p)
 #define P_OK 1
 #define P_MALFORMED 2  /* XDP_PASS, PASS_MALFORMED */
 #define P_V6_EXT 3     /* XDP_PASS, PASS_IPV6_EXT */
+
+/* What the TCP flags byte tells conntrack: SYN without ACK opens a connection, RST ends it. */
+static __always_inline void tcp_flags(struct parsed *p, __u8 flags)
+{
+	p->syn = (flags & 0x12) == 0x02;
+	p->rst = !!(flags & 0x04);
+}
 
 static __always_inline int is_l4(__u8 proto)
 {
@@ -133,7 +141,7 @@ static __always_inline int parse_v4(void *data, void *end, __u32 l3, struct pars
 	p->fk.sport_be = ports[0];
 	p->fk.dport_be = ports[1];
 	if (ip->protocol == IPPROTO_TCP && tot >= ihl + 14 && (void *)ports + 14 <= end)
-		p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
+		tcp_flags(p, ((__u8 *)ports)[13]);
 	return P_OK;
 }
 
@@ -222,7 +230,7 @@ static __always_inline int parse_v6(void *data, void *end, __u32 l3, struct pars
 	p->fk.dport_be = ports[1];
 	p->fk.proto = nh;
 	if (nh == IPPROTO_TCP && plen >= 14 && (void *)ports + 14 <= end)
-		p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
+		tcp_flags(p, ((__u8 *)ports)[13]);
 	return P_OK;
 }
 

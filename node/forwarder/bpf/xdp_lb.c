@@ -47,10 +47,17 @@ char LICENSE[] SEC("license") = "GPL";
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_VIPS);
+	__uint(max_entries, VIP_KEYS_MAX);
 	__type(key, struct vip_key);
 	__type(value, struct vip_value);
 } vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VIP_FILTER_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} vip_addrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -109,6 +116,17 @@ struct {
 
 /* ---- steering --------------------------------------------------------------------------- */
 
+/* May the destination address have a VIP? The address pre-filter of maglev.h: one inlined
+ * array load, so traffic for the node itself never pays for a hash lookup. */
+static __always_inline int vip_addr_maybe(const struct flow_key *fk)
+{
+	__u32 i = ((fk->dst[0] ^ fk->dst[1] ^ fk->dst[2] ^ fk->dst[3]) * VIP_FILTER_MUL) >>
+		  (32 - VIP_FILTER_LOG2);
+	__u32 w = i / 64;
+	__u64 *bits = bpf_map_lookup_elem(&vip_addrs, &w);
+
+	return bits && ((*bits >> (i % 64)) & 1);
+}
 
 /* Does the VIP described by meta own this flow? (The conntrack fast path checks this instead
  * of a second hash lookup: a compare of fields already in cache.) */
@@ -160,6 +178,8 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	__u8 dmac[6];
 	int hit = 0, inserted = 0, rc;
 
+	if (!vip_addr_maybe(&p->fk))
+		return XDP_PASS;
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
 		return XDP_PASS;
@@ -180,23 +200,27 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	vk.port_be = p->fk.dport_be;
 	vk.proto = p->fk.proto;
 	vk.family = p->fk.family;
+	/* the port's VIP, else the "all ports" VIP (a fragment's port is 0: that one first) */
 	vv = bpf_map_lookup_elem(&vips, &vk);
-	if (!vv) {
-		if (!vk.port_be && !p->frag_dport_be)
-			return XDP_PASS;
+	if (!vv && vk.port_be) {
 		vk.port_be = 0;
 		vv = bpf_map_lookup_elem(&vips, &vk);
-		if (!vv && p->is_frag) {
+	}
+	if (!vv && p->is_frag) {
+		/* the one port VIP of (addr, proto), if there is exactly one (maglev.h) */
+		vk.family |= VIP_KEY_FRAG;
+		vv = bpf_map_lookup_elem(&vips, &vk);
+		if (!vv && p->frag_dport_be) {
+			vk.family = p->fk.family;
 			vk.port_be = p->frag_dport_be;
 			if (bpf_map_lookup_elem(&vips, &vk)) {
 				count(DROP_FRAGMENT);
 				return XDP_DROP;
 			}
-			return XDP_PASS;
 		}
-		if (!vv)
-			return XDP_PASS;
 	}
+	if (!vv)
+		return XDP_PASS;
 	vip_id = vv->vip_id;
 	meta = bpf_map_lookup_elem(&vip_meta, &vip_id);
 	if (!meta)
@@ -222,7 +246,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 		be = bpf_map_lookup_elem(&backends, &be_id);
 		if (!be || be->vip_id != vip_id || be->state != BE_STATE_ACTIVE)
 			goto bad_backend;
-		if (!p->is_frag && !p->is_icmp_err && !selftest) {
+		if (!p->is_frag && !p->is_icmp_err && !selftest && !p->rst) {
 			/* last_seen matters for UDP expiry only: TCP entries store 0 and save
 			 * the clock read unless the rate limiter needs it. */
 			__u64 now = 0;
@@ -304,6 +328,8 @@ chosen:
 	if (selftest) {
 		count(SELF_TEST_PACKETS);
 	} else {
+		if (hit && p->rst)
+			ct_forget(p, cfg);
 		if (p->is_frag)
 			count(FRAG_FORWARDED);
 		if (p->is_icmp_err)

@@ -1,41 +1,49 @@
 """Forwarder cost per packet, measured with BPF_PROG_TEST_RUN (root).
 
 Method (see the datapath field notes): repeat=1 calls, never `repeat N` (the program would see
-its own encapsulated output from the second iteration on), averaged over >= 200k calls per
-case, 64-byte TCP frames (60 bytes + FCS). Both conntrack designs (forwarder.conntrack: "lru",
-the default, and "direct"; bpf/maglev.h explains the trade) are loaded side by side and
-measured in the same run, every case interleaved in rounds so drift hits them alike:
+its own encapsulated output from the second iteration on), >= 200k calls per case, 64-byte TCP
+frames (60 bytes + FCS). Every program is loaded side by side and every case interleaved in
+rounds, so drift and the other work on this shared machine hit them alike; each figure is the
+median over the rounds of that round's value, and comparisons are ratios within a round.
 
-- floor:       a bare XDP_TX program (bpf/xdp_floor.c): the fixed cost of a test-run call
-and per design:
+Floors (bpf/xdp_floor.c), the fixed cost of a test-run call:
+- floor:       a bare XDP_TX program, subtracted from the VIP cases
+- pass floor:  a bare XDP_PASS program (the test run then hands the frame to the kernel's
+               stack, which costs more than a bounce), subtracted from the non-VIP case
+Per program:
 - established: a VIP flow with a conntrack hit
-- new flow:    a VIP SYN that misses conntrack, hashes into the Maglev table and inserts
-               (distinct source address/port per call)
-- SYN, same:   the same SYN every call: the insert replaces the previous entry (warm
-               memory); shown because a bench that does not vary the flow measures this
-- non-VIP:     a TCP frame to an address that is no VIP (parse + conntrack and VIP lookups
-               that miss + XDP_PASS)
+- new flow:    a VIP SYN that hashes into the Maglev table and inserts (distinct source
+               address/port per call)
+- SYN, same:   the same SYN every call: the insert replaces the previous entry (warm memory);
+               shown because a bench that does not vary the flow measures this
+- non-VIP:     a TCP frame to an address with no VIP (the address pre-filter says no: XDP_PASS)
+Programs: the two designs (forwarder.conntrack "lru", the default, and "direct"; bpf/maglev.h
+explains the trade), "lru/percpu" (the same program with per-CPU LRU lists,
+BPF_F_NO_COMMON_LRU: the previous design, to show the choice), and with --reference REV the
+xdp_lb.c of that git revision in both designs ("REV lru", "REV direct"), compiled from
+`git archive` and run on the same VIP, table and backend maps (its own conntrack map): the
+"x REV" column is the median of the per-round ratios of the costs above the floor.
 
-For scale it also measures the kernel's LRU hash insert alone (bpf/xdp_floor.c: xdp_lru_insert,
-an LRU hash with conntrack's key and value, distinct keys per call): the part of the "lru"
-new-flow cost no program can avoid while it keeps an LRU conntrack.
+For scale it also measures the kernel's LRU hash insert alone, shared LRU and per-CPU lists
+(xdp_lru_insert*, conntrack's key and value, distinct keys per call): the part of the "lru"
+new-flow cost no program can avoid while it keeps an LRU conntrack. And (unless
+--no-displacement) the displacement check of the README: FLOWS distinct flows arriving on one
+CPU of a conntrack map of conntrack_size entries, then how many are still tracked, for the
+shared LRU and for per-CPU lists.
 
-Per case it prints the in-kernel ns/packet (the `duration` BPF_PROG_TEST_RUN reports, averaged
-over each round's calls; the median over the rounds, so a burst of other work on this 2-core
-machine moves one round, not the figure) and the cost above the floor; wall-clock ns/call (incl. the syscall and Python)
-is printed for reference. Targets: established <= 120 ns above the floor, new flow <= 280 ns.
-Katran, measured the same way on this kind of machine: ~149 and ~347 ns above its floor.
-
-    .venv/bin/python bench/forwarder.py [--calls 200000] [--rounds 8] [--conntrack lru,direct]
+    .venv/bin/python bench/forwarder.py [--calls 200000] [--rounds 8] [--reference main]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes as C
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from ipaddress import ip_address
 from pathlib import Path
@@ -43,12 +51,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.forwarder import build, libbpf, maps, packets  # noqa: E402
-from node.forwarder.loader import BackendSpec, VipSpec  # noqa: E402
-from node.forwarder.testing import temp_forwarder  # noqa: E402
+from node.forwarder.loader import BackendSpec, Forwarder, VipSpec  # noqa: E402
+from node.forwarder.testing import make_config, temp_bpffs  # noqa: E402
 
-TARGETS = {"established": 120.0, "new flow": 280.0}
-KATRAN = {"established": 149.0, "new flow": 347.0}
 VIP = "10.1.1.1"
+REPO = Path(__file__).resolve().parent.parent
+VIP_CASES = ("established", "new flow", "SYN, same")
 
 
 def vips() -> list[VipSpec]:
@@ -59,14 +67,15 @@ def vips() -> list[VipSpec]:
 
 
 class Case:
-    def __init__(self, name: str, prog_fd: int, frame: bytes, vary: bool = False, mode: str = ""):
+    def __init__(self, name: str, prog_fd: int, frame: bytes, vary: bool = False, prog: str = "",
+                 floor: "Case | None" = None):
         self.name = name
-        self.mode = mode  # conntrack design ("" for the reference programs)
+        self.prog = prog  # which program ("" for the reference programs)
+        self.floor = floor
         self.runner = libbpf.TestRun(prog_fd, 512)
         self.runner.set_packet(frame)
         self.vary = vary
         self.flow = 0
-        self.kernel_ns = 0
         self.wall_ns = 0
         self.calls = 0
         self.rounds_ns: list[float] = []
@@ -80,7 +89,7 @@ class Case:
         total = 0
         t0 = time.perf_counter_ns()
         if self.vary:
-            # distinct flows: source port bytes 34-35, low source address byte 29 (IPv4 frame)
+            # distinct flows: source port bytes 34-35, low source address bytes 28-29 (IPv4)
             f = self.flow
             for _ in range(calls):
                 f += 1
@@ -96,19 +105,90 @@ class Case:
                 run()
                 total += opts.duration
         self.wall_ns += time.perf_counter_ns() - t0
-        self.kernel_ns += total
         self.calls += calls
         self.rounds_ns.append(total / calls)
         self.verdicts.add(opts.retval)
+
+    def reset(self) -> None:
+        self.wall_ns = self.calls = 0
+        self.rounds_ns.clear()
 
     @property
     def ns(self) -> float:
         """Median over the rounds of the round's mean in-kernel ns per call."""
         return statistics.median(self.rounds_ns)
 
+    def above(self) -> list[float]:
+        """Per round: ns above this case's floor in the same round."""
+        assert self.floor is not None
+        return [a - b for a, b in zip(self.rounds_ns, self.floor.rounds_ns)]
+
+    @property
+    def above_ns(self) -> float:
+        return statistics.median(self.above())
+
+    @property
+    def ratio(self) -> float:
+        """Median over the rounds of case / floor."""
+        assert self.floor is not None
+        return statistics.median(a / b for a, b in zip(self.rounds_ns, self.floor.rounds_ns))
+
+    def versus(self, other: "Case") -> float:
+        """Median over the rounds of (self - floor) / (other - floor)."""
+        return statistics.median(a / b for a, b in zip(self.above(), other.above()) if b > 0)
+
     @property
     def wall(self) -> float:
         return self.wall_ns / self.calls
+
+
+def reference_objects(rev: str, out: Path) -> dict[str, Path]:
+    """xdp_lb.c of git revision rev, both designs, compiled into out (git archive + clang with
+    build.py's flags)."""
+    src = out / "src"
+    src.mkdir()
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "node/forwarder/bpf"],
+                          capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=arch, check=True)
+    bpf = src / "node" / "forwarder" / "bpf"
+    objs = {}
+    for design, flags in (("lru", ()), ("direct", ("-DCT_DIRECT",))):
+        obj = out / f"ref-{design}.o"
+        cmd = build._command(bpf / "xdp_lb.c", obj, flags)
+        cmd = [a for a in cmd if a != f"-I{build.BPF_DIR}"] + [f"-I{bpf}"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        objs[design] = obj
+    return objs
+
+
+def load_reference(path: Path, fwd: Forwarder, ct_size: int) -> libbpf.BpfObject:
+    """Load a reference object on fwd's maps (all but conntrack, which it keeps its own of)."""
+    obj = libbpf.BpfObject(path)
+    obj.set_max_entries("conntrack", maps.ct_slots(ct_size) if fwd.conntrack == "direct" else ct_size)
+    for name, fd in fwd.fds.items():
+        if name == "conntrack":
+            continue
+        with contextlib.suppress(KeyError):  # a map the reference does not have
+            obj.reuse_map_fd(name, fd)
+    obj.load()
+    return obj
+
+
+def count_entries(fd: int) -> int:
+    cur, nxt, n = None, maps.FlowKey(), 0
+    while libbpf.map_next_key(fd, C.byref(cur) if cur is not None else None, C.byref(nxt)) == 0:
+        n += 1
+        cur, nxt = nxt, (cur if cur is not None else maps.FlowKey())
+    return n
+
+
+def displacement(fwd: Forwarder, flows: int) -> int:
+    """Send ``flows`` distinct SYNs from this (one) CPU; how many does conntrack still hold?"""
+    fwd.conntrack_clear()
+    syn = packets.flow_packet("198.19.0.0", VIP, 1, 80, tcp_flags=0x02, size=60)
+    c = Case("displacement", fwd.prog_fd, syn, vary=True)
+    c.round(flows)
+    return count_entries(fwd.fds["conntrack"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,12 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=8, help="the calls are split into rounds; figures are medians")
     ap.add_argument("--conntrack-size", type=int, default=1_000_000,
                     help="conntrack entries (the config default); a full table evicts on insert")
-    ap.add_argument("--conntrack", default=",".join(maps.CONNTRACK_MODES),
-                    help="designs to measure, comma-separated (default: both)")
+    ap.add_argument("--reference", metavar="REV", help="also measure xdp_lb.c of this git revision")
+    ap.add_argument("--displacement-flows", type=int, default=800_000,
+                    help="flows for the one-CPU displacement check (0 to skip)")
     args = ap.parse_args(argv)
-    modes = [m for m in args.conntrack.split(",") if m]
-    if not modes or any(m not in maps.CONNTRACK_MODES for m in modes):
-        ap.error(f"--conntrack: choose from {', '.join(maps.CONNTRACK_MODES)}")
     if os.geteuid() != 0:
         print("bench/forwarder.py needs root (BPF)", file=sys.stderr)
         return 1
@@ -135,69 +213,84 @@ def main(argv: list[str] | None = None) -> int:
     syn = packets.flow_packet("198.18.0.0", VIP, 1, 80, tcp_flags=0x02, size=60)
     other = packets.flow_packet("192.0.2.1", "10.9.9.9", 40000, 80, size=60)
     assert len(est) == len(syn) == len(other) == 60
+    assert maps.vip_filter_bit(4, ip_address("10.9.9.9").packed + bytes(12)) != \
+        maps.vip_filter_bit(4, ip_address(VIP).packed + bytes(12)), "non-VIP frame must miss the pre-filter"
     floor_obj = libbpf.BpfObject(build.build("xdp_floor"))
     floor_obj.set_max_entries("lru_probe", ct_size)
+    floor_obj.set_max_entries("lru_probe_percpu", ct_size)
     floor_obj.load()
     counters: dict[str, dict] = {}
+    kept: dict[str, tuple[int, int]] = {}
+    refs: list[libbpf.BpfObject] = []
     try:
         with contextlib.ExitStack() as stack:
-            fwds = {}
-            cases = [Case("floor", floor_obj.prog_fd("xdp_floor"), est)]
-            for mode in modes:
-                fwd = stack.enter_context(temp_forwarder(table_capacity=1 << 18, conntrack_size=ct_size,
-                                                         conntrack=mode))
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlb-bench-")))
+            root = stack.enter_context(temp_bpffs())
+            tx = Case("floor", floor_obj.prog_fd("xdp_floor"), est)
+            px = Case("pass floor", floor_obj.prog_fd("xdp_pass_floor"), other)
+            cases = [tx, px]
+            fwds: dict[str, Forwarder] = {}
+            programs = [("lru", "lru", None), ("direct", "direct", None),
+                        ("lru/percpu", "lru", build.build("xdp_lb_percpu_lru"))]
+            for label, design, obj_path in programs:
+                fwd = Forwarder(make_config(root / label.replace("/", "-"), conntrack_size=ct_size,
+                                            conntrack=design), obj_path=obj_path, table_capacity=1 << 18)
+                fwd.open()
+                stack.callback(fwd.remove_pins)
+                stack.callback(fwd.close)
                 fwd.sync(vips())
-                fwd.test_run(est)  # the established flow's conntrack entry
-                fwds[mode] = fwd
-                cases += [Case("established", fwd.prog_fd, est, mode=mode),
-                          Case("new flow", fwd.prog_fd, syn, vary=True, mode=mode),
-                          Case("SYN, same", fwd.prog_fd, syn, mode=mode),
-                          Case("non-VIP", fwd.prog_fd, other, mode=mode)]
-            cases.append(Case("LRU insert", floor_obj.prog_fd("xdp_lru_insert"), syn, vary=True))
+                fwds[label] = fwd
+            progs: list[tuple[str, int]] = [(label, f.prog_fd) for label, f in fwds.items()]
+            if args.reference:
+                for design, path in reference_objects(args.reference, tmp).items():
+                    obj = load_reference(path, fwds[design], ct_size)
+                    refs.append(obj)
+                    progs.append((f"{args.reference} {design}", obj.prog_fd("xdp_lb")))
+            for label, fd in progs:
+                libbpf.TestRun(fd, 512).run(est)  # the established flow's conntrack entry
+                cases += [Case("established", fd, est, prog=label, floor=tx),
+                          Case("new flow", fd, syn, vary=True, prog=label, floor=tx),
+                          Case("SYN, same", fd, syn, prog=label, floor=tx),
+                          Case("non-VIP", fd, other, prog=label, floor=px)]
+            cases.append(Case("LRU insert", floor_obj.prog_fd("xdp_lru_insert"), syn, vary=True, floor=tx))
+            cases.append(Case("LRU insert/percpu", floor_obj.prog_fd("xdp_lru_insert_percpu"), syn,
+                              vary=True, floor=tx))
             for c in cases:
                 c.round(2000)  # warm up, then forget the warm-up
-                c.kernel_ns = c.wall_ns = c.calls = 0
-                c.rounds_ns.clear()
+                c.reset()
             for _ in range(args.rounds):
                 for c in cases:
                     c.round(per_round)
             counters = {m: f.counters()["vips"]["bench"] for m, f in fwds.items()}
+            if args.displacement_flows:
+                for label in ("lru", "lru/percpu"):
+                    kept[label] = (displacement(fwds[label], args.displacement_flows), fwds[label].ct_entries)
     finally:
+        for obj in refs:
+            obj.close()
         floor_obj.close()
 
-    floor = cases[0].ns
     print(f"forwarder bench: {cases[0].calls} repeat=1 BPF_PROG_TEST_RUN calls per case "
-          f"(median of {args.rounds} rounds), 64-byte TCP frames, CPU {cpu}, kernel {os.uname().release}, "
-          f"conntrack_size {ct_size}")
-    print(f"{'conntrack':<10} {'case':<12} {'ns/pkt':>8} {'above floor':>12} {'target':>8} {'Katran':>8} "
-          f"{'wall ns/call':>13}  verdict")
-    for c in cases:
-        tgt = TARGETS.get(c.name) if c.mode else None
-        kat = KATRAN.get(c.name) if c.mode else None
+          f"(median of {args.rounds} interleaved rounds), 64-byte TCP frames, CPU {cpu}, "
+          f"kernel {os.uname().release}, conntrack_size {ct_size}")
+    print(f"floors: XDP_TX {tx.ns:.1f} ns, XDP_PASS {px.ns:.1f} ns per call")
+    ref = args.reference
+    print(f"{'program':<14} {'case':<18} {'ns/pkt':>8} {'above floor':>12} {'x floor':>8}"
+          + (f" {'x ' + ref:>10}" if ref else "") + f" {'wall ns/call':>13}  verdict")
+    for c in cases[2:]:
         verdict = ",".join(libbpf.VERDICTS[v] for v in sorted(c.verdicts))
-        print(f"{c.mode or '-':<10} {c.name:<12} {c.ns:8.1f} {c.ns - floor:12.1f} {tgt if tgt else '':>8} "
-              f"{kat if kat else '':>8} {c.wall:13.1f}  {verdict}")
-    missed = []
-    for mode in modes:
-        parts = []
-        for name in ("established", "new flow"):
-            c = next(x for x in cases if x.mode == mode and x.name == name)
-            above = c.ns - floor
-            met = above <= TARGETS[name]
-            if not met:
-                missed.append(f"{mode} {name}")
-            parts.append(f"{name} {above:.1f} ns above floor ({above / KATRAN[name]:.2f} x Katran), "
-                         f"target <= {TARGETS[name]:.0f}: {'met' if met else 'MISSED'}")
-        print(f"conntrack {mode}: " + "; ".join(parts))
-    meets = [m for m in modes if not any(x.startswith(m + " ") for x in missed)]
-    print(f"meets both targets: {', '.join(meets) or 'neither design'}"
-          + (f"; misses: {', '.join(missed)}" if missed else ""))
-    lru = next(x for x in cases if x.name == "LRU insert")
-    print(f"kernel LRU hash insert alone (for scale): {lru.ns - floor:.1f} ns above floor")
-    for mode, cnt in counters.items():
-        print(f"VIP counters ({mode}): {cnt['ct_hits']} conntrack hits, {cnt['new_flows']} new flows")
-    # Figures are the product; a missed target is reported above, not as a failure exit, so
-    # `make bench` still runs every bench.
+        vs = ""
+        if ref:
+            design = c.prog.split("/")[0]
+            base = next((x for x in cases if x.prog == f"{ref} {design}" and x.name == c.name), None)
+            vs = f" {c.versus(base):10.2f}" if base is not None and base is not c else f" {'':>10}"
+        print(f"{c.prog or '-':<14} {c.name:<18} {c.ns:8.1f} {c.above_ns:12.1f} {c.ratio:8.2f}{vs} "
+              f"{c.wall:13.1f}  {verdict}")
+    for label, cnt in counters.items():
+        print(f"VIP counters ({label}): {cnt['ct_hits']} conntrack hits, {cnt['new_flows']} new flows")
+    for label, (n, entries) in kept.items():
+        print(f"displacement ({label}): {args.displacement_flows} flows on one CPU of a {entries}-entry map: "
+              f"{n} still tracked ({args.displacement_flows - n} displaced)")
     return 0
 
 

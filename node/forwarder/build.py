@@ -28,6 +28,9 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 OBJECTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "xdp_lb": ("xdp_lb", ()),
     "xdp_lb_direct": ("xdp_lb", ("-DCT_DIRECT",)),
+    # "lru" with per-CPU LRU lists (BPF_F_NO_COMMON_LRU), the design before the shared LRU:
+    # built only so bench/forwarder.py can show the choice, never loaded by the node
+    "xdp_lb_percpu_lru": ("xdp_lb", ("-DCT_LRU_PERCPU",)),
     "xdp_floor": ("xdp_floor", ()),
     "decap": ("decap", ()),
     "xdp_pass": ("xdp_pass", ()),

@@ -246,9 +246,13 @@ class Forwarder:
             log.warning("pinned conntrack map has %d entries, config asks %d (conntrack_size %d%s); "
                         "keeping the pinned one (remove %s to resize; that forgets every tracked flow)",
                         info.max_entries, self.ct_entries, self.config.conntrack_size,
-                        " rounded up to a power of two" if self.conntrack == "direct"
-                        else " rounded up to a multiple of the CPUs",
+                        " rounded up to a power of two" if self.conntrack == "direct" else "",
                         self.pin_dir / name)
+        if name == "conntrack" and info.map_flags & maps.BPF_F_NO_COMMON_LRU:
+            log.warning("pinned conntrack map %s has per-CPU LRU lists (made by an older version): "
+                        "each CPU holds only %d of its %d flows; keeping it with its tracked flows "
+                        "(remove it to get one shared LRU; that forgets every tracked flow)",
+                        self.pin_dir / name, info.max_entries // self._ncpu, info.max_entries)
         if name == "tables":
             self.table_capacity = info.max_entries * maps.TABLE_CHUNK
 

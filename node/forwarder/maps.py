@@ -136,13 +136,16 @@ def ct_slots(conntrack_size: int) -> int:
     return 1 << max(0, conntrack_size - 1).bit_length()
 
 
+BPF_F_NO_COMMON_LRU = 2  # per-CPU LRU lists (only the bench's comparison object has it)
+
+
 def ct_entries(conntrack_size: int, mode: str, ncpu: int) -> int:
     """The conntrack map's max_entries as the kernel reports it for a configured size: a power
-    of two ("direct"), or a multiple of the possible CPUs ("lru": the kernel rounds up so each
-    CPU's LRU list is the same length)."""
+    of two ("direct"), or the size itself ("lru": one LRU shared by the CPUs; only per-CPU
+    lists, which the forwarder no longer uses, would round it up to a multiple of the CPUs)."""
     if mode == "direct":
         return ct_slots(conntrack_size)
-    return -(-conntrack_size // ncpu) * ncpu
+    return conntrack_size
 
 
 class Config(C.Structure):

@@ -32,6 +32,7 @@ from node.forwarder.maps import (
     OUTER_TTL,
     Stat,
     addr_bytes,
+    vip_filter_bit,
 )
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
@@ -155,6 +156,12 @@ class ModelState:
 
     def count(self, reason: Stat) -> None:
         self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    def addr_maybe(self, addr: bytes) -> bool:
+        """The address pre-filter: is the bit of this 16-byte address set by some VIP's
+        address? (A hash bit, so other addresses may share it: the vips lookup decides.)"""
+        bits = {vip_filter_bit(fam, a) for fam, a, _, _ in self.vips}
+        return vip_filter_bit(0, addr) in bits
 
     def ct_slot(self, flow: Flow) -> int:
         """The "direct" slot of a flow."""
@@ -426,6 +433,14 @@ def process(st: ModelState, frame: bytes, now_ns: int = 0, selftest: bool = Fals
         if len(b) < 18:
             return Result(XDP_PASS, b)
         l2, ethertype = 18, _u16(b, 16)
+    if ethertype in (0x0800, 0x86DD):
+        # the address pre-filter (maglev.h), right after the fixed header's bounds check
+        dst = b[l2 + 16:l2 + 20] + bytes(12) if ethertype == 0x0800 else b[l2 + 24:l2 + 40]
+        if len(b) < l2 + (20 if ethertype == 0x0800 else 40):
+            st.count(_MALFORMED)
+            return Result(XDP_PASS, b, reason=_MALFORMED)
+        if not st.addr_maybe(dst):
+            return Result(XDP_PASS, b)
     try:
         if ethertype == 0x0800:
             p = _parse_v4(b, l2)

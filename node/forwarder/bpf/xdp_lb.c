@@ -116,12 +116,12 @@ struct {
 
 /* ---- steering --------------------------------------------------------------------------- */
 
-/* May the destination address have a VIP? The address pre-filter of maglev.h: one inlined
- * array load, so traffic for the node itself never pays for a hash lookup. */
-static __always_inline int vip_addr_maybe(const struct flow_key *fk)
+/* May the destination address have a VIP? The address pre-filter of maglev.h, on the XOR of
+ * the address's words: one inlined array load, so traffic for the node itself never pays for
+ * a hash lookup. */
+static __always_inline int vip_addr_maybe(__u32 folded)
 {
-	__u32 i = ((fk->dst[0] ^ fk->dst[1] ^ fk->dst[2] ^ fk->dst[3]) * VIP_FILTER_MUL) >>
-		  (32 - VIP_FILTER_LOG2);
+	__u32 i = (folded * VIP_FILTER_MUL) >> (32 - VIP_FILTER_LOG2);
 	__u32 w = i / 64;
 	__u64 *bits = bpf_map_lookup_elem(&vip_addrs, &w);
 
@@ -178,8 +178,6 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	__u8 dmac[6];
 	int hit = 0, inserted = 0, rc;
 
-	if (!vip_addr_maybe(&p->fk))
-		return XDP_PASS;
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
 		return XDP_PASS;
@@ -343,24 +341,52 @@ bad_backend:
 	return XDP_DROP;
 }
 
+/* The pre-filter comes before the parse: a packet whose destination address has no VIP (the
+ * node's own BGP, BFD, SSH, health checks) costs a bounds check, one load and one array
+ * lookup, and goes to the kernel. ICMP errors about a VIP flow are addressed to the VIP (the
+ * quoted packet came from it), so they pass the filter too. */
 static __always_inline int run(struct xdp_md *ctx, const __u32 l2, __u16 proto, int selftest)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	struct parsed p = {};
 	int r;
 
-	if (proto == bpf_htons(ETH_P_IP))
-		r = parse_v4(data, end, l2, &p);
-	else if (proto == bpf_htons(ETH_P_IPV6))
-		r = parse_v6(data, end, l2, &p);
-	else
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + l2;
+
+		if ((void *)(ip + 1) > end)
+			goto malformed;
+		if (!vip_addr_maybe(ip->daddr))
+			return XDP_PASS;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip = data + l2;
+		const __u32 *d;
+
+		if ((void *)(ip + 1) > end)
+			goto malformed;
+		d = ip->daddr.in6_u.u6_addr32;
+		if (!vip_addr_maybe(d[0] ^ d[1] ^ d[2] ^ d[3]))
+			return XDP_PASS;
+	} else {
 		return XDP_PASS;
-	if (r == P_OK)
-		return steer(ctx, l2, &p, selftest);
-	if (r == P_MALFORMED)
-		count(PASS_MALFORMED);
-	else if (r == P_V6_EXT)
+	}
+	{
+		struct parsed p = {};
+
+		if (proto == bpf_htons(ETH_P_IP))
+			r = parse_v4(data, end, l2, &p);
+		else
+			r = parse_v6(data, end, l2, &p);
+		if (r == P_OK)
+			return steer(ctx, l2, &p, selftest);
+	}
+	if (r == P_V6_EXT) {
 		count(PASS_IPV6_EXT);
+		return XDP_PASS;
+	}
+	if (r != P_MALFORMED)
+		return XDP_PASS;
+malformed:
+	count(PASS_MALFORMED);
 	return XDP_PASS;
 }
 

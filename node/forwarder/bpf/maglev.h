@@ -112,11 +112,14 @@ struct name {
  * (compiled with -DCT_DIRECT). Both key flows by struct flow_key and keep a struct ct_value;
  * they differ in what happens when a new flow arrives.
  *
- * "lru" (default): `conntrack` is the kernel's LRU hash (BPF_F_NO_COMMON_LRU: per-CPU LRU
- * lists, so inserts do not contend), flow_key -> ct_value. Below capacity no tracked flow is
- * ever displaced; above it the least recently used one goes. Exact, and slower: the kernel's
- * insert alone costs ~300 ns above the test-run floor here (bench/forwarder.py). With
- * per-CPU lists each CPU holds max_entries / possible CPUs of them.
+ * "lru" (default): `conntrack` is the kernel's LRU hash, flow_key -> ct_value, with one LRU
+ * shared by the CPUs (no BPF_F_NO_COMMON_LRU): per-CPU lists would let each CPU hold only
+ * max_entries / CPUs flows, so traffic that lands unevenly on the CPUs (one busy RSS queue)
+ * would be displaced while the map is half empty, and their inserts measured dearer here
+ * (bench/forwarder.py compares both). The shared LRU hands each CPU free entries 128 at a
+ * time, so below max_entries - 128 x CPUs flows no tracked flow is ever displaced, however
+ * they spread; above it the least recently used go. Exact, and slower than "direct": the
+ * kernel's insert alone costs a few hundred ns above the test-run floor here.
  *
  * "direct": `conntrack` is an array (mmapable) of struct ct_entry, a direct-mapped hash
  * table. Entry i holds the flow whose flow hash (below) has i in its low bits
@@ -136,7 +139,8 @@ struct name {
  * packet uses the other flow's entry, which ct_usable still checks (same VIP, backend in
  * service).
  *
- * In both designs a UDP hit refreshes last_seen_ns in place (one aligned 8-byte store). */
+ * In both designs a UDP hit refreshes last_seen_ns in place (one aligned 8-byte store), and a
+ * TCP RST that hits removes the entry ("direct": the slot's family becomes 0). */
 struct flow_key {
 	__u32 src[4];
 	__u32 dst[4];
@@ -203,10 +207,10 @@ enum stat_reason {
 	                            * (XDP cannot fragment) or an ICMP error being steered */
 	DROP_FIB,                  /* bpf_fib_lookup found no route or neighbour */
 	DROP_ADJUST,               /* bpf_xdp_adjust_head/tail refused */
-	DROP_FRAGMENT,             /* fragment for a port VIP address (ports unknown) */
+	DROP_FRAGMENT,             /* first fragment to one of several port VIPs of its address */
 	PASS_MALFORMED,            /* truncated or malformed: left to the kernel, which drops it */
 	PASS_IPV6_EXT,             /* IPv6 extension header other than one fragment header */
-	FRAG_FORWARDED,            /* fragment forwarded by the 3-tuple hash ("all ports" VIP) */
+	FRAG_FORWARDED,            /* fragment forwarded by the 3-tuple hash (see vip_key) */
 	ICMP_TOO_BIG_SENT,         /* frag-needed / packet-too-big answered to a client */
 	ICMP_STEERED,              /* inbound ICMP error sent to the backend owning the flow */
 	CT_INSERT_BYPASSED,        /* new flow not tracked: per-CPU insert rate exceeded */

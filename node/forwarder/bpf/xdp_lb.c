@@ -8,20 +8,27 @@
  * model and must stay byte-for-byte identical (tests/integration/test_forwarder_diff.py).
  *
  * Policies (mirrored in model.py):
+ * - Address pre-filter first (maglev.h): a packet whose destination address has no VIP goes
+ *   to the kernel after one array lookup, before any parse or hash lookup, uncounted.
  * - Ethernet with at most one 802.1Q tag; the tag is kept on the encapsulated frame.
  * - Truncated/malformed IP headers, or TCP/UDP without 4 bytes of ports: XDP_PASS, counted
  *   PASS_MALFORMED (the kernel drops them). Never forwarded.
  * - IPv4 options are allowed (skipped). IPv6: only a fragment header directly after the fixed
  *   header is understood; hop-by-hop/routing/destination options: XDP_PASS, PASS_IPV6_EXT.
- * - Fragments (IPv4 MF or offset, any IPv6 fragment header): forwarded by the 3-tuple hash
- *   (ports 0), without conntrack, when an "all ports" VIP owns (dst, proto). A first fragment
- *   whose ports match a port VIP is dropped (DROP_FRAGMENT): the rest of the datagram could not
- *   follow it. Any other fragment goes to the kernel.
+ * - Fragments (IPv4 MF or offset, any IPv6 fragment header) are forwarded by the 3-tuple hash
+ *   (ports 0), without conntrack, so every piece of a datagram meets one backend: by the
+ *   "all ports" VIP of (dst, proto) if there is one, else by the one port VIP of (dst, proto)
+ *   if there is exactly one (a fragment key, maglev.h), the first fragment included. With
+ *   several port VIPs a first fragment whose port has a VIP is dropped (DROP_FRAGMENT): the
+ *   rest of the datagram could not follow it. Any other fragment goes to the kernel.
  * - Conntrack (two designs, see maglev.h; CT_DIRECT picks one at build time): a TCP SYN (SYN
  *   set, ACK clear) skips the lookup and goes to the table, then inserts (Katran does the same).
- *   "lru" (default): the kernel's LRU hash; no tracked flow is displaced below capacity.
- *   "direct": an insert replaces whatever flow held the flow's slot. TCP entries never expire
- *   by time, UDP entries after config.udp_idle_ns without packets.
+ *   "lru" (default): the kernel's LRU hash, one LRU shared by the CPUs. "direct": an insert
+ *   replaces whatever flow held the flow's slot. TCP entries never expire by time, UDP entries
+ *   after config.udp_idle_ns without packets. A TCP RST is steered like its flow, then its
+ *   entry is removed (a RST that misses inserts none). A FIN changes nothing: the forwarder
+ *   sees only the client's half of the connection, and after the client's FIN the server may
+ *   still send for as long as it likes, each of the client's ACKs needing the same backend.
  * - ICMP errors (v4 type 3/11, v6 type 1/2/3) quoting a packet from a VIP flow are steered to
  *   the backend that owns the flow (conntrack, else table; no insert).
  * - Over the MTU after encapsulation: ICMP frag-needed (IPv4 with DF) / packet-too-big (IPv6)

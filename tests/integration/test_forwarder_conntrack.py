@@ -1,0 +1,115 @@
+"""The "lru" conntrack map's capacity as the README states it, on the real kernel map: one LRU
+shared by the CPUs, so flows that all arrive on one CPU can use the whole map (with per-CPU LRU
+lists each CPU would hold only conntrack_size / CPUs of them), and a full map evicts instead of
+refusing new flows. Also: address pre-filter and fragment keys follow the VIPs through syncs
+and a restart."""
+
+from __future__ import annotations
+
+import os
+from ctypes import c_uint32 as C_u32
+from ctypes import c_uint64 as C_u64
+from ipaddress import ip_address
+
+import pytest
+
+from node.forwarder import libbpf, maps, packets
+from node.forwarder import model as M
+from node.forwarder.loader import BackendSpec, Forwarder, VipSpec
+from node.forwarder.testing import make_config, temp_bpffs, temp_forwarder
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+VIP = "10.1.1.1"
+SIZE = 16384
+# the kernel's common LRU hands each CPU free entries 128 at a time (LOCAL_FREE_TARGET in
+# kernel/bpf/bpf_lru_list.c): below this many flows nothing is displaced, however the flows
+# spread over the CPUs (the README's guarantee)
+GUARANTEED = SIZE - 128 * libbpf.num_possible_cpus()
+
+
+def _vip(port: int = 80, name: str = "web", address: str = VIP, proto: str = "tcp") -> VipSpec:
+    b = BackendSpec("a", ip_address("10.2.0.1"), "active")
+    return VipSpec(name, ip_address(address), proto, port, (b,), ["a"] * 13)
+
+
+def _send_syns(fwd, count: int, first: int = 0) -> None:
+    """count distinct SYNs to the VIP, from this process's (single) CPU."""
+    runner = libbpf.TestRun(fwd.prog_fd, 512)
+    runner.set_packet(packets.flow_packet("198.18.0.0", VIP, 1, 80, tcp_flags=0x02, size=60))
+    for f in range(first, first + count):
+        runner.inp[28], runner.inp[29] = (f >> 24) & 0xFF, (f >> 16) & 0xFF
+        runner.inp[34], runner.inp[35] = (f >> 8) & 0xFF, f & 0xFF
+        runner.run_raw()
+        assert runner.opts.retval == M.XDP_TX
+
+
+@pytest.fixture
+def one_cpu():
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    yield
+    os.sched_setaffinity(0, before)
+
+
+def test_flows_arriving_on_one_cpu_can_fill_the_shared_lru(one_cpu) -> None:
+    with temp_forwarder(conntrack="lru", conntrack_size=SIZE) as fwd:
+        fwd.sync([_vip()])
+        assert fwd.ct_entries == SIZE
+        info = libbpf.map_info(fwd.fds["conntrack"])
+        assert not info.map_flags & maps.BPF_F_NO_COMMON_LRU
+        _send_syns(fwd, GUARANTEED)
+        assert fwd.conntrack_count() == GUARANTEED, "a tracked flow was displaced below capacity"
+        # past capacity the least recently used go, new flows are still tracked
+        _send_syns(fwd, SIZE, first=GUARANTEED)
+        assert GUARANTEED <= fwd.conntrack_count() <= SIZE
+        last = GUARANTEED + SIZE - 1
+        flow = M.Flow.of(f"198.18.{(last >> 24) & 0xFF}.{(last >> 16) & 0xFF}", VIP, last & 0xFFFF, 80, "tcp")
+        assert flow in fwd.model_state(with_conntrack=True).ct
+
+
+def test_address_filter_and_fragment_keys_follow_syncs_and_a_restart() -> None:
+    with temp_bpffs() as root:
+        cfg = make_config(root / "maglev")
+        fwd = Forwarder(cfg, table_capacity=1 << 16)
+        fwd.open()
+        try:
+            def words():
+                w = C_u64()
+                out = []
+                for i in range(maps.VIP_FILTER_WORDS):
+                    libbpf.lookup(fwd.fds["vip_addrs"], C_u32(i), w)
+                    out.append(w.value)
+                return out
+
+            def addrs(*a):
+                return maps.vip_filter_words(maps.addr_bytes(x) for x in a)
+
+            fwd.sync([_vip(), _vip(53, "dns", proto="udp"), _vip(443, "v6", "2001:db8::1")])
+            assert words() == addrs(VIP, "2001:db8::1")
+            st = fwd.model_state()
+            v4 = maps.addr_bytes(VIP)[1]
+            assert st.frag_vips == {(4, v4, 6): fwd.vip_ids["web"], (4, v4, 17): fwd.vip_ids["dns"],
+                                    (6, maps.addr_bytes("2001:db8::1")[1], 6): fwd.vip_ids["v6"]}
+            # a second TCP port VIP on the address: no TCP fragment key any more
+            fwd.sync([_vip(), _vip(53, "dns", proto="udp"), _vip(8080, "alt")])
+            assert words() == addrs(VIP)
+            assert fwd.model_state().frag_vips == {(4, v4, 17): fwd.vip_ids["dns"]}
+            # the VIP traffic is steered only while its address bit is set
+            frame = packets.flow_packet("192.0.2.1", VIP, 4000, 80)
+            assert fwd.test_run(frame)[0] == M.XDP_TX
+            i = maps.vip_filter_bit(4, v4)
+            libbpf.update(fwd.fds["vip_addrs"], C_u32(i // 64), C_u64(0))
+            assert fwd.test_run(frame) == (M.XDP_PASS, frame)
+            fwd.close()
+            # a restarted loader rebuilds the filter from the pinned VIPs before anything else
+            fwd = Forwarder(cfg, table_capacity=1 << 16)
+            fwd.open()
+            assert words() == addrs(VIP)
+            assert fwd.test_run(frame)[0] == M.XDP_TX
+            fwd.sync([])
+            assert words() == [0] * maps.VIP_FILTER_WORDS and fwd.model_state().frag_vips == {}
+        finally:
+            fwd.close()
+            fwd.remove_pins()
+

@@ -170,12 +170,27 @@ def test_fragment_policy() -> None:
     r1, r2 = M.process(st, first), M.process(st, later)
     # all-ports VIP: both pieces by the 3-tuple hash, to the same backend, no conntrack
     assert r1.verdict == r2.verdict == M.XDP_TX and r1.backend_id == r2.backend_id and not st.ct
-    # port VIP: the first fragment is dropped (counted); a later one goes to the kernel
+    # port VIP without a fragment key (the address has several for TCP): the first fragment
+    # is dropped (counted); a later one goes to the kernel
     tseg = P.l4("tcp", a("192.0.2.1")[:4], a(VIP4)[:4], 7, 80, bytes(40))
     tfirst = P.ether(P.ipv4("192.0.2.1", VIP4, 6, tseg, df=False, frag=0x2000), 0x0800)
     tlater = P.ether(P.ipv4("192.0.2.1", VIP4, 6, bytes(48), df=False, frag=6), 0x0800)
     assert M.process(st, tfirst).reason == Stat.DROP_FRAGMENT
     assert M.process(st, tlater).verdict == M.XDP_PASS
+    # with the fragment key of its only TCP port VIP: both pieces follow that VIP's table
+    st.frag_vips[(FAM_V4, a(VIP4), 6)] = 0
+    r1, r2 = M.process(st, tfirst), M.process(st, tlater)
+    assert r1.verdict == r2.verdict == M.XDP_TX and r1.backend_id == r2.backend_id
+    assert st.stats[Stat.FRAG_FORWARDED] == 4 and not st.ct
+
+
+def test_fragment_owners_only_for_a_single_port_vip() -> None:
+    from node.forwarder.maps import fragment_owners
+
+    keys = [(4, a(VIP4), 80, 6, 0), (4, a(VIP4), 53, 17, 1), (4, a(VIP4), 5353, 17, 2),
+            (4, a("10.1.1.9"), 22, 6, 3), (4, a("10.1.1.9"), 0, 6, 4)]
+    # UDP on VIP4 has two port VIPs, TCP on 10.1.1.9 an "all ports" VIP: neither gets a key
+    assert fragment_owners(keys) == {(4, a(VIP4), 6): 0}
 
 
 def test_too_big_answers_with_reduced_mtu() -> None:

@@ -115,8 +115,8 @@ struct name {
  * "lru" (default): `conntrack` is the kernel's LRU hash, flow_key -> ct_value, with one LRU
  * shared by the CPUs (no BPF_F_NO_COMMON_LRU): per-CPU lists would let each CPU hold only
  * max_entries / CPUs flows, so traffic that lands unevenly on the CPUs (one busy RSS queue)
- * would be displaced while the map is half empty, and their inserts measured dearer here
- * (bench/forwarder.py compares both). The shared LRU hands each CPU free entries 128 at a
+ * would be displaced while the map is half empty, and their inserts measured no cheaper
+ * here (bench/forwarder.py compares both). The shared LRU hands each CPU free entries 128 at a
  * time, so below max_entries - 128 x CPUs flows no tracked flow is ever displaced, however
  * they spread; above it the least recently used go. Exact, and slower than "direct": the
  * kernel's insert alone costs a few hundred ns above the test-run floor here.

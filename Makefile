@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # System packages: BPF toolchain, FRR for the router, tools the lab and tests drive.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps gcc openssl curl
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps gcc openssl curl prometheus chromium
 
 .PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf fuzz clean
 

@@ -184,6 +184,7 @@ class BfdDaemon(Supervised):
         self.log_path = self.dir / "bfdd.log"  # bfdd's stdout (--log stdout), written by us
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.session_transitions: dict[tuple[str, str], int] = {}  # (peer, new status) -> count
         self.last_error: str | None = None
         self._failures = 0
         self._started_at = 0.0
@@ -328,6 +329,8 @@ class BfdDaemon(Supervised):
                     log.info("BFD session with %s %s (was %s, diagnostic %s)", peer, new["status"],
                              info["status"], new.get("diagnostic"))
                 info["since"] = now
+                key = (peer, new["status"])
+                self.session_transitions[key] = self.session_transitions.get(key, 0) + 1
             info["status"], info["diagnostic"] = new["status"], new.get("diagnostic")
 
     def _set_all(self, status: str) -> None:

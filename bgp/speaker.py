@@ -123,6 +123,7 @@ class BgpSpeaker(Supervised):
         self.log_path = self.run_dir / "exabgp.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.session_transitions: dict[tuple[str, str], int] = {}  # (peer, new state) -> count
         self.last_error: str | None = None
         self._failures = 0
         self._closing = False
@@ -338,6 +339,8 @@ class BgpSpeaker(Supervised):
             self._wake.set()
         if s.state != state:
             s.state, s.since = state, time.time()
+            key = (peer, state)  # counted here, where it happens: a scrape would miss a quick flap
+            self.session_transitions[key] = self.session_transitions.get(key, 0) + 1
             self._notify(force=True)
 
     def _resolve_ack(self, ok: bool, error: str | None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from node import metrics
+from node import observe
 from node.config import ConfigError, check_vip_set, load_vip_sources, parse_vip_object
 from node.controller import Controller, atomic_write
 
@@ -74,9 +74,9 @@ def make_app(controller: Controller, token: str) -> web.Application:
             web.post(f"{API}/vips/{{name}}/backends/{{backend}}/{{action}}", post_backend_action),
             web.post(f"{API}/node/{{action}}", post_node_action),
             web.post(f"{API}/reload", post_reload),
-            web.get("/metrics", get_metrics),
         ]
     )
+    observe.register(app, controller)  # read-only: /metrics, the status page at /, events, conntrack
     return app
 
 
@@ -229,13 +229,6 @@ async def post_reload(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
     result = c.reload(f"POST {API}/reload")
     return web.json_response(result.__dict__, status=200 if result.ok else 400, dumps=_dumps)
-
-
-async def get_metrics(request: web.Request) -> web.Response:
-    c = request.app[CONTROLLER]
-    text = metrics.render(c, await _counters(c))
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 def _dumps(obj: Any) -> str:

@@ -27,6 +27,7 @@ from node.config import (
     vip_files,
 )
 from node.events import EventLog
+from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
 from node.reconcile import AdminState, Desired, Health, Inputs, TableCache, VipDecision, decide
 
@@ -89,7 +90,7 @@ class Controller:
         self.last_reload: ReloadResult | None = None
         self.desired: Desired | None = None
         self.tables = TableCache()
-        self.metrics = ControllerMetrics()
+        self.metrics = NodeMetrics()
 
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -225,6 +226,10 @@ class Controller:
                 self.mark_dirty()
 
     async def reconcile(self) -> Desired:
+        with self.metrics.reconcile_duration.time():
+            return await self._reconcile()
+
+    async def _reconcile(self) -> Desired:
         self._check_warmup(self._health_map())
         desired = decide(self._inputs(), self.tables)
         if self.warmup_over:
@@ -261,8 +266,7 @@ class Controller:
             self.events.emit("forwarder_sync_failed", self.forwarder_error + "; every VIP is withdrawn until it succeeds", level="error")
             self._applied_forwarder = None
             return False
-        self.metrics.sync_seconds = time.perf_counter() - started
-        self.metrics.syncs += 1
+        self.metrics.observe_sync(time.perf_counter() - started)
         if self.forwarder_error:
             self.events.emit("forwarder_sync_ok", "forwarder programmed again")
         self.forwarder_error = None
@@ -499,7 +503,8 @@ class Controller:
         shares = _shares(d) if d else {}
         total_weight = sum(b.weight for b in d.backends if b.serving) if d else 0
         vip_counters = (counters or {}).get("vips", {}).get(name, {})
-        backend_counters = (counters or {}).get("backends", {})
+        # Per (VIP, backend): a backend shared by several VIPs has figures of its own in each.
+        backend_counters = (counters or {}).get("vip_backends", {}).get(name, {})
         backends = []
         for b in vip.backends:
             bd = next((x for x in d.backends if x.key == b.key), None) if d else None
@@ -539,15 +544,6 @@ class Controller:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class ControllerMetrics:
-    def __init__(self) -> None:
-        self.reloads: dict[bool, int] = {}
-        self.transitions: dict[tuple[str, str, str], int] = {}
-        self.self_tests: dict[bool, int] = {}
-        self.syncs = 0
-        self.sync_seconds = 0.0
 
 
 def _resolve(path: Path, base: Path | None) -> Path:

@@ -1,113 +1,395 @@
-"""Prometheus text exposition for the node, written by hand (the format is small and stable).
+"""The node's Prometheus metrics, exposed through ``prometheus_client``.
 
-Names follow Prometheus conventions: a ``maglev_`` prefix, ``_total`` on counters, base units
-(seconds, bytes), labels for VIP and backend.
+Two kinds of figures:
+
+- **recorded as they happen** (``NodeMetrics``): reloads, health transitions, self-tests, and
+  histograms of reconcile, forwarder-sync and probe durations. The controller and the health
+  monitor feed them; prometheus_client's own Counter/Histogram objects keep them thread-safe.
+- **read at scrape time** from a ``Snapshot`` of the controller: VIP decisions, backend health,
+  table shares and digests, BGP/BFD sessions, the forwarder's counters.
+
+A scrape takes the snapshot on the event loop (only references and small copies: the decision
+objects are never mutated once made) and renders it in a worker thread, so a big pool does not
+stall health checks or BGP while Prometheus reads. Names follow Prometheus conventions: a
+``maglev_`` prefix, ``_total`` on counters, base units, labels for VIP and backend.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import gzip
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
-
-def _escape(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class Exposition:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._declared: set[str] = set()
-
-    def metric(self, name: str, kind: str, help_text: str,
-               samples: Iterable[tuple[dict[str, Any], float]]) -> None:
-        if name not in self._declared:
-            self.lines.append(f"# HELP {name} {help_text}")
-            self.lines.append(f"# TYPE {name} {kind}")
-            self._declared.add(name)
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            self.lines.append(f"{name}{{{label_text}}} {float(value):g}" if label_text else f"{name} {float(value):g}")
-
-    def render(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.process_collector import ProcessCollector
 
 BGP_STATES = ("idle", "connecting", "established")
-COUNTER_FIELDS = {
-    "packets": ("packets_total", "Packets forwarded"),
-    "bytes": ("bytes_total", "Bytes forwarded (inner packet length)"),
-    "new_flows": ("new_flows_total", "New flows hashed through the Maglev table"),
-    "ct_hits": ("conntrack_hits_total", "Packets that matched a connection-tracking entry"),
-    "ct_misses": ("conntrack_misses_total", "Packets that missed connection tracking"),
+BFD_STATES = ("up", "down", "init", "unknown")
+STAT_HELP = {
+    "packets": ("packets", "Packets forwarded"),
+    "bytes": ("bytes", "Bytes forwarded (inner packet length)"),
+    "new_flows": ("new_flows", "New flows hashed through the Maglev table (conntrack inserts)"),
+    "ct_hits": ("conntrack_hits", "Packets steered by a connection-tracking entry"),
+    "ct_misses": ("conntrack_misses", "Packets that missed connection tracking"),
 }
+# Durations of a reconcile or a forwarder sync: sub-millisecond with a few VIPs, seconds at
+# tens of thousands of backends.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+CONNTRACK_RECOUNT = 10.0  # seconds: counting a full LRU conntrack walks every key
+
+
+class NodeMetrics:
+    """Figures recorded when things happen; the snapshot covers the rest."""
+
+    def __init__(self) -> None:
+        self.reloads: dict[bool, int] = {}
+        self.transitions: dict[tuple[str, str, str], int] = {}
+        self.self_tests: dict[bool, int] = {}
+        self.syncs = 0
+        self.sync_seconds = 0.0
+        self.reconcile_duration = Histogram(
+            "maglev_reconcile_duration_seconds", "Time one reconcile took (decide, program, announce)",
+            buckets=DURATION_BUCKETS, registry=None)
+        self.sync_duration = Histogram(
+            "maglev_forwarder_sync_duration_seconds", "Time programming the forwarder's maps took",
+            buckets=DURATION_BUCKETS, registry=None)
+        self.probe_duration = Histogram(
+            "maglev_probe_duration_seconds", "Health probe latency, from start to verdict",
+            ["backend", "check"], buckets=PROBE_BUCKETS, registry=None)
+        self.probe_results = Counter(
+            "maglev_probe_results", "Health probe verdicts by result and reason",
+            ["backend", "check", "result", "reason"], registry=None)
+
+    def observe_sync(self, seconds: float) -> None:
+        self.syncs += 1
+        self.sync_seconds = seconds
+        self.sync_duration.observe(seconds)
+
+    def on_probe(self, target: Any, scheduled: float, started: float, result: Any) -> None:
+        """HealthMonitor's probe hook: one histogram sample and one verdict per probe."""
+        backend = f"{target.address}:{target.probe_port}" if target.probe_port else str(target.address)
+        check = target.check.type
+        self.probe_duration.labels(backend, check).observe(max(0.0, float(result.latency)))
+        verdict = "inconclusive" if result.inconclusive else ("ok" if result.ok else "fail")
+        self.probe_results.labels(backend, check, verdict, reason_class(result.reason)).inc()
+
+    def collectors(self) -> list[Any]:
+        return [self.reconcile_duration, self.sync_duration, self.probe_duration, self.probe_results]
+
+
+def reason_class(reason: str) -> str:
+    """A probe reason without its variable detail, so the label stays bounded: "exit 1: disk
+    full" -> "exit 1", "connection failed: [Errno 111] ..." -> "connection failed"."""
+    head = str(reason).split(":", 1)[0].strip()
+    return re.sub(r"\s+", " ", head)[:48] or "unknown"
+
+
+@dataclass
+class Snapshot:
+    """What one scrape reads, taken on the event loop."""
+
+    node_id: str
+    drained: bool
+    warmup_over: bool
+    forwarder_ok: bool
+    desired: Any
+    self_tests: dict[bool, int]
+    reloads: dict[bool, int]
+    last_reload_ok: bool
+    transitions: dict[tuple[str, str, str], int]
+    syncs: int
+    sync_seconds: float
+    table_builds: int
+    table_build_seconds: float
+    table_last_build_seconds: float
+    bgp: dict[str, Any]
+    announced: set[str]
+    speaker_up: bool
+    session_transitions: dict[tuple[str, str], int]
+    bfd_transitions: dict[tuple[str, str], int]
+    counters: dict[str, Any] = field(default_factory=dict)
+    conntrack: tuple[int, int] | None = None  # (in use, capacity)
+    conntrack_mode: str = ""
+
+
+def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None = None) -> Snapshot:
+    speaker = c.speaker
+    bfd = getattr(speaker, "bfd", None)
+    return Snapshot(
+        node_id=c.config.node_id,
+        drained=c.node_drained,
+        warmup_over=c.warmup_over,
+        forwarder_ok=c.self_test.ok and c.forwarder_error is None,
+        desired=c.desired,
+        self_tests=dict(c.metrics.self_tests),
+        reloads=dict(c.metrics.reloads),
+        last_reload_ok=c.last_reload.ok if c.last_reload else True,
+        transitions=dict(c.metrics.transitions),
+        syncs=c.metrics.syncs,
+        sync_seconds=c.metrics.sync_seconds,
+        table_builds=c.tables.builds,
+        table_build_seconds=c.tables.build_seconds,
+        table_last_build_seconds=c.tables.last_build_seconds,
+        bgp=speaker.status() or {},
+        announced=set(speaker.announced()),
+        speaker_up=bool(getattr(speaker, "healthy", False)),
+        session_transitions=dict(getattr(speaker, "session_transitions", {}) or {}),
+        bfd_transitions=dict(getattr(bfd, "session_transitions", {}) or {}) if bfd is not None else {},
+        counters=counters,
+        conntrack=conntrack,
+        conntrack_mode=str(getattr(c.config.forwarder, "conntrack", "")),
+    )
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=list(labels))
+
+
+class SnapshotCollector:
+    """A prometheus_client collector over one Snapshot."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.s = snap
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._node()
+        yield from self._vips()
+        yield from self._bgp()
+        yield from self._forwarder_counters()
+
+    def _node(self) -> Iterator[Any]:
+        s = self.s
+        info = InfoMetricFamily("maglev_node", "Node identity")
+        info.add_metric([], {"node": s.node_id})
+        yield info
+        for name, doc, value in (
+            ("maglev_node_drained", "1 when the operator drained the node", s.drained),
+            ("maglev_warmup_over", "1 once warm-up is over", s.warmup_over),
+            ("maglev_forwarder_up", "1 when the forwarder's last self-test passed", s.forwarder_ok),
+            ("maglev_config_last_reload_successful", "1 when the last reload was applied", s.last_reload_ok),
+            ("maglev_forwarder_last_sync_seconds", "Duration of the last forwarder programming", s.sync_seconds),
+            ("maglev_table_last_build_seconds", "Duration of the last Maglev table build", s.table_last_build_seconds),
+        ):
+            g = _gauge(name, doc)
+            g.add_metric([], float(value))
+            yield g
+        c = _counter("maglev_forwarder_self_tests", "Forwarder self-tests by result", ["result"])
+        for ok in (True, False):
+            c.add_metric(["pass" if ok else "fail"], s.self_tests.get(ok, 0))
+        yield c
+        c = _counter("maglev_config_reloads", "VIP config reloads by result", ["result"])
+        for ok in (True, False):
+            c.add_metric(["success" if ok else "failure"], s.reloads.get(ok, 0))
+        yield c
+        for name, doc, value in (
+            ("maglev_forwarder_syncs", "Times the forwarder was programmed (a table or backend state changed)", s.syncs),
+            ("maglev_table_builds", "Maglev tables built (cache misses)", s.table_builds),
+            ("maglev_table_build_seconds", "Time spent building Maglev tables", s.table_build_seconds),
+        ):
+            c = _counter(name, doc)
+            c.add_metric([], value)
+            yield c
+        if s.conntrack is not None:
+            used, capacity = s.conntrack
+            g = _gauge("maglev_conntrack_entries", "Tracked flows in the conntrack map", ["design"])
+            g.add_metric([s.conntrack_mode], used)
+            yield g
+            g = _gauge("maglev_conntrack_capacity", "Entries the conntrack map can hold", ["design"])
+            g.add_metric([s.conntrack_mode], capacity)
+            yield g
+
+    def _vips(self) -> Iterator[Any]:
+        s = self.s
+        vips = s.desired.vips if s.desired is not None else {}
+        announced = _gauge("maglev_vip_announced", "1 when this node decided to announce the VIP", ["vip", "address"])
+        confirmed = _gauge("maglev_vip_route_confirmed",
+                           "1 when ExaBGP acknowledged the VIP's route (compare maglev_vip_announced)", ["vip", "address"])
+        serving = _gauge("maglev_vip_serving_backends", "Backends with table entries", ["vip"])
+        digest = InfoMetricFamily("maglev_vip_table", "The VIP's Maglev table digest (same config: same digest on every node)",
+                                  labels=["vip"])
+        health = _gauge("maglev_backend_health", "Backend health state (1 for the current state)", ["vip", "backend", "health"])
+        bserving = _gauge("maglev_backend_serving", "1 when the backend has table entries", ["vip", "backend"])
+        share = _gauge("maglev_backend_table_share", "Fraction of the VIP's table entries that go to the backend", ["vip", "backend"])
+        expected = _gauge("maglev_backend_expected_share", "The backend's weight over the serving backends' weights", ["vip", "backend"])
+        for name, d in sorted(vips.items()):
+            addr = str(d.vip.address)
+            announced.add_metric([name, addr], int(d.announce))
+            confirmed.add_metric([name, addr], int(d.vip.prefix in s.announced))
+            serving.add_metric([name], len(d.serving))
+            digest.add_metric([name], {"digest": d.table.digest() if d.table else ""})
+            shares = d.table.shares() if d.table is not None and d.table.backends else {}
+            total = sum(b.weight for b in d.backends if b.serving)
+            for b in d.backends:
+                for state in ("up", "down", "unknown"):
+                    health.add_metric([name, b.key, state], int(b.health.value == state))
+                bserving.add_metric([name, b.key], int(b.serving))
+                share.add_metric([name, b.key], shares.get(b.key, 0.0))
+                expected.add_metric([name, b.key], b.weight / total if b.serving and total else 0.0)
+        yield from (announced, confirmed, serving, digest, health, bserving, share, expected)
+        t = _counter("maglev_backend_transitions", "Backend health transitions", ["vip", "backend", "to"])
+        for (vip, key, to), n in sorted(s.transitions.items()):
+            t.add_metric([vip, key, to], n)
+        yield t
+
+    def _bgp(self) -> Iterator[Any]:
+        s = self.s
+        state = _gauge("maglev_bgp_session_state", "BGP session state per peer (1 for the current state)", ["peer", "state"])
+        for peer, info in sorted((s.bgp.get("sessions") or {}).items()):
+            current = info.get("state") if isinstance(info, dict) else getattr(info, "state", "idle")
+            for st in BGP_STATES:
+                state.add_metric([peer, st], int(current == st))
+        yield state
+        yield self._transitions("maglev_bgp_session_transitions", "BGP session state changes per peer", s.session_transitions)
+        g = _gauge("maglev_bgp_speaker_up", "1 while ExaBGP is running under supervision")
+        g.add_metric([], int(s.speaker_up))
+        yield g
+        c = _counter("maglev_bgp_speaker_restarts", "Times ExaBGP was restarted by the node")
+        c.add_metric([], int(s.bgp.get("restarts") or 0))
+        yield c
+        g = _gauge("maglev_bgp_announced_routes", "Routes acknowledged by ExaBGP")
+        g.add_metric([], len(s.announced))
+        yield g
+        bfd = s.bgp.get("bfd") or {}
+        enabled = bool(bfd.get("enabled"))  # bgp.bfd.enabled; the families stay, empty, without it
+        up = _gauge("maglev_bfd_peer_up", "1 while the BFD session with the peer is up (bgp.bfd.enabled)", ["peer"])
+        for peer, info in sorted((bfd.get("peers") or {}).items() if enabled else ()):
+            up.add_metric([peer], int(info.get("status") == "up"))
+        yield up
+        yield self._transitions("maglev_bfd_session_transitions", "BFD session state changes per peer", s.bfd_transitions)
+        c = _counter("maglev_bfdd_restarts", "Times bfdd was restarted by the node (bgp.bfd.enabled)")
+        if enabled:
+            c.add_metric([], int(bfd.get("restarts") or 0))
+        yield c
+
+    @staticmethod
+    def _transitions(name: str, doc: str, data: dict[tuple[str, str], int]) -> CounterMetricFamily:
+        c = _counter(name, doc, ["peer", "to"])
+        for (peer, to), n in sorted(data.items()):
+            c.add_metric([peer, to], n)
+        return c
+
+    def _forwarder_counters(self) -> Iterator[Any]:
+        counters = self.s.counters
+        for stat, (suffix, doc) in STAT_HELP.items():
+            c = _counter(f"maglev_vip_{suffix}", f"{doc}, per VIP", ["vip"])
+            for name, vc in sorted(counters.get("vips", {}).items()):
+                c.add_metric([name], vc.get(stat, 0))
+            yield c
+        for stat, (suffix, doc) in STAT_HELP.items():
+            if stat == "ct_misses":  # a miss has no backend yet
+                continue
+            c = _counter(f"maglev_backend_{suffix}", f"{doc}, per VIP and backend", ["vip", "backend"])
+            for name, per in sorted(counters.get("vip_backends", {}).items()):
+                for key, bc in sorted(per.items()):
+                    c.add_metric([name, key], bc.get(stat, 0))
+            yield c
+        c = _counter("maglev_forwarder_drops", "Packets dropped by the forwarder, by reason", ["reason"])
+        for reason, n in sorted(counters.get("drops", {}).items()):
+            c.add_metric([reason], n)
+        yield c
+        c = _counter("maglev_forwarder_events", "Forwarder events that are not drops (passed, steered, bypassed...), by event",
+                     ["event"])
+        for event, n in sorted(counters.get("events", {}).items()):
+            c.add_metric([event], n)
+        yield c
+
+
+def registry_for(snap: Snapshot, recorded: NodeMetrics | None, describe: bool = False) -> CollectorRegistry:
+    """describe: learn each collector's names at registration (one extra pass), which
+    ``restricted_registry`` needs; a plain scrape skips it."""
+    registry = CollectorRegistry(auto_describe=describe)
+    registry.register(SnapshotCollector(snap))
+    for collector in (recorded.collectors() if recorded is not None else []):
+        registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def exposition(snap: Snapshot, recorded: NodeMetrics | None, accept: str = "", accept_encoding: str = "",
+               names: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for one scrape, negotiated as prometheus_client does it: OpenMetrics
+    when the Accept header asks for it, gzip when accepted, ``name[]`` to restrict the series.
+    Runs in a worker thread."""
+    registry = registry_for(snap, recorded, describe=bool(names))
+    if names:
+        registry = registry.restricted_registry(names)
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(registry)
+    headers = {"Content-Type": content_type}
+    if gzip_accepted(accept_encoding):
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return body, headers
 
 
 def render(controller: Any, counters: dict[str, Any]) -> str:
-    """Everything an operator graphs or alerts on, from one controller snapshot."""
-    ex = Exposition()
-    c = controller
-    d = c.desired
-    ex.metric("maglev_node_info", "gauge", "Node identity", [({"node": c.config.node_id}, 1)])
-    ex.metric("maglev_node_drained", "gauge", "1 when the operator drained the node", [({}, int(c.node_drained))])
-    ex.metric("maglev_warmup_over", "gauge", "1 once warm-up is over", [({}, int(c.warmup_over))])
-    fwd_ok = c.self_test.ok and c.forwarder_error is None
-    ex.metric("maglev_forwarder_up", "gauge", "1 when the forwarder's last self-test passed", [({}, int(fwd_ok))])
-    ex.metric("maglev_forwarder_self_tests_total", "counter", "Forwarder self-tests by result",
-              [({"result": "pass" if k else "fail"}, v) for k, v in sorted(c.metrics.self_tests.items())])
-    ex.metric("maglev_forwarder_sync_seconds", "gauge", "Duration of the last forwarder programming",
-              [({}, c.metrics.sync_seconds)])
-    ex.metric("maglev_forwarder_syncs_total", "counter", "Times the forwarder was programmed (a table or backend state changed)",
-              [({}, c.metrics.syncs)])
-    ex.metric("maglev_table_builds_total", "counter", "Maglev tables built (cache misses)",
-              [({}, c.tables.builds)])
-    ex.metric("maglev_table_build_seconds_total", "counter", "Time spent building Maglev tables",
-              [({}, c.tables.build_seconds)])
-    ex.metric("maglev_table_last_build_seconds", "gauge", "Duration of the last Maglev table build",
-              [({}, c.tables.last_build_seconds)])
-    ex.metric("maglev_config_reloads_total", "counter", "VIP config reloads by result",
-              [({"result": "success" if k else "failure"}, v) for k, v in sorted(c.metrics.reloads.items())])
-    last_ok = c.last_reload.ok if c.last_reload else True
-    ex.metric("maglev_config_last_reload_successful", "gauge", "1 when the last reload was applied",
-              [({}, int(last_ok))])
+    """The text exposition of one controller, synchronously (tests and tools; the API renders
+    in a worker thread through ``exposition``)."""
+    body, _ = exposition(snapshot(controller, counters), getattr(controller, "metrics", None))
+    return body.decode()
 
-    vips = d.vips if d else {}
-    ex.metric("maglev_vip_announced", "gauge", "1 when the VIP is announced to the routers",
-              [({"vip": n, "address": str(v.vip.address)}, int(v.announce)) for n, v in vips.items()])
-    ex.metric("maglev_vip_serving_backends", "gauge", "Backends with table entries",
-              [({"vip": n}, len(v.serving)) for n, v in vips.items()])
-    health_samples = []
-    for n, v in vips.items():
-        for b in v.backends:
-            health_samples.append(({"vip": n, "backend": b.key, "health": b.health.value}, 1))
-    ex.metric("maglev_backend_health", "gauge", "Backend health state (1 for the current state)", health_samples)
-    ex.metric("maglev_backend_serving", "gauge", "1 when the backend has table entries",
-              [({"vip": n, "backend": b.key}, int(b.serving)) for n, v in vips.items() for b in v.backends])
-    ex.metric("maglev_backend_transitions_total", "counter", "Backend health transitions",
-              [({"vip": vip, "backend": key, "to": to}, n) for (vip, key, to), n in sorted(c.metrics.transitions.items())])
 
-    bgp = c.speaker.status() or {}
-    sessions = bgp.get("sessions", {})
-    samples = []
-    for peer, info in sorted(sessions.items()):
-        state = info.get("state") if isinstance(info, dict) else getattr(info, "state", "idle")
-        for s in BGP_STATES:
-            samples.append(({"peer": peer, "state": s}, int(state == s)))
-    ex.metric("maglev_bgp_session_state", "gauge", "BGP session state per peer (1 for the current state)", samples)
-    ex.metric("maglev_bgp_speaker_up", "gauge", "1 while ExaBGP is running under supervision",
-              [({}, int(bool(getattr(c.speaker, "healthy", False))))])
-    bfd_peers = (bgp.get("bfd") or {}).get("peers") or {}
-    ex.metric("maglev_bfd_peer_up", "gauge", "1 while the BFD session with the peer is up (bgp.bfd.enabled)",
-              [({"peer": p}, int(i.get("status") == "up")) for p, i in sorted(bfd_peers.items())])
-    announced = c.speaker.announced()
-    ex.metric("maglev_bgp_announced_routes", "gauge", "Routes currently announced", [({}, len(announced))])
+class ConntrackCounter:
+    """Conntrack fill, recounted at most every CONNTRACK_RECOUNT seconds (an LRU count walks
+    every key with one syscall each; at a million flows that is seconds of a worker thread)."""
 
-    for field, (suffix, help_text) in COUNTER_FIELDS.items():
-        ex.metric(f"maglev_vip_{suffix}", "counter", f"{help_text}, per VIP",
-                  [({"vip": n}, vc.get(field, 0)) for n, vc in sorted(counters.get("vips", {}).items())])
-    for field in ("packets", "bytes", "new_flows"):
-        suffix, help_text = COUNTER_FIELDS[field]
-        ex.metric(f"maglev_backend_{suffix}", "counter", f"{help_text}, per backend",
-                  [({"backend": k}, bc.get(field, 0)) for k, bc in sorted(counters.get("backends", {}).items())])
-    ex.metric("maglev_forwarder_drops_total", "counter", "Packets dropped by the forwarder, by reason",
-              [({"reason": r}, n) for r, n in sorted(counters.get("drops", {}).items())])
-    return ex.render()
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._value: tuple[int, int] | None = None
+        self._at = float("-inf")
+
+    def read(self, forwarder: Any) -> tuple[int, int] | None:
+        """Called in a worker thread."""
+        if self._value is not None and self.clock() - self._at < CONNTRACK_RECOUNT:
+            return self._value
+        count = getattr(forwarder, "conntrack_count", None)
+        capacity = getattr(forwarder, "ct_entries", None)
+        if count is None or capacity is None:
+            return None
+        try:
+            self._value = (int(count()), int(capacity))
+        except Exception:  # a closed forwarder: no figure rather than a wrong one
+            return self._value
+        self._at = self.clock()
+        return self._value
+
+
+RATE_FIELDS = ("packets", "bytes", "new_flows", "ct_hits")
+
+
+def counter_rates(before: list[dict[str, Any]], after: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Per-second rates between two lists of VIP views (``vip_view``): {vip: {field: rate,
+    "backends": {key: {field: rate}}}}. A counter that went down (the forwarder's maps were
+    recreated) restarts from zero rather than giving a negative rate."""
+    if seconds <= 0:
+        return {}
+
+    def rate(old: dict[str, Any], new: dict[str, Any]) -> dict[str, float]:
+        out = {}
+        for f in RATE_FIELDS:
+            a, b = old.get(f), new.get(f)
+            if a is not None and b is not None:
+                out[f] = (b - a if b >= a else b) / seconds
+        return out
+
+    old_vips = {v["name"]: v for v in before}
+    out: dict[str, Any] = {}
+    for v in after:
+        old = old_vips.get(v["name"])
+        if old is None:
+            continue
+        old_b = {b["key"]: b.get("counters") or {} for b in old["backends"]}
+        entry: dict[str, Any] = rate(old.get("counters") or {}, v.get("counters") or {})
+        entry["backends"] = {b["key"]: rate(old_b.get(b["key"], {}), b.get("counters") or {})
+                             for b in v["backends"] if b["key"] in old_b}
+        out[v["name"]] = entry
+    return out

@@ -22,11 +22,15 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
         if controller_ref:
             controller_ref[0].mark_dirty()
 
+    def on_probe(*probe) -> None:  # every probe feeds the latency histogram and verdict counts
+        if controller_ref:
+            controller_ref[0].metrics.on_probe(*probe)
+
     # With bgp.bfd enabled the speaker also runs bfdd (own files in run_dir/bfd, owned by frr).
     speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change, bfd_dir=run_dir / "bfd")
     controller = Controller(
         config,
-        health_factory=lambda cb: HealthMonitor(on_transition=cb),
+        health_factory=lambda cb: HealthMonitor(on_transition=cb, on_probe=on_probe),
         speaker=speaker,
         forwarder=Forwarder(config.forwarder, table_capacity=config.forwarder.table_capacity),
         events=events,

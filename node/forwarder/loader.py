@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -776,6 +777,32 @@ class Forwarder:
         if self.conntrack == "lru":
             return len(libbpf.keys(self.fds["conntrack"], maps.FlowKey))
         return len(self._ct_used_slots())
+
+    def conntrack_flows(self, vip: str | None = None, limit: int | None = None) -> list[dict]:
+        """Tracked flows, in either design, for operators (``maglev conntrack``): source,
+        destination, protocol, the VIP and backend they are pinned to, and the age of the last
+        refresh (bpf_ktime_get_ns is CLOCK_MONOTONIC; TCP entries are refreshed on insert only)."""
+        self._require_open()
+        vips = {vid: name for name, vid in self.vip_ids.items()}
+        backends = {bid: key for (_, key), bid in self.backend_ids.items()}
+        now = time.monotonic_ns()
+        out = []
+        for k, v in self._ct_items():
+            name = vips.get(v.vip_id, f"#{v.vip_id}")
+            if vip is not None and name != vip:
+                continue
+            out.append({
+                "vip": name, "protocol": {6: "tcp", 17: "udp"}.get(k.proto, str(k.proto)),
+                "src": str(maps.bytes_addr(k.family, bytes(k.src))),
+                "sport": int.from_bytes(bytes(k.sport_be), "big"),
+                "dst": str(maps.bytes_addr(k.family, bytes(k.dst))),
+                "dport": int.from_bytes(bytes(k.dport_be), "big"),
+                "backend": backends.get(v.backend_id, f"#{v.backend_id}"),
+                "idle_seconds": round(max(0, now - v.last_seen_ns) / 1e9, 3),
+            })
+            if limit is not None and len(out) >= limit:
+                break
+        return out
 
     def conntrack_clear(self) -> None:
         """Forget every tracked flow (tests, and an operator's last resort)."""

@@ -62,6 +62,16 @@ def forwarded_packets(lab: Lab) -> dict[str, int]:
     return out
 
 
+def counter_delta(now: int | None, before: int | None) -> int | None:
+    """Packets since the last reading of a node's forwarder counter. None when there is no
+    reading now or none to compare with. A restarted node keeps its counters when its maps stay
+    pinned (the delta runs on from the reading before the crash); when they were recreated the
+    counter starts again from zero, so a smaller value is all new."""
+    if now is None or before is None:
+        return None
+    return now - before if now >= before else now
+
+
 class LiveTable:
     """Prints per-backend and per-node activity since the last print: requests each backend
     answered (seen by the client), packets the router sent each node ("in") and VIP packets
@@ -87,11 +97,12 @@ class LiveTable:
         for h in self.lab.plan.node_hosts:
             pk = ports.get(h.router_port, 0) - self.last_ports.get(h.router_port, 0)
             alive = "up" if self.lab.pid(h.name) else "DOWN"
-            # A restarted node's counters start again from zero.
-            fw = fwd[h.name] - self.last_fwd.get(h.name, 0) if h.name in fwd else None
-            fw_s = f"{max(fw, 0):>5}" if fw is not None else "    -"
+            fw = counter_delta(fwd.get(h.name), self.last_fwd.get(h.name))
+            fw_s = f"{fw:>5}" if fw is not None else "    -"
             nodes.append(f"{h.name}[{alive}]: {pk:>5} in, {fw_s} fwd")
-        self.last_ports, self.last_fwd = ports, fwd
+        # A node that did not answer this time (dead, restarting, slow) keeps its last reading:
+        # its next delta is then measured from there, not from zero.
+        self.last_ports, self.last_fwd = ports, {**self.last_fwd, **fwd}
         fails = len(self.load.failures)
         print(f"  {label:<10} backends  {backends}", flush=True)
         print(f"  {'':<10} nodes     {'  '.join(nodes)}   failed so far: {fails}", flush=True)

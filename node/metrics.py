@@ -176,7 +176,7 @@ class SnapshotCollector:
             ("maglev_warmup_over", "1 once warm-up is over", s.warmup_over),
             ("maglev_forwarder_up", "1 when the forwarder's last self-test passed", s.forwarder_ok),
             ("maglev_config_last_reload_successful", "1 when the last reload was applied", s.last_reload_ok),
-            ("maglev_forwarder_last_sync_seconds", "Duration of the last forwarder programming", s.sync_seconds),
+            ("maglev_forwarder_sync_seconds", "Duration of the last forwarder programming", s.sync_seconds),
             ("maglev_table_last_build_seconds", "Duration of the last Maglev table build", s.table_last_build_seconds),
         ):
             g = _gauge(name, doc)

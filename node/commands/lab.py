@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         sp = lab_sub.add_parser(name, help=helptext)
         sp.add_argument("index", type=int, metavar="J")
         sp.set_defaults(func=fn)
+    web = lab_sub.add_parser("web", help="open node I's status page from the host: relay 127.0.0.1:PORT to its API")
+    web.add_argument("index", type=int, metavar="I")
+    web.add_argument("--port", type=int, default=9180, help="port on the host's loopback (default 9180)")
+    web.set_defaults(func=_web)
     ex = lab_sub.add_parser("exec", help="run a command in a lab namespace: exec ROLE -- CMD...")
     ex.add_argument("role", help="router, client, node-I or backend-J")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
@@ -99,6 +103,25 @@ def _status(args: argparse.Namespace) -> int:
 
     st = _loaded().status()
     print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+@_guard
+def _web(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from lab.plan import API_PORT
+    from lab.web import relay
+
+    host = _loaded().plan.node(args.index)
+
+    def ready(port: int) -> None:
+        _say(f"{host.name}'s status page: http://127.0.0.1:{port}/  (metrics: /metrics; Ctrl-C stops)")
+
+    try:
+        asyncio.run(relay(host.ns, API_PORT, "127.0.0.1", args.port, ready))
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

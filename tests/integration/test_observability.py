@@ -208,3 +208,34 @@ def test_status_page_screenshot_is_not_blank(lab, tmp_path):
     assert len(colors) > 50 and other / (image.width * image.height) > 0.05, (len(colors), other)
     # The page's own blue (headers, bars) is there: the stylesheet came from the package.
     assert any(abs(c[0] - 0x2B) < 8 and abs(c[1] - 0x5F) < 8 and abs(c[2] - 0xA8) < 8 for _, c in colors)
+
+
+def test_lab_web_relays_the_page_to_the_host(lab):
+    """`maglev lab web I`: the page of a node (API on its namespace's 127.0.0.1) from the host."""
+    import asyncio
+    import threading
+
+    from lab.web import relay
+
+    loop = asyncio.new_event_loop()
+    port: list[int] = []
+    task = loop.create_task(relay(lab.n.name, 9180, "127.0.0.1", 0, port.append))
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass  # stopped by the test
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: port, 5, "the relay to listen")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port[0]}/?refresh=0", timeout=10) as r:
+            page = r.read().decode()
+        assert 'id="vip-web"' in page and f"{BACKENDS[0]}:8080" in page
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(timeout=5)

@@ -126,12 +126,13 @@ async def get_page_data(request: web.Request) -> web.Response:
 
 
 async def get_events(request: web.Request) -> web.Response:
-    """The event timeline; ``?since=TS`` returns only newer events (``maglev events --follow``)."""
+    """The event timeline; ``?since=TS`` returns the events from TS on (inclusive: two events
+    can share a millisecond; ``maglev events --follow`` skips those it printed)."""
     try:
         since = float(request.query.get("since", "0"))
     except ValueError:
         return _error(400, f"since={request.query['since']!r} is not a UNIX timestamp")
-    events = [e for e in list(request.app[OBSERVER].c.events.recent) if e["ts"] > since]
+    events = [e for e in list(request.app[OBSERVER].c.events.recent) if e["ts"] >= since]
     return web.json_response({"events": events}, dumps=_dumps)
 
 

@@ -780,8 +780,8 @@ class Forwarder:
 
     def conntrack_flows(self, vip: str | None = None, limit: int | None = None) -> list[dict]:
         """Tracked flows, in either design, for operators (``maglev conntrack``): source,
-        destination, protocol, the VIP and backend they are pinned to, and the age of the last
-        refresh (bpf_ktime_get_ns is CLOCK_MONOTONIC; TCP entries are refreshed on insert only)."""
+        destination, protocol, the VIP and backend they are pinned to, and for UDP the seconds
+        since the flow's last packet (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
         self._require_open()
         vips = {vid: name for name, vid in self.vip_ids.items()}
         backends = {bid: key for (_, key), bid in self.backend_ids.items()}
@@ -798,7 +798,8 @@ class Forwarder:
                 "dst": str(maps.bytes_addr(k.family, bytes(k.dst))),
                 "dport": int.from_bytes(bytes(k.dport_be), "big"),
                 "backend": backends.get(v.backend_id, f"#{v.backend_id}"),
-                "idle_seconds": round(max(0, now - v.last_seen_ns) / 1e9, 3),
+                # TCP entries store no time (only UDP expires by idleness): None, not "idle since boot"
+                "idle_seconds": round(max(0, now - v.last_seen_ns) / 1e9, 3) if v.last_seen_ns else None,
             })
             if limit is not None and len(out) >= limit:
                 break

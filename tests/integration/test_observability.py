@@ -239,3 +239,157 @@ def test_lab_web_relays_the_page_to_the_host(lab):
     finally:
         loop.call_soon_threadsafe(task.cancel)
         thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("mode", ["lru", "direct"])
+def test_conntrack_flows_lists_the_tracked_flows_of_either_design(mode):
+    """What `maglev conntrack` reads, from the real BPF maps of each design."""
+    from ipaddress import ip_address
+
+    from node.forwarder import packets as P
+    from node.forwarder.loader import BackendSpec, Forwarder, VipSpec
+    from node.forwarder.testing import make_config, temp_bpffs
+
+    backends = (BackendSpec("a", ip_address("10.2.0.1"), "active"), BackendSpec("b", ip_address("10.2.0.2"), "active"))
+    specs = [VipSpec("web", ip_address("10.1.1.1"), "tcp", 80, backends, ["a", "b"] * 6 + ["a"]),
+             VipSpec("api", ip_address("10.1.1.2"), "tcp", 443, backends[:1], ["a"] * 13),
+             VipSpec("dns", ip_address("10.1.1.3"), "udp", 53, backends[1:], ["b"] * 13)]
+    with temp_bpffs() as root:
+        f = Forwarder(make_config(root / "maglev", conntrack=mode), table_capacity=1 << 16)
+        f.open()
+        try:
+            f.sync(specs)
+            for i in range(5):
+                f.test_run(P.flow_packet("192.0.2.9", "10.1.1.1", 33000 + i, 80))
+            f.test_run(P.flow_packet("192.0.2.10", "10.1.1.2", 34000, 443))
+            flows = f.conntrack_flows()
+            assert len(flows) == 6 and f.conntrack_count() == 6
+            web = sorted((x for x in flows if x["vip"] == "web"), key=lambda x: x["sport"])
+            assert [x["sport"] for x in web] == list(range(33000, 33005))
+            assert {(x["src"], x["dst"], x["dport"], x["protocol"]) for x in web} == {("192.0.2.9", "10.1.1.1", 80, "tcp")}
+            assert {x["backend"] for x in web} <= {"a", "b"}
+            assert f.conntrack_flows(vip="api") == [
+                {"vip": "api", "protocol": "tcp", "src": "192.0.2.10", "sport": 34000, "dst": "10.1.1.2",
+                 "dport": 443, "backend": "a", "idle_seconds": None}]  # TCP: no idle time kept
+            assert len(f.conntrack_flows(limit=2)) == 2
+            f.test_run(P.flow_packet("192.0.2.11", "10.1.1.3", 35000, 53, "udp"))
+            (udp,) = f.conntrack_flows(vip="dns")
+            assert udp["protocol"] == "udp" and udp["sport"] == 35000 and udp["idle_seconds"] >= 0
+        finally:
+            f.close()
+            f.remove_pins()
+
+
+# ---------------------------------------------------------------------- the live CLI
+
+
+def cli(lab: NodeLab, *args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    argv = lab.n.exec_argv([sys.executable, "-m", "node.cli", *args])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).parents[2], env={**__import__("os").environ, **(env or {})})
+
+
+def test_top_once_shows_rates_per_vip_and_backend(lab):
+    import threading
+
+    stop = threading.Event()
+
+    def traffic() -> None:
+        port = 42000
+        while not stop.is_set():
+            send_syns_from(lab, port, 5)
+            port += 5
+            stop.wait(0.05)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        r = cli(lab, "top", "--once", "--json", "--interval", "1", "--api", API)
+    finally:
+        stop.set()
+        sender.join()
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows = {(x["vip"], x["backend"]): x for x in report["rows"]}
+    assert set(rows) == {("web", None)} | {("web", f"{b}:8080") for b in BACKENDS}
+    assert rows[("web", None)]["state"] == "announced" and rows[("web", None)]["rates"]["packets"] > 0
+    assert sum(rows[("web", f"{b}:8080")]["rates"]["new_flows"] for b in BACKENDS) > 0
+    r = cli(lab, "top", "--once", "--interval", "0.5", "--api", API)
+    assert r.returncode == 0 and "VIP / BACKEND" in r.stdout and f"-> {BACKENDS[0]}:8080" in r.stdout, r.stderr
+    assert "\x1b[" not in r.stdout  # not a terminal: no screen clearing in the output
+
+
+def send_syns_from(lab: NodeLab, first_port: int, n: int) -> None:
+    with in_netns(lab.r.name):
+        for port in range(first_port, first_port + n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.bind((ROUTER, port))
+            try:
+                s.connect((VIP, 80))
+            except BlockingIOError:
+                pass
+            s.close()
+
+
+def test_conntrack_lists_the_flows(lab):
+    r = cli(lab, "conntrack", "--vip", "web", "--limit", "5", "--api", API)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:4] == ["VIP", "PROTO", "SOURCE", "DESTINATION"]
+    assert len([x for x in lines if x.startswith("web ")]) == 5 and "limit reached" in lines[-1]
+    assert "design 'lru'" in lines[-1]
+    data = json.loads(cli(lab, "conntrack", "--json", "--limit", "1000", "--api", API).stdout)
+    assert len(data["flows"]) >= 20 and data["capacity"] >= 4096
+    assert {f["backend"] for f in data["flows"]} <= {f"{b}:8080" for b in BACKENDS}
+    assert all(f["src"] == ROUTER and f["dst"] == VIP and f["dport"] == 80 for f in data["flows"])
+    r = cli(lab, "conntrack", "--vip", "nope", "--api", API)
+    assert r.returncode == 2 and "no VIP named 'nope'" in r.stderr
+
+
+def test_events_enable_and_reload(lab):
+    r = cli(lab, "events", "--api", API)
+    assert r.returncode == 0 and "vip_announced: VIP web" in r.stdout, r.stderr
+    events = [json.loads(line) for line in cli(lab, "events", "--json", "--api", API).stdout.splitlines()]
+    assert {"node_started", "vip_announced", "table_rebuilt"} <= {e["event"] for e in events}
+    cfg = str(lab.node_file)
+    assert cli(lab, "disable", f"{BACKENDS[0]}:8080", "--vip", "web", "--config", cfg).returncode == 0
+    r = cli(lab, "enable", f"{BACKENDS[0]}:8080", "--vip", "web", "--config", cfg, "--json")
+    assert r.returncode == 0, r.stderr
+    states = {b["key"]: b["state"] for b in json.loads(r.stdout)["backends"]}
+    assert states[f"{BACKENDS[0]}:8080"] == "active"
+    assert "set to its configured state by operator" in cli(lab, "events", "--api", API).stdout
+    r = cli(lab, "reload", "--config", cfg)
+    assert r.returncode == 0 and "reload applied (POST /api/v1/reload)" in r.stdout, r.stderr
+    bad = lab.vip_dir / "zz-broken.yaml"
+    bad.write_text("vips: [{name: broken, address: 10.97.100.9, port: 80, table_size: 100, backends: []}]\n")
+    try:
+        r = cli(lab, "reload", "--config", cfg)
+        assert r.returncode == 1 and "reload rejected" in r.stderr and "zz-broken.yaml" in r.stderr, r.stderr
+    finally:
+        bad.unlink()
+    assert cli(lab, "reload", "--config", cfg).returncode == 0
+
+
+def test_output_is_safe_to_pipe(lab):
+    """A reader that leaves (head) ends the command without a traceback."""
+    argv = " ".join(lab.n.exec_argv([sys.executable, "-m", "node.cli", "top", "--interval", "0.2", "--api", API]))
+    r = subprocess.run(["bash", "-c", f"{argv} | head -n 3; echo \"status ${{PIPESTATUS[0]}}\""],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+    assert r.stdout.splitlines()[0].startswith("node itest-node") and "status 141" in r.stdout, r.stdout
+
+
+def test_shell_completion(lab, tmp_path):
+    r = cli(lab, "completion", "bash")
+    assert r.returncode == 0 and "complete" in r.stdout and "maglev" in r.stdout
+
+    def complete(line: str) -> list[str]:
+        out = tmp_path / "completions"
+        cli(lab, env={"_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line)),
+                      "_ARGCOMPLETE_STDOUT_FILENAME": str(out), "_ARGCOMPLETE_IFS": "\n"})
+        return out.read_text().split()
+
+    assert "top" in complete("maglev to") and "conntrack" in complete("maglev con")
+    assert "--follow" in complete("maglev events --fo")
+    assert complete(f"maglev conntrack --api {API} --vip w") == ["web"]  # from the running node

@@ -16,9 +16,12 @@ stall health checks or BGP while Prometheus reads. Names follow Prometheus conve
 
 from __future__ import annotations
 
+import gc
 import gzip
 import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -229,8 +232,8 @@ class SnapshotCollector:
             shares = d.table.shares() if d.table is not None and d.table.backends else {}
             total = sum(b.weight for b in d.backends if b.serving)
             for b in d.backends:
-                for state in ("up", "down", "unknown"):
-                    health.add_metric([name, b.key, state], int(b.health.value == state))
+                # The current state only: one series per backend keeps a big pool's scrape small.
+                health.add_metric([name, b.key, b.health.value], 1)
                 bserving.add_metric([name, b.key], int(b.serving))
                 share.add_metric([name, b.key], shares.get(b.key, 0.0))
                 expected.add_metric([name, b.key], b.weight / total if b.serving and total else 0.0)
@@ -319,6 +322,12 @@ def exposition(snap: Snapshot, recorded: NodeMetrics | None, accept: str = "", a
     """Body and headers for one scrape, negotiated as prometheus_client does it: OpenMetrics
     when the Accept header asks for it, gzip when accepted, ``name[]`` to restrict the series.
     Runs in a worker thread."""
+    with _collector_paused():
+        return _exposition(snap, recorded, accept, accept_encoding, names)
+
+
+def _exposition(snap: Snapshot, recorded: NodeMetrics | None, accept: str, accept_encoding: str,
+                names: list[str] | None) -> tuple[bytes, dict[str, str]]:
     registry = registry_for(snap, recorded, describe=bool(names))
     if names:
         registry = registry.restricted_registry(names)
@@ -329,6 +338,32 @@ def exposition(snap: Snapshot, recorded: NodeMetrics | None, accept: str = "", a
         body = gzip.compress(body)
         headers["Content-Encoding"] = "gzip"
     return body, headers
+
+
+_gc_lock = threading.Lock()
+_gc_renders = 0
+_gc_was_enabled = True
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a scrape renders. A big pool's exposition allocates
+    hundreds of thousands of short-lived objects; a full collection over them holds the GIL
+    for ~100 ms, stalling the event loop (measured by bench/metrics_scrape.py). Reference
+    counting frees them when the render ends, so nothing is left for the collector to find."""
+    global _gc_renders, _gc_was_enabled
+    with _gc_lock:
+        if _gc_renders == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_renders += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_renders -= 1
+            if _gc_renders == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def render(controller: Any, counters: dict[str, Any]) -> str:

@@ -181,3 +181,17 @@ async def test_maglev_vips_shows_each_vips_own_backend_figures(env):
     web = {b["key"]: b["counters"].get("packets") for b in env.c.vip_view("web", counters())["backends"]}
     api = {b["key"]: b["counters"]["packets"] for b in env.c.vip_view("api", counters())["backends"]}
     assert web["10.0.1.1"] == BIG - 7 and api == {"10.0.1.1": 50}
+
+
+async def test_a_render_leaves_the_garbage_collector_as_it_found_it(env):
+    import gc
+
+    assert gc.isenabled()
+    metrics.render(env.c, counters())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        metrics.render(env.c, counters())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -101,6 +101,11 @@ def test_live_metrics_are_clean_for_promtool(lab):
     probes = [s for s in fams["maglev_probe_duration_seconds"].samples if s.name.endswith("_count")]
     assert {s.labels["backend"] for s in probes} == {f"{b}:8080" for b in BACKENDS}
     assert "process_resident_memory_bytes" in fams
+    moves = {(s.labels["peer"], s.labels["to"]): s.value for s in fams["maglev_bgp_session_transitions"].samples
+             if s.name.endswith("_total")}
+    assert moves[(ROUTER, "established")] >= 1  # counted by the speaker as ExaBGP reported it
+    reconciles = {s.name: s.value for s in fams["maglev_reconcile_duration_seconds"].samples}
+    assert reconciles["maglev_reconcile_duration_seconds_count"] >= 1
 
 
 def test_rules_and_dashboard_name_only_what_a_live_node_exports(lab):

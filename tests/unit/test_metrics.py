@@ -195,3 +195,19 @@ async def test_a_render_leaves_the_garbage_collector_as_it_found_it(env):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_bgp_and_bfd_transitions_are_counted_where_they_happen(tmp_path):
+    from bgp import BgpSpeaker
+    from bgp.bfd import BfdDaemon
+    from tests.unit.test_bfd import bgp
+
+    d = BfdDaemon(bgp(bfd={"enabled": True}), tmp_path / "bfd")
+    for status in ("up", "down", "up", "up"):
+        d._update({"192.0.2.1": {"status": status, "diagnostic": None}})
+    assert d.session_transitions == {("192.0.2.1", "up"): 2, ("192.0.2.1", "down"): 1}
+    sp = BgpSpeaker(bgp(), tmp_path / "bgp")
+    for state in ("up", "up", "down", "connected", "up"):
+        sp._on_state({"address": {"peer": "192.0.2.1"}, "state": state})
+    assert sp.session_transitions == {("192.0.2.1", "established"): 2, ("192.0.2.1", "idle"): 1,
+                                      ("192.0.2.1", "connecting"): 1}

@@ -12,12 +12,12 @@ on a port and in directories of their own, stopped by PID in the fixtures.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -43,7 +43,7 @@ def lab():
     try:
         lab.build()
         wait_for(lambda: VIP in lab.routes(), 30, "the VIP to be announced to the router")
-        send_syns(lab, 20)
+        send_syns(lab, 41000, 20)
         yield lab
     except BaseException:
         if lab.node_proc is not None:
@@ -53,14 +53,15 @@ def lab():
         lab.teardown()
 
 
-def send_syns(lab: NodeLab, n: int) -> None:
-    """TCP SYNs from the router to the VIP: they cross the node's XDP forwarder (counted, one
-    conntrack entry per flow) and go on GRE-encapsulated; nobody answers, which is fine here."""
+def send_syns(lab: NodeLab, first_port: int, n: int) -> None:
+    """TCP SYNs from the router to the VIP, one flow per source port: they cross the node's
+    XDP forwarder (counted, one conntrack entry each) and go on GRE-encapsulated; nobody
+    answers, which is fine here."""
     with in_netns(lab.r.name):
-        for i in range(n):
+        for port in range(first_port, first_port + n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
-            s.bind((ROUTER, 41000 + i))
+            s.bind((ROUTER, port))
             try:
                 s.connect((VIP, 80))
             except BlockingIOError:
@@ -291,7 +292,7 @@ def test_conntrack_flows_lists_the_tracked_flows_of_either_design(mode):
 def cli(lab: NodeLab, *args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     argv = lab.n.exec_argv([sys.executable, "-m", "node.cli", *args])
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).parents[2], env={**__import__("os").environ, **(env or {})})
+                          cwd=Path(__file__).parents[2], env={**os.environ, **(env or {})})
 
 
 def test_top_once_shows_rates_per_vip_and_backend(lab):
@@ -302,7 +303,7 @@ def test_top_once_shows_rates_per_vip_and_backend(lab):
     def traffic() -> None:
         port = 42000
         while not stop.is_set():
-            send_syns_from(lab, port, 5)
+            send_syns(lab, port, 5)
             port += 5
             stop.wait(0.05)
 
@@ -323,18 +324,6 @@ def test_top_once_shows_rates_per_vip_and_backend(lab):
     assert r.returncode == 0 and "VIP / BACKEND" in r.stdout and f"-> {BACKENDS[0]}:8080" in r.stdout, r.stderr
     assert "\x1b[" not in r.stdout  # not a terminal: no screen clearing in the output
 
-
-def send_syns_from(lab: NodeLab, first_port: int, n: int) -> None:
-    with in_netns(lab.r.name):
-        for port in range(first_port, first_port + n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
-            s.bind((ROUTER, port))
-            try:
-                s.connect((VIP, 80))
-            except BlockingIOError:
-                pass
-            s.close()
 
 
 def test_conntrack_lists_the_flows(lab):

@@ -1,7 +1,8 @@
 """HealthMonitor: runs every target's probes on its own schedule and reports state changes.
 
-One asyncio task per target, so a slow probe (bounded by its timeout, which is below the interval)
-only ever delays its own target. Each target's first probe lands at a fixed offset inside its
+Probes run from one schedule (healthcheck.schedule: a heap and one timer, not a task per target);
+a slow probe (bounded by its timeout, which is below the interval) only ever delays its own
+target. Each target's first probe lands at a fixed offset inside its
 interval derived from a hash of the target, so thousands of backends are spread evenly rather
 than probed in one burst, and the spread is the same on every run and every node.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import xxhash
 
 from healthcheck.probes import Prober
+from healthcheck.schedule import Job, Schedule
 from healthcheck.state import StateMachine
 from healthcheck.types import ProbeResult, State, Target, TargetStatus, Transition
 
@@ -38,7 +39,7 @@ def first_offset(target: Target) -> float:
 class _Entry:
     target: Target
     machine: StateMachine
-    task: asyncio.Task[None] | None = None
+    job: Job | None = None
     active: bool = True
 
 
@@ -82,6 +83,7 @@ class HealthMonitor:
         self._entries: dict[Target, _Entry] = {}
         self._streams: list[asyncio.Queue[Transition | None]] = []
         self._prober: Prober | None = None
+        self._schedule: Schedule | None = None
         self._running = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -90,6 +92,7 @@ class HealthMonitor:
         if self._running:
             return
         self._prober = Prober(self._clock)
+        self._schedule = Schedule(self._prober, self._record)
         self._running = True
         for entry in self._entries.values():
             self._spawn(entry)
@@ -97,12 +100,11 @@ class HealthMonitor:
     async def stop(self) -> None:
         """Cancel every probe (exec children are killed and reaped) and end event streams."""
         self._running = False
-        tasks = [e.task for e in self._entries.values() if e.task is not None]
         for entry in self._entries.values():
-            entry.task = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            entry.job = None
+        if self._schedule is not None:
+            await self._schedule.close()
+            self._schedule = None
         if self._prober is not None:
             await self._prober.close()
             self._prober = None
@@ -118,8 +120,8 @@ class HealthMonitor:
         for target in [t for t in self._entries if t not in wanted]:
             entry = self._entries.pop(target)
             entry.active = False
-            if entry.task is not None:
-                entry.task.cancel()
+            if entry.job is not None:
+                entry.job.cancel()
         for target in wanted:
             if target not in self._entries:
                 entry = _Entry(target, StateMachine(target, self._clock()))
@@ -137,30 +139,9 @@ class HealthMonitor:
     # ------------------------------------------------------------------ probing
 
     def _spawn(self, entry: _Entry) -> None:
-        entry.task = asyncio.get_running_loop().create_task(
-            self._run(entry), name=f"health {entry.target.describe()}"
-        )
-
-    async def _run(self, entry: _Entry) -> None:
-        loop = asyncio.get_running_loop()
-        interval = entry.target.check.interval
-        next_at = loop.time() + first_offset(entry.target)
-        while entry.active:
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            started = loop.time()
-            assert self._prober is not None
-            result = await self._prober.probe(entry.target)
-            if not entry.active:
-                return  # removed while the probe was in flight: its verdict is meaningless
-            self._record(entry, next_at, started, result)
-            next_at += interval
-            now = loop.time()
-            if next_at < now:
-                # The loop stalled past a whole slot: skip the missed slots rather than bursting,
-                # and keep the target's phase so the spread holds.
-                next_at += math.ceil((now - next_at) / interval) * interval
+        assert self._schedule is not None
+        first_at = asyncio.get_running_loop().time() + first_offset(entry.target)
+        entry.job = self._schedule.add(entry.target, entry, first_at)
 
     def _record(self, entry: _Entry, scheduled: float, started: float, result: ProbeResult) -> None:
         if self._on_probe is not None:

@@ -4,10 +4,12 @@ A probe never raises for a network problem: it returns a ProbeResult with a shor
 operator can act on. The whole probe (connect, request, reading the reply) is bounded by the
 check's timeout.
 
-HTTP goes through one aiohttp session per Prober whose connector has ``force_close``: every probe
-opens a new connection, which is the point (a backend that cannot accept new connections is not
-healthy, whatever a kept-alive socket says), while the session's setup cost is paid once.
-TCP and HTTP probe sockets close with RST (see _LINGER_RST), and a timeout that only fired because
+tcp and plain http run on the lean path (healthcheck.lean): callbacks on one epoll set, a few
+system calls per probe, so one process checks thousands of backends a second. https goes
+through one aiohttp session per Prober whose connector has ``force_close`` (aiohttp does the TLS
+and the certificate checks). Either way every probe opens a new connection, which is the point
+(a backend that cannot accept new connections is not healthy, whatever a kept-alive socket says).
+TCP and HTTP probe sockets close with RST (see healthcheck.lean.LINGER_RST), and a timeout that only fired because
 this process was stalled is reported as inconclusive (see Prober.probe).
 """
 
@@ -22,13 +24,13 @@ import re
 import signal
 import socket
 import ssl
-import struct
 import time
 from typing import Any, Awaitable, Callable
 
 import aiohttp
 
 from healthcheck import dns
+from healthcheck.lean import LEAN_TYPES, LINGER_RST as _LINGER_RST, LeanProbes
 from healthcheck.types import ProbeResult, Target
 
 BODY_LIMIT = 64 * 1024  # bytes of an HTTP body searched for the expected text
@@ -76,11 +78,6 @@ def _family(target: Target) -> int:
     return socket.AF_INET6 if target.address.version == 6 else socket.AF_INET
 
 
-# close() on a socket with SO_LINGER {on, 0 s} sends RST and leaves no TIME_WAIT behind. A
-# checker opening 2000 connections a second would otherwise hold ~120k TIME_WAIT sockets, the
-# whole of a typical tcp_max_tw_buckets (131072), crowding out real traffic. HAProxy's checks
-# close the same way; the backend has already answered, so the reset loses nothing.
-_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def _rst_on_close(sock: socket.socket) -> socket.socket:
@@ -111,15 +108,14 @@ class Prober:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._lean: LeanProbes | None = None
         self._stalled = 0
         self._worst_stall = 0.0
         self._stall_logged_at = -STALL_LOG_EVERY
         self._regex_cache: dict[str, re.Pattern[str]] = {}
         self._status_cache: dict[tuple[str, ...], list[tuple[int, int]]] = {}
         self._probes: dict[str, Callable[[Target], Awaitable[str]]] = {
-            "tcp": self._tcp,
-            "http": self._http,
-            "https": self._http,
+            "https": self._http,  # tcp and http: see _lean_engine
             "udp": self._udp,
             "dns": self._dns,
             "exec": self._exec,
@@ -132,6 +128,9 @@ class Prober:
         await self.close()
 
     async def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+            self._lean = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -146,9 +145,39 @@ class Prober:
         checker would fail every in-flight probe together: a mass false DOWN. (Retrying at once
         was tried: in an overloaded moment the burst of retries made the next stall worse.)
         """
+        if target.check.type in LEAN_TYPES:
+            return await self._lean_probe(target)
         start = time.perf_counter()
         ok, reason, overrun = await self._attempt(target)
-        latency = time.perf_counter() - start
+        return self._verdict(ok, reason, time.perf_counter() - start, overrun)
+
+    def start(self, target: Target, done: Callable[[ProbeResult], None]) -> Any:
+        """Start one probe and return at once; ``done(result)`` is called from the event loop
+        unless the returned handle's ``cancel()`` is called first. What the monitor's scheduler
+        uses: tcp and http cost no task at all, the other types one task per probe."""
+        if target.check.type in LEAN_TYPES:
+            return self._lean_engine().start(target, done)
+        task = asyncio.get_running_loop().create_task(self.probe(target))
+        task.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))
+        return task
+
+    def _lean_engine(self) -> LeanProbes:
+        loop = asyncio.get_running_loop()
+        if self._lean is None or self._lean.loop is not loop:
+            self._lean = LeanProbes(
+                loop, self._verdict, self._status_ranges, self._regex, BODY_LIMIT, USER_AGENT, os_reason
+            )
+        return self._lean
+
+    async def _lean_probe(self, target: Target) -> ProbeResult:
+        future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
+        handle = self._lean_engine().start(target, lambda r: future.done() or future.set_result(r))
+        try:
+            return await future
+        finally:
+            handle.cancel()  # a no-op once the probe has its verdict
+
+    def _verdict(self, ok: bool, reason: str, latency: float, overrun: float) -> ProbeResult:
         if not ok and overrun > STALL_GRACE:
             self._note_stall(overrun)
             reason += f", but this checker was stalled {overrun:.2f} s past the deadline: not counted"
@@ -186,17 +215,6 @@ class Prober:
         except Exception as exc:  # noqa: BLE001 - a probe that raised would stop its target's schedule
             log.warning("health: probe of %s failed unexpectedly: %r", target.describe(), exc)
             return False, f"probe error: {type(exc).__name__}: {_short(exc)}", 0.0
-
-    # ---------------------------------------------------------------- tcp
-
-    async def _tcp(self, target: Target) -> str:
-        sock = _rst_on_close(socket.socket(_family(target), socket.SOCK_STREAM))
-        try:
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, _sockaddr(target, _need_port(target)))
-        finally:
-            sock.close()
-        return "connected"
 
     # ---------------------------------------------------------------- http
 
@@ -259,13 +277,15 @@ class Prober:
         text = body.decode("utf-8", errors="replace")
         if check.body is not None and check.body not in text:
             raise ProbeFailed("body did not match")
-        if check.body_regex is not None:
-            pattern = self._regex_cache.get(check.body_regex)
-            if pattern is None:
-                pattern = self._regex_cache.setdefault(check.body_regex, re.compile(check.body_regex))
-            if not pattern.search(text):
-                raise ProbeFailed("body did not match")
+        if check.body_regex is not None and not self._regex(check.body_regex).search(text):
+            raise ProbeFailed("body did not match")
         return f"HTTP {status}, body matched"
+
+    def _regex(self, text: str) -> re.Pattern[str]:
+        pattern = self._regex_cache.get(text)
+        if pattern is None:
+            pattern = self._regex_cache.setdefault(text, re.compile(text))
+        return pattern
 
     # ---------------------------------------------------------------- udp
 

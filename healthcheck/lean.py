@@ -19,6 +19,7 @@ https stays on the generic path (aiohttp does the TLS and certificate checks).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import heapq
 import math
@@ -51,6 +52,9 @@ _JIFFY = 0.004  # the kernel counts those milliseconds in jiffies (HZ >= 250)
 PLAN_CACHE_MAX = 200_000  # targets whose address and request are kept ready
 _EV_OUT = select.EPOLLOUT
 _EV_IN = select.EPOLLIN | select.EPOLLRDHUP
+# The C socket type, born non-blocking: the Python wrapper's __init__ and a setblocking() call
+# are a measurable share of a probe.
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _SOL_SOCKET, _SO_ERROR, _SO_LINGER = socket.SOL_SOCKET, socket.SO_ERROR, socket.SO_LINGER
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PATH_SAFE = "/?&=%:@!$'()*+,;~-._[]"
@@ -63,14 +67,14 @@ Done = Callable[[ProbeResult], None]
 class _Probe:
     """One probe in flight: its socket, where it is in the exchange, what ends it."""
 
-    __slots__ = ("sock", "fd", "done", "deadline", "slot", "started", "timeout", "finished",
-                 "request", "buf", "http")
+    __slots__ = ("engine", "sock", "fd", "done", "deadline", "slot", "started", "timeout",
+                 "finished", "request", "buf", "http")
 
     def cancel(self) -> None:
         """Abandon the probe without a verdict (its target was removed, the checker stops)."""
         if not self.finished:
             self.finished = True
-            self.sock.close()
+            self.engine._release(self)
 
 
 class LeanProbes:
@@ -107,7 +111,6 @@ class LeanProbes:
         """Abandon every probe in flight and leave the event loop."""
         for probe in list(self._by_fd.values()):
             probe.cancel()
-        self._by_fd.clear()
         self._slots.clear()
         self._slot_heap.clear()
         if self._timer is not None:
@@ -121,18 +124,19 @@ class LeanProbes:
     def start(self, target: Target, done: Done) -> _Probe:
         check: Any = target.check
         probe = _Probe()
+        probe.engine = self
         probe.done, probe.timeout, probe.finished = done, check.timeout, False
         probe.started = time.perf_counter()
         probe.deadline = self.loop.time() + check.timeout
         probe.buf = b""
-        probe.slot = -1
+        probe.slot = probe.fd = -1
         probe.http = check if check.type == "http" else None  # the check, for http only
         plan = self._plans.get(target)
         try:
             if plan is None:
                 plan = self._plan(target)
             family, address, probe.request = plan
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = _socket.socket(family, _STREAM_NONBLOCK)
         except _Refused as exc:
             return self._fail_soon(probe, str(exc))
         except OSError as exc:  # out of file descriptors, typically
@@ -140,7 +144,6 @@ class LeanProbes:
         probe.sock = sock
         probe.fd = sock.fileno()
         sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER_RST)
-        sock.setblocking(False)
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -190,7 +193,6 @@ class LeanProbes:
                 continue
             verdict = self._step_tcp(probe) if probe.http is None else self._step_http(probe)
             if verdict is not None:
-                by_fd.pop(fd, None)
                 finished.append((probe, *verdict))
         # Callbacks run after the whole batch: a callback that starts a probe could get a closed
         # probe's fd number, and a stale event of this batch must not be read as its own.
@@ -302,14 +304,20 @@ class LeanProbes:
                 ok, reason = False, f"timeout after {probe.timeout:g} s"
             else:
                 overrun = 0.0
-        probe.sock.close()  # RST (SO_LINGER 0); also leaves the epoll set
+        self._release(probe)
+        latency = time.perf_counter() - probe.started
+        probe.done(self._verdict(ok, reason, latency, overrun))
+
+    def _release(self, probe: _Probe) -> None:
+        """Close the socket (RST, SO_LINGER 0; it also leaves the epoll set) and forget it."""
+        probe.sock.close()
+        if self._by_fd.get(probe.fd) is probe:
+            del self._by_fd[probe.fd]  # the fd number may already be another probe's
         bucket = self._slots.get(probe.slot)
         if bucket is not None:
             bucket.discard(probe)
             if not bucket:
                 del self._slots[probe.slot]
-        latency = time.perf_counter() - probe.started
-        probe.done(self._verdict(ok, reason, latency, overrun))
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
@@ -327,7 +335,6 @@ class LeanProbes:
         while heap and (heap[0] * TIMER_GRAIN <= now or heap[0] not in slots):
             expired.extend(slots.pop(heapq.heappop(heap), ()))
         for probe in expired:
-            self._by_fd.pop(probe.fd, None)
             self._finish(probe, False, "", max(now, probe.deadline), expired=True)
         if heap and self._timer is None:
             self._arm(heap[0] * TIMER_GRAIN)

@@ -27,6 +27,7 @@ from healthcheck.types import ProbeResult, Target
 log = logging.getLogger("maglev.health")
 
 SLOT_GRAIN = 0.002  # seconds; how late a probe may start so that due probes start together
+BATCH = 256  # probes started per timer callback at most; the loop reads replies in between
 
 # (owner, scheduled loop time, actual start loop time, result)
 OnResult = Callable[[Any, float, float, ProbeResult], None]
@@ -114,10 +115,22 @@ class Schedule:
         # The timer may run a hair before its slot's time (the loop's clock resolution, float
         # rounding of slot * SLOT_GRAIN): a thousandth of a slot of slack keeps it from missing.
         now_slot = math.floor(loop.time() / SLOT_GRAIN + 1e-3)
+        budget = BATCH
         while heap and heap[0] <= now_slot:
-            for job in self._slots.pop(heapq.heappop(heap)):
+            slot = heapq.heappop(heap)
+            jobs = self._slots.pop(slot)
+            for i, job in enumerate(jobs):
+                if budget == 0:
+                    # Behind schedule (a stall): start the rest after the loop has read the
+                    # replies waiting for it, or a burst of starts would leave every verdict
+                    # unread past its deadline and the next round later still.
+                    self._slots[slot] = jobs[i:]
+                    heapq.heappush(heap, slot)
+                    self._arm(loop.time())
+                    return
                 if job.active:
                     self._launch(job)
+                    budget -= 1
         if heap:
             self._arm(max(heap[0] * SLOT_GRAIN, loop.time() + SLOT_GRAIN / 2))
 

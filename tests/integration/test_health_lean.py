@@ -236,3 +236,42 @@ async def test_monitor_probes_tcp_http_and_exec_side_by_side_on_schedule(tmp_pat
     assert counts["tcp"] >= 6 and counts["http"] >= 6 and counts["exec"] >= 1
     assert seen["http"] == counts["http"] and seen["exec"] == counts["exec"]  # removed: no more
     assert seen["tcp"] > counts["tcp"]
+
+
+async def test_after_a_stall_every_due_probe_starts_in_batches_and_none_is_lost(monkeypatch):
+    """A stall makes every target due at once; the schedule starts them BATCH at a time (reading
+    replies in between) and loses none: each target is probed after the stall, none fails."""
+    from healthcheck import schedule
+
+    monkeypatch.setattr(schedule, "BATCH", 16)
+    listeners = []
+    for _ in range(100):  # connects complete from the backlog; nobody needs to accept
+        listeners.append(socket.socket())
+        listeners[-1].bind(("127.0.0.1", 0))
+        listeners[-1].listen(64)
+    check = _checks.validate_python({"type": "tcp", "interval": 0.2, "timeout": 0.1})
+    local = ipaddress.ip_address("127.0.0.1")
+    targets = [Target(local, s.getsockname()[1], check) for s in listeners]
+    started: dict[Target, list[float]] = {t: [] for t in targets}
+    failures: list[str] = []
+
+    def on_probe(t: Target, scheduled: float, start: float, result: Any) -> None:
+        started[t].append(start)
+        if not result.ok and not result.inconclusive:
+            failures.append(f"{t.describe()}: {result.reason}")
+
+    loop = asyncio.get_running_loop()
+    mon = HealthMonitor(on_probe=on_probe)
+    mon.update(targets)
+    try:
+        await mon.start()
+        await asyncio.sleep(0.3)
+        time.sleep(0.4)  # every target falls due while the loop is held
+        after = loop.time()
+        await asyncio.sleep(0.3)
+    finally:
+        await mon.stop()
+        for s in listeners:
+            s.close()
+    assert not failures
+    assert all(any(s >= after for s in starts) for starts in started.values())

@@ -45,6 +45,7 @@ TIMER_GRAIN = 0.005
 # close the same way; the backend has already answered, so the reset loses nothing.
 LINGER_RST = struct.pack("ii", 1, 0)
 _READ_SIZE = 65536
+_HEAD_LIMIT = 65536  # bytes of status line and headers; a backend sending more is broken
 # struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_last_data_recv is the 12th.
 _LAST_DATA_RECV = 52
 _TCP_INFO_LEN = 56
@@ -253,6 +254,8 @@ class LeanProbes:
         while True:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
+                if len(buf) > _HEAD_LIMIT:
+                    return False, f"bad HTTP response: headers longer than {_HEAD_LIMIT} bytes"
                 if eof:
                     return False, ("server closed the connection without a response" if not buf
                                    else "bad HTTP response: closed inside the headers")

@@ -116,8 +116,9 @@ async def test_status_is_judged_without_waiting_for_the_body():
         ([OK_HEAD + b"Content-Le"], "bad HTTP response: closed inside the headers"),
         ([OK_HEAD + b"Content-Length: 10\r\n\r\nshort"], "bad HTTP response: closed before the end of the body"),
         ([OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"], "bad HTTP response: invalid chunk size b'zz'"),
+        ([OK_HEAD + b"X: " + b"y" * 70000], "bad HTTP response: headers longer than 65536 bytes"),
     ],
-    ids=["empty", "not-http", "cut-headers", "cut-body", "bad-chunk"],
+    ids=["empty", "not-http", "cut-headers", "cut-body", "bad-chunk", "endless-headers"],
 )
 async def test_broken_replies_are_named(reply: list[bytes], reason: str):
     async with Canned(reply) as srv:

@@ -8,6 +8,8 @@ Public API:
 - ``probe(target) -> ProbeResult``: one probe, for ``maglev check``; ``ProbeResult.inconclusive``
   marks a timeout caused by a stall of this process (not counted by the state machine)
 - ``StateMachine``: the pure rise/fall/dampening logic
+- ``Prober.start(target, done)``: start a probe without awaiting it (what the monitor's schedule
+  uses; tcp and http run as callbacks on one epoll set, see healthcheck.lean)
 """
 
 from healthcheck.monitor import HealthMonitor

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import _socket
 import asyncio
-import heapq
-import math
 import errno
+import heapq
+import logging
+import math
 import os
 import re
 import select
@@ -34,6 +35,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from healthcheck.types import ProbeResult, Target
+
+log = logging.getLogger("maglev.health")
 
 LEAN_TYPES = frozenset({"tcp", "http"})
 # Timeouts are swept by one timer; it fires at most this often, so a timeout may be reported up to
@@ -199,7 +202,7 @@ class LeanProbes:
         # probe's fd number, and a stale event of this batch must not be read as its own.
         now = self.loop.time()
         for probe, ok, reason in finished:
-            self._finish(probe, ok, reason, now)
+            self._finish_guarded(probe, ok, reason, now)
 
     def _connected(self, probe: _Probe) -> tuple[bool, str] | None:
         err = probe.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
@@ -311,6 +314,15 @@ class LeanProbes:
         latency = time.perf_counter() - probe.started
         probe.done(self._verdict(ok, reason, latency, overrun))
 
+    def _finish_guarded(self, probe: _Probe, ok: bool, reason: str, now: float,
+                        expired: bool = False) -> None:
+        """_finish for one probe of a batch: a callback that raises must not cost the rest of
+        the batch their verdicts (their targets would never be probed again)."""
+        try:
+            self._finish(probe, ok, reason, now, expired)
+        except Exception:  # noqa: BLE001
+            log.exception("health: a probe's verdict callback failed")
+
     def _release(self, probe: _Probe) -> None:
         """Close the socket (RST, SO_LINGER 0; it also leaves the epoll set) and forget it."""
         probe.sock.close()
@@ -338,7 +350,7 @@ class LeanProbes:
         while heap and (heap[0] * TIMER_GRAIN <= now or heap[0] not in slots):
             expired.extend(slots.pop(heapq.heappop(heap), ()))
         for probe in expired:
-            self._finish(probe, False, "", max(now, probe.deadline), expired=True)
+            self._finish_guarded(probe, False, "", max(now, probe.deadline), expired=True)
         if heap and self._timer is None:
             self._arm(heap[0] * TIMER_GRAIN)
 

@@ -1,6 +1,6 @@
 """HealthMonitor: runs every target's probes on its own schedule and reports state changes.
 
-Probes run from one schedule (healthcheck.schedule: a heap and one timer, not a task per target);
+Probes run from one schedule (healthcheck.schedule: slots and one timer, not a task per target);
 a slow probe (bounded by its timeout, which is below the interval) only ever delays its own
 target. Each target's first probe lands at a fixed offset inside its
 interval derived from a hash of the target, so thousands of backends are spread evenly rather

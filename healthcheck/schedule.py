@@ -156,8 +156,9 @@ class Schedule:
             return  # removed while the probe was in flight: its verdict is meaningless
         try:
             self._on_result(job.owner, scheduled, started, result)
-        finally:
-            self._reschedule(job)
+        except Exception:  # noqa: BLE001 - the schedule of this and every other target goes on
+            log.exception("health: handling the verdict on %s failed", job.target.describe())
+        self._reschedule(job)
 
     def _reschedule(self, job: Job) -> None:
         job.next_at += job.interval

@@ -276,3 +276,22 @@ async def test_after_a_stall_every_due_probe_starts_in_batches_and_none_is_lost(
             s.close()
     assert not failures
     assert all(any(s >= after for s in starts) for starts in started.values())
+
+
+async def test_a_raising_verdict_callback_costs_no_other_probe_its_verdict(caplog):
+    """Verdicts of one readiness batch are delivered one by one: if one callback raises, the
+    others still arrive. (The replies were read already: a verdict dropped here would only come
+    back as a false timeout.)"""
+    got: list[Any] = []
+
+    def broken(result: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    async with Canned([OK_HEAD + b"Content-Length: 2\r\n\r\nok"], close=False) as srv:
+        t = target(srv.port, timeout=0.5, interval=1)
+        async with Prober() as prober:
+            for i in range(20):
+                prober.start(t, broken if i % 2 else got.append)
+            await asyncio.sleep(0.8)  # past the timeout: every verdict is in by now
+    assert len(got) == 10 and all(r.ok for r in got), [r.reason for r in got]
+    assert "a probe's verdict callback failed" in caplog.text

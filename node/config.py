@@ -11,13 +11,25 @@ Public API:
 - ``load_vip_file(path) -> list[VipConfig]``
 - ``load_vip_dir(path) -> dict[str, VipConfig]`` (checks duplicates across files)
 - ``parse_vip_object(data, source) -> VipConfig`` (the API path)
+- ``validate_vip_set(found, node, source) -> list[ConfigProblem]``: every check a reload runs
+  over a whole candidate set (duplicates, the VIP count limit, what this node can serve)
+- ``load_node_vips(directory, node) -> dict[name, (path, VipConfig)]``: exactly what a reload
+  reads and validates
 - ``ConfigError`` carries a list of ``ConfigProblem`` (file, vip, field, message).
+
+Parsing is bounded (see "Limits" below): a file's size, YAML nesting depth and node count
+(aliases expanded), integer digits, VIPs, backends per VIP and table_size all have documented
+maxima, checked before the expensive step they guard, so no input can make the loader run for
+long or raise anything but ConfigError.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -55,6 +67,23 @@ IPAddress = Annotated[
 
 DEFAULT_TABLE_SIZE = 65537
 MIN_TABLE_SIZE = 7
+
+# --------------------------------------------------------------------------------------------
+# Limits. Each bounds the work one input can cause, with room for a fleet (issue 12: >= 4096
+# VIPs and 65536 VIP-backend pairs per node). The data path's own, lower limits are checked by
+# check_vips_for_node.
+# --------------------------------------------------------------------------------------------
+
+MAX_FILE_BYTES = 16 * 1024 * 1024  # one VIP or node file
+MAX_DIR_BYTES = 64 * 1024 * 1024  # all VIP files together
+MAX_VIP_FILES = 16384
+MAX_YAML_DEPTH = 64  # a valid VIP file nests 6 deep (vips, [], health_check, command, [])
+MAX_YAML_NODES = 4_000_000  # scalars and collections in one file, aliases expanded
+MAX_INT_DIGITS = 20  # every integer field fits 64 bits
+MAX_VIPS = 16384  # VIPs per node
+MAX_BACKENDS_PER_VIP = 4096
+MAX_TABLE_SIZE = 16_777_216  # 2^24; the largest prime below it is 16,777,213
+MAX_PROBLEMS = 100  # reported per error; the rest are counted
 VIP_FILE_SUFFIXES = (".yaml", ".yml")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -62,7 +91,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 class Strict(BaseModel):
     """Base for every config object: unknown keys are errors, objects are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or NaN anywhere: an interval of .inf would stop a check forever without a word.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +248,7 @@ class VipConfig(Strict):
     protocol: Literal["tcp", "udp"] = "tcp"
     port: int | Literal["all"] = Field(..., description="a port 1-65535, or 'all'")
     table_size: int = DEFAULT_TABLE_SIZE
-    backends: list[Backend] = Field(default_factory=list)
+    backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_VIP)
     health_check: HealthCheck | None = None
     announce: AnnouncePolicy = Field(default_factory=AnnouncePolicy)
 
@@ -243,6 +273,9 @@ class VipConfig(Strict):
     def _table_prime(cls, v: int) -> int:
         if v < MIN_TABLE_SIZE:
             raise ValueError(f"table_size {v} is too small (minimum {MIN_TABLE_SIZE})")
+        if v > MAX_TABLE_SIZE:
+            raise ValueError(f"table_size {v} exceeds the maximum of {MAX_TABLE_SIZE} "
+                             "(the largest prime below it is 16777213)")
         if not is_prime(v):
             raise ValueError(f"table_size {v} is not prime (Maglev needs a prime; e.g. 65537 or 655373)")
         return v
@@ -283,10 +316,6 @@ class VipConfig(Strict):
         if backend.port:
             return backend.port
         return self.port if isinstance(self.port, int) else None
-
-
-class VipFile(Strict):
-    vips: list[VipConfig] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,8 +497,37 @@ class ConfigProblem:
 
 class ConfigError(Exception):
     def __init__(self, problems: list[ConfigProblem]):
+        if len(problems) > MAX_PROBLEMS:  # 4096 broken backends need not make a 4096-line error
+            more = len(problems) - MAX_PROBLEMS
+            problems = problems[:MAX_PROBLEMS] + [
+                ConfigProblem(problems[MAX_PROBLEMS].file, None, None, f"... and {more} more problem(s)")]
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+def _problem(source: str, message: str, vip: str | None = None, field: str | None = None) -> ConfigError:
+    return ConfigError([ConfigProblem(source, vip, field, message)])
+
+
+class Deadline:
+    """The time budget of one load, checked between files, VIPs and every few thousand YAML
+    events: a load that runs out stops itself with a ConfigError instead of running on in its
+    worker thread. The limits keep any single step short, so the checks come often enough."""
+
+    def __init__(self, seconds: float, clock=time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.at = clock() + seconds
+
+    def check(self, source: str) -> None:
+        if self.clock() > self.at:
+            raise _problem(source, f"reading and validating the VIP files took longer than the budget "
+                           f"of {self.seconds:g} s; nothing was applied (split or shrink the files)")
+
+
+def _check_deadline(deadline: Deadline | None, source: str) -> None:
+    if deadline is not None:
+        deadline.check(source)
 
 
 def _loc_to_field(loc: tuple[Any, ...]) -> str:
@@ -489,40 +547,123 @@ def _clean_msg(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _problems_from_validation(
-    exc: ValidationError, file: str, data: Any, vips_key: bool
-) -> list[ConfigProblem]:
+def _problems_from_validation(exc: ValidationError, file: str, vip: str | None = None) -> list[ConfigProblem]:
     problems = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        vip = None
-        if vips_key and len(loc) >= 2 and loc[0] == "vips" and isinstance(loc[1], int):
-            vip = _vip_name_at(data, loc[1])
-            loc = loc[2:]
+    for err in exc.errors(include_url=False, include_input=False):
         msg = _clean_msg(err["msg"])
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/ for every valid key)"
-        problems.append(ConfigProblem(file, vip, _loc_to_field(loc) or None, msg))
+        problems.append(ConfigProblem(file, vip, _loc_to_field(tuple(err["loc"])) or None, msg))
     return problems
 
 
-def _vip_name_at(data: Any, index: int) -> str:
-    try:
-        name = data["vips"][index].get("name")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        name = None
-    return str(name) if name else f"#{index}"
+def _vip_name_at(item: Any, index: int) -> str:
+    name = item.get("name") if isinstance(item, dict) else None
+    if isinstance(name, str) and NAME_RE.match(name):
+        return name
+    return f"#{index}"
 
 
-def _read_yaml(path: Path) -> Any:
+# ---- reading: bounded bytes, strict UTF-8, bounded YAML ------------------------------------
+
+# libyaml when PyYAML was built with it (same results, several times faster).
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_RESOLVER = yaml.resolver.Resolver()
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def read_config_text(path: Path, limit: int | None = None) -> str:
+    """A config file's text: a regular file of at most ``limit`` (MAX_FILE_BYTES) bytes, UTF-8."""
+    source = str(path)
+    limit = MAX_FILE_BYTES if limit is None else limit
     try:
-        text = path.read_text()
+        # O_NONBLOCK: a FIFO that slipped in under a .yaml name must not block the reader.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise _problem(source, "not a regular file")
+            if st.st_size > limit:
+                raise _problem(source, f"file is {st.st_size} bytes, over the limit of {limit} bytes")
+            raw = f.read(limit + 1)
     except OSError as exc:
-        raise ConfigError([ConfigProblem(str(path), None, None, f"cannot read: {exc.strerror}")]) from None
+        raise _problem(source, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise _problem(source, f"file is over the limit of {limit} bytes")
     try:
-        return yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _problem(source, f"not valid UTF-8 (line {line}, byte {exc.start}: "
+                       f"{raw[exc.start:exc.start + 4]!r}); config files must be UTF-8") from None
+
+
+def parse_yaml(text: str, source: str, deadline: Deadline | None = None) -> Any:
+    """YAML text -> Python data, refusing (with the line) what would make the loader deep,
+    huge or slow: nesting past MAX_YAML_DEPTH, more than MAX_YAML_NODES nodes once aliases are
+    expanded (the 'billion laughs'), integers longer than MAX_INT_DIGITS."""
+    try:
+        check_yaml_shape(text, source, deadline)
+        return yaml.load(text, Loader=YAML_LOADER)
+    except ConfigError:
+        raise
     except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(str(path), None, None, f"invalid YAML: {exc}")]) from None
+        raise _problem(source, f"invalid YAML: {exc}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a bad !!timestamp
+        raise _problem(source, f"invalid YAML value: {exc}") from None
+
+
+def check_yaml_shape(text: str, source: str, deadline: Deadline | None = None) -> None:
+    """One pass over the YAML events (flat, no recursion) before anything is built."""
+    stack: list[list[Any]] = []  # [anchor, expanded size] of each open collection
+    anchors: dict[str, int] = {}
+    total = 0
+    for n, event in enumerate(yaml.parse(text, Loader=YAML_LOADER)):
+        if n % 4096 == 0:
+            _check_deadline(deadline, source)
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise _problem(source, f"line {event.start_mark.line + 1}: nesting deeper than the "
+                               f"limit of {MAX_YAML_DEPTH} levels")
+            stack.append([event.anchor, 1])
+            size = 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, done = stack.pop()
+            if anchor is not None:
+                anchors[anchor] = done
+            if stack:
+                stack[-1][1] += done
+            continue
+        elif isinstance(event, yaml.ScalarEvent):
+            _check_scalar(event, source)
+            size = 1
+            if event.anchor is not None:
+                anchors[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            size = anchors.get(event.anchor, 1)
+        else:
+            continue
+        total += size
+        if stack:
+            stack[-1][1] += size
+        if total > MAX_YAML_NODES:
+            raise _problem(source, f"line {event.start_mark.line + 1}: more than {MAX_YAML_NODES} "
+                           "YAML nodes (aliases expanded)")
+
+
+def _check_scalar(event: Any, source: str) -> None:
+    value = event.value
+    if len(value) <= MAX_INT_DIGITS:
+        return
+    is_int = event.tag in (_INT_TAG, "!!int") or (
+        event.implicit[0] and _RESOLVER.resolve(yaml.ScalarNode, value, (True, False)) == _INT_TAG)
+    if is_int:
+        raise _problem(source, f"line {event.start_mark.line + 1}: an integer of {len(value)} characters "
+                       f"exceeds the limit of {MAX_INT_DIGITS} digits")
+
+
+def _read_yaml(path: Path, deadline: Deadline | None = None) -> Any:
+    return parse_yaml(read_config_text(path), str(path), deadline)
 
 
 def load_node_file(path: str | Path) -> NodeConfig:
@@ -537,21 +678,36 @@ def parse_node_object(data: Any, source: str) -> NodeConfig:
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems_from_validation(exc, source, data, False)) from None
+        raise ConfigError(_problems_from_validation(exc, source)) from None
 
 
-def parse_vip_file_object(data: Any, source: str) -> list[VipConfig]:
+def parse_vip_file_object(data: Any, source: str, deadline: Deadline | None = None) -> list[VipConfig]:
+    """A VIP file's data -> its VIPs. Validated one VIP at a time, so a big file never holds
+    the interpreter in one long call (the event loop keeps running beside a worker thread), and
+    each problem names its VIP."""
     if data is None:
         return []
     if not isinstance(data, dict) or "vips" not in data:
-        raise ConfigError(
-            [ConfigProblem(source, None, None, "a VIP file must be a mapping with a 'vips' list")]
-        )
-    try:
-        vips = VipFile.model_validate(data).vips
-    except ValidationError as exc:
-        raise ConfigError(_problems_from_validation(exc, source, data, True)) from None
-    problems = _duplicate_problems([(source, v) for v in vips])
+        raise _problem(source, "a VIP file must be a mapping with a 'vips' list")
+    problems = [ConfigProblem(source, None, _loc_to_field((k,)) if isinstance(k, (str, int)) else repr(k),
+                              "unknown key (check the spelling; see configs/ for every valid key)")
+                for k in data if k != "vips"]
+    items = data["vips"]
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise _problem(source, "must be a list of VIP objects", field="vips")
+    if len(items) > MAX_VIPS:
+        raise _problem(source, f"{len(items)} VIPs exceed the limit of {MAX_VIPS} per node", field="vips")
+    vips = []
+    for i, item in enumerate(items):
+        if i % 64 == 0:
+            _check_deadline(deadline, source)
+        try:
+            vips.append(VipConfig.model_validate(item))
+        except ValidationError as exc:
+            problems.extend(_problems_from_validation(exc, source, _vip_name_at(item, i)))
+    problems.extend(_duplicate_problems([(source, v) for v in vips]))
     if problems:
         raise ConfigError(problems)
     return vips
@@ -564,9 +720,9 @@ def parse_vip_object(data: Any, source: str = "<api>") -> VipConfig:
     return parse_vip_file_object({"vips": [data]}, source)[0]
 
 
-def load_vip_file(path: str | Path) -> list[VipConfig]:
+def load_vip_file(path: str | Path, deadline: Deadline | None = None) -> list[VipConfig]:
     path = Path(path)
-    return parse_vip_file_object(_read_yaml(path), str(path))
+    return parse_vip_file_object(_read_yaml(path, deadline), str(path), deadline)
 
 
 def vip_files(directory: str | Path) -> list[Path]:
@@ -583,22 +739,68 @@ def load_vip_dir(directory: str | Path) -> dict[str, VipConfig]:
     return {name: vip for name, (_, vip) in load_vip_sources(directory).items()}
 
 
-def load_vip_sources(directory: str | Path) -> dict[str, tuple[Path, VipConfig]]:
+def load_vip_sources(directory: str | Path, deadline: Deadline | None = None) -> dict[str, tuple[Path, VipConfig]]:
     """Like load_vip_dir, with the file each VIP came from (the API edits only its own files)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ConfigError([ConfigProblem(str(d), None, None, "VIP directory does not exist")])
-    problems: list[ConfigProblem] = []
-    found: list[tuple[str, VipConfig]] = []
-    for path in vip_files(d):
-        try:
-            found.extend((str(path), v) for v in load_vip_file(path))
-        except ConfigError as exc:
-            problems.extend(exc.problems)
+    found, problems = _read_vip_dir(Path(directory), deadline)
     problems.extend(_duplicate_problems(found, skip_same_file=True))
     if problems:
         raise ConfigError(problems)
     return {v.name: (Path(src), v) for src, v in found}
+
+
+def load_node_vips(directory: str | Path, node: "NodeConfig",
+                   deadline: Deadline | None = None) -> dict[str, tuple[Path, VipConfig]]:
+    """Exactly what a reload reads and validates: every file, then validate_vip_set over the
+    whole set. Raises ConfigError with every problem found."""
+    d = Path(directory)
+    found, problems = _read_vip_dir(d, deadline)
+    if not problems:
+        problems = validate_vip_set(found, node, str(d))
+    if problems:
+        raise ConfigError(problems)
+    return {v.name: (Path(src), v) for src, v in found}
+
+
+def validate_vip_set(found: list[tuple[str, VipConfig]], node: "NodeConfig", source: str) -> list[ConfigProblem]:
+    """Every check a reload runs over a whole candidate set of already-parsed VIPs, given as
+    (source file, VIP) pairs: duplicate names and overlapping addresses across files, the VIP
+    count limit, and what this node can serve and announce (capacity included). An empty list
+    means a reload of exactly this set would be applied; the API runs it before writing."""
+    problems = _duplicate_problems(found)
+    if len(found) > MAX_VIPS:
+        problems.append(ConfigProblem(source, None, None, f"{len(found)} VIPs exceed the limit of {MAX_VIPS} per node"))
+    vips: dict[str, VipConfig] = {}
+    for _, vip in found:
+        vips.setdefault(vip.name, vip)
+    problems.extend(check_vips_for_node(vips, node, source))
+    return problems
+
+
+def _read_vip_dir(d: Path, deadline: Deadline | None) -> tuple[list[tuple[str, VipConfig]], list[ConfigProblem]]:
+    """(source, VIP) of every file, and every file's problems; bounded in files and bytes."""
+    if not d.is_dir():
+        raise _problem(str(d), "VIP directory does not exist")
+    try:
+        paths = vip_files(d)
+    except OSError as exc:
+        raise _problem(str(d), f"cannot list the VIP directory: {exc.strerror or exc}") from None
+    if len(paths) > MAX_VIP_FILES:
+        raise _problem(str(d), f"{len(paths)} VIP files exceed the limit of {MAX_VIP_FILES}")
+    problems: list[ConfigProblem] = []
+    found: list[tuple[str, VipConfig]] = []
+    total = 0
+    for path in paths:
+        _check_deadline(deadline, str(path))
+        try:
+            text = read_config_text(path)
+            total += len(text)
+            if total > MAX_DIR_BYTES:
+                raise _problem(str(path), f"the VIP files together exceed the limit of {MAX_DIR_BYTES} bytes")
+            data = parse_yaml(text, str(path), deadline)
+            found.extend((str(path), v) for v in parse_vip_file_object(data, str(path), deadline))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return found, problems
 
 
 # The data path's fixed limits (node/forwarder/bpf/maglev.h: MAX_VIPS, MAX_BACKENDS - 1).

@@ -21,9 +21,8 @@ from typing import Any, Callable
 from node.config import (
     ConfigError,
     NodeConfig,
-    check_vips_for_node,
     VipConfig,
-    load_vip_sources,
+    load_node_vips,
     vip_files,
 )
 from node.events import EventLog
@@ -378,12 +377,7 @@ class Controller:
         return result
 
     def _load_vips(self) -> dict[str, tuple[Path, VipConfig]]:
-        sources = load_vip_sources(self.vip_dir)
-        problems = check_vips_for_node({n: v for n, (_, v) in sources.items()}, self.config,
-                                            str(self.vip_dir))
-        if problems:
-            raise ConfigError(problems)
-        return sources
+        return load_node_vips(self.vip_dir, self.config)
 
     def _install_vips(self, sources: dict[str, tuple[Path, VipConfig]], source: str) -> ReloadResult:
         new = {name: vip for name, (_, vip) in sources.items()}

@@ -23,12 +23,14 @@ differs, so a stale id can only cause a counted drop, never a forward to another
 from __future__ import annotations
 
 import ctypes as C
+import functools
 import logging
 import mmap
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from array import array
 from collections.abc import Sequence
@@ -142,6 +144,20 @@ def _read_percpu(fd: int, key: int, ctype, ncpu: int) -> list:
     return [ctype.from_buffer_copy(raw[i * stride:i * stride + C.sizeof(ctype)]) for i in range(ncpu)]
 
 
+def _one_at_a_time(method):
+    """Runs the method under the forwarder's lock. A test run uses the one preallocated buffer
+    pair, and a self-test compares the program with a model read from the maps: two overlapping
+    self-tests read each other's output, and a self-test during a sync reads half-written maps.
+    Either way a healthy forwarder failed its self-test and the node withdrew every VIP."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Forwarder:
     """The XDP forwarder on this node's interfaces (one instance per controller)."""
 
@@ -170,6 +186,7 @@ class Forwarder:
         self._runner: libbpf.TestRun | None = None
         self._filter: list[int] = []  # vip_addrs words as written
         self._frag_keys: dict[tuple[int, bytes, int], int] = {}  # fragment keys in vips
+        self._lock = threading.RLock()  # see _one_at_a_time
 
     # ---- open / close ----------------------------------------------------------------------
 
@@ -415,6 +432,7 @@ class Forwarder:
 
     # ---- sync -----------------------------------------------------------------------------
 
+    @_one_at_a_time
     def sync(self, vips: Sequence[VipSpec]) -> None:
         """Make the maps match ``vips`` exactly (idempotent). Order matters for packets in
         flight: backends gain service before tables flip, lose it after."""
@@ -852,12 +870,14 @@ class Forwarder:
 
     # ---- self-test ------------------------------------------------------------------------
 
+    @_one_at_a_time
     def test_run(self, frame: bytes, *, selftest: bool = False, ingress_ifindex: int = 0) -> tuple[int, bytes]:
         """Run one frame through the loaded program (BPF_PROG_TEST_RUN): (verdict, output)."""
         self._require_open()
         assert self._runner is not None
         return self._runner.run(frame, SELF_TEST_META if selftest else b"", ingress_ifindex)
 
+    @_one_at_a_time
     def self_test(self) -> SelfTestResult:
         """For each VIP with backends: a synthetic packet through the program must come out as
         XDP_TX (or REDIRECT with fib lookup), GRE to the backend the model picks, with the same

@@ -4,7 +4,8 @@ machine with flap dampening, and an asyncio monitor the node controller drives.
 Public API:
 - ``Target``, ``State``, ``ProbeResult``, ``Transition``, ``TargetStatus`` (healthcheck.types)
 - ``HealthMonitor(on_transition=None, *, clock=time.monotonic, on_probe=None)`` with
-  ``start()``, ``stop()``, ``update(targets)``, ``snapshot()``, ``events()``
+  ``start()``, ``stop()``, ``update(targets, inherit=None)`` (a new target may take over an old
+  one's verdict), ``snapshot()``, ``events()``
 - ``probe(target) -> ProbeResult``: one probe, for ``maglev check``; ``ProbeResult.inconclusive``
   marks a timeout caused by a stall of this process (not counted by the state machine)
 - ``StateMachine``: the pure rise/fall/dampening logic

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import xxhash
 
@@ -113,10 +113,14 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------ the desired set
 
-    def update(self, targets: Iterable[Target]) -> None:
+    def update(self, targets: Iterable[Target], inherit: Mapping[Target, Target | State] | None = None) -> None:
         """Make the probed set equal ``targets``: unchanged targets keep their state and schedule,
-        new ones start UNKNOWN, removed ones are cancelled at once and never probed again."""
+        removed ones are cancelled at once and never probed again. A new target starts UNKNOWN
+        unless ``inherit`` names what it replaces: a target probed until now (its verdict and
+        flap history carry over) or a bare verdict (a backend that had no check)."""
         wanted = set(targets)
+        inherit = inherit or {}
+        machines = {t: e.machine for t, e in self._entries.items()}
         for target in [t for t in self._entries if t not in wanted]:
             entry = self._entries.pop(target)
             entry.active = False
@@ -124,10 +128,19 @@ class HealthMonitor:
                 entry.job.cancel()
         for target in wanted:
             if target not in self._entries:
-                entry = _Entry(target, StateMachine(target, self._clock()))
+                entry = _Entry(target, self._machine_for(target, inherit.get(target), machines))
                 self._entries[target] = entry
                 if self._running:
                     self._spawn(entry)
+
+    def _machine_for(self, target: Target, old: Target | State | None,
+                     machines: Mapping[Target, StateMachine]) -> StateMachine:
+        now = self._clock()
+        if isinstance(old, State):
+            return StateMachine.taking_over(target, now, old)
+        if old is not None and old in machines:
+            return StateMachine.taking_over(target, now, machines[old])
+        return StateMachine(target, now)
 
     def snapshot(self) -> dict[Target, TargetStatus]:
         return {t: e.machine.status() for t, e in self._entries.items()}

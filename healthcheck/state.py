@@ -10,6 +10,10 @@ Rules:
   neither extend nor break a run, up to ``fall`` of them in a row: a checker that is starved
   for longer than that can no longer vouch for the backend, so further ones count as failures
   (a dead backend must not stay UP because the node is overloaded).
+- Taking over: when a reload changes a backend's check (any field: interval, path, rise...),
+  the new check's machine starts from the old one's verdict and flap history rather than from
+  UNKNOWN, and only its own rise/fall runs confirm or overturn it: a routine edit must not take
+  a healthy backend out of its tables, nor make a held-down one look fresh.
 - Flap dampening: UP<->DOWN transitions are remembered for ``flap_window`` seconds. A DOWN that
   makes them more than ``flap_threshold`` starts a hold-down: the target stays DOWN until the hold
   ends, whatever the probes say, and only then may ``rise`` successes bring it UP. Each hold that
@@ -54,6 +58,24 @@ class StateMachine:
         self._flaps: deque[float] = deque()
         self._next_hold = self.hold_down
         self._last_hold_end: float | None = None
+
+    @classmethod
+    def taking_over(cls, target: Target, now: float, old: "StateMachine | State") -> "StateMachine":
+        """A machine for ``target`` that starts where ``old`` (a machine, or only a verdict, for
+        a backend that had no check) left off; runs of results start again at zero."""
+        machine = cls(target, now)
+        if isinstance(old, State):
+            machine.state = old
+            return machine
+        machine.state = old.state
+        machine.since = old.since
+        machine.last = old.last
+        machine.transitions = old.transitions
+        machine.held_until = old.held_until
+        machine._flaps = deque(old._flaps)
+        machine._next_hold = old._next_hold
+        machine._last_hold_end = old._last_hold_end
+        return machine
 
     def status(self) -> TargetStatus:
         return TargetStatus(self.state, self.since, self.last, self.transitions, self.held_until)

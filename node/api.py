@@ -148,7 +148,7 @@ async def put_vip(request: web.Request) -> web.Response:
                      [str(p) for p in problems])
     existed = target.exists()
     atomic_write(target, _vip_yaml(vip))
-    result = c.reload(source)
+    result = await c.reload(source)
     if not result.ok:
         return error(500, "written but the reload failed", result.problems)
     return web.json_response(c.vip_view(name), status=200 if existed else 201, dumps=_dumps)
@@ -164,7 +164,7 @@ async def delete_vip(request: web.Request) -> web.Response:
     if conflict:
         return conflict
     target.unlink()
-    result = c.reload(f"DELETE {API}/vips/{name}")
+    result = await c.reload(f"DELETE {API}/vips/{name}")
     if not result.ok:
         return error(500, "deleted but the reload failed", result.problems)
     return web.json_response({"deleted": name})
@@ -227,7 +227,7 @@ async def post_node_action(request: web.Request) -> web.Response:
 
 async def post_reload(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
-    result = c.reload(f"POST {API}/reload")
+    result = await c.reload(f"POST {API}/reload")
     return web.json_response(result.__dict__, status=200 if result.ok else 400, dumps=_dumps)
 
 

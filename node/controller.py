@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,13 +23,17 @@ from node.config import (
     ConfigError,
     NodeConfig,
     VipConfig,
-    load_node_vips,
     vip_files,
 )
 from node.events import EventLog
+from node.handover import handover
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
 from node.reconcile import AdminState, Desired, Health, Inputs, TableCache, VipDecision, decide
+from node.supervisor import Supervisor
+from node.vip_reader import VipReader
+
+log = logging.getLogger("maglev.controller")
 
 RECONCILE_DEBOUNCE = 0.02
 WATCH_INTERVAL = 1.0
@@ -93,7 +98,11 @@ class Controller:
 
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self.supervisor = Supervisor(self.events)
+        self.reader = VipReader()
+        self._reload_lock = asyncio.Lock()  # one reload at a time, whoever asks
+        self._reload_wanted = asyncio.Event()  # SIGHUP: the watcher reloads on its next turn
+        self._self_test_lock = asyncio.Lock()  # the periodic and the post-sync self-test
         self._applied_forwarder: tuple | None = None
         self._applied_routes: tuple | None = None
         self._logged_vip: dict[str, tuple[bool, str]] = {}
@@ -107,7 +116,7 @@ class Controller:
         to keep serving), open the forwarder, start health checks and BGP."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._load_state()
-        sources = self._load_vips()  # raises ConfigError
+        sources = await self.reader.read(self.vip_dir, self.config)  # raises ConfigError
         self._install_vips(sources, "startup")
         self._watch_signature = self._dir_signature()
         await asyncio.to_thread(self.forwarder.open)
@@ -118,19 +127,16 @@ class Controller:
             mode=self.attach_mode,
         )
         await self.health.start()
-        self.health.update(set(self.targets.values()))
         await self.speaker.start()
         self.events.emit(
             "node_started",
             f"node {self.config.node_id} started with {len(self.vips)} VIP(s); "
             f"announcing after warm-up (up to {self.config.warmup:g} s)",
         )
-        self._tasks = [
-            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-            asyncio.create_task(self._self_test_loop(), name="self-test"),
-            asyncio.create_task(self._watch_loop(), name="vip-dir-watch"),
-            asyncio.create_task(self._warmup_timer(), name="warmup"),
-        ]
+        self.supervisor.spawn("reconcile", self._reconcile_loop)
+        self.supervisor.spawn("self-test", self._self_test_loop)
+        self.supervisor.spawn("vip-dir-watch", self._watch_loop)
+        self.supervisor.spawn("warmup", self._warmup_timer, once=True)
         self.mark_dirty()
 
     async def stop(self) -> None:
@@ -138,9 +144,8 @@ class Controller:
         checks, then detach (or keep) the forwarder."""
         self._stopping.set()
         self.events.emit("node_stopping", "withdrawing every VIP, then stopping BGP")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop()
+        self.reader.close()
         try:
             await self.speaker.stop(graceful=True)
         finally:
@@ -317,11 +322,33 @@ class Controller:
             await asyncio.sleep(self.config.forwarder.self_test_interval)
 
     async def run_self_test(self) -> SelfTest:
+        """One self-test at a time. A failure is acted on (every VIP withdrawn) only when a
+        fresh run fails too: a single glitch on every node at once must not take the fleet's
+        VIPs down; it is reported and counted."""
+        async with self._self_test_lock:
+            ok, reason = await self._self_test_once()
+            if not ok:
+                ok, second = await self._self_test_once()
+                if ok:
+                    self.metrics.self_test_glitches += 1
+                    self.events.emit(
+                        "forwarder_self_test_glitch",
+                        f"forwarder self-test failed once ({reason}) and passed on a fresh run; not acted on",
+                        level="warning",
+                    )
+                    reason = second
+                else:
+                    reason = second
+            return self._record_self_test(ok, reason)
+
+    async def _self_test_once(self) -> tuple[bool, str]:
         try:
             result = await asyncio.to_thread(self.forwarder.self_test)
-            ok, reason = bool(result.ok), str(result.reason)
+            return bool(result.ok), str(result.reason)
         except Exception as exc:
-            ok, reason = False, f"self-test raised {exc!r}"
+            return False, f"self-test raised {exc!r}"
+
+    def _record_self_test(self, ok: bool, reason: str) -> SelfTest:
         previous = self.self_test
         self.self_test = SelfTest(ok, reason, time.time())
         self.metrics.self_tests[ok] = self.metrics.self_tests.get(ok, 0) + 1
@@ -341,11 +368,22 @@ class Controller:
 
     async def _watch_loop(self) -> None:
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await asyncio.wait_for(self._reload_wanted.wait(), WATCH_INTERVAL)
+            except TimeoutError:
+                pass
+            if self._reload_wanted.is_set():
+                self._reload_wanted.clear()
+                await self.reload("SIGHUP")
+                continue
             signature = self._dir_signature()
             if signature != self._watch_signature:
                 self._watch_signature = signature
-                self.reload("VIP directory changed")
+                await self.reload("VIP directory changed")
+
+    def request_reload(self) -> None:
+        """SIGHUP: a reload by the watcher (a signal handler cannot wait for one)."""
+        self._reload_wanted.set()
 
     def _dir_signature(self) -> tuple:
         try:
@@ -355,29 +393,33 @@ class Controller:
 
     # ------------------------------------------------------------------ config
 
-    def reload(self, source: str = "SIGHUP") -> ReloadResult:
-        """Validate the whole VIP directory, then apply it at once; on any error keep serving
-        the last good config and report why."""
-        try:
-            sources = self._load_vips()
-        except ConfigError as exc:
-            result = ReloadResult(False, time.time(), source, [str(p) for p in exc.problems])
-            self.last_reload = result
-            self.metrics.reloads[False] = self.metrics.reloads.get(False, 0) + 1
-            self.events.emit(
-                "config_rejected",
-                f"config reload ({source}) rejected, still serving the last good config: "
-                + "; ".join(result.problems),
-                level="error",
-            )
+    async def reload(self, source: str = "SIGHUP") -> ReloadResult:
+        """Read and validate the whole VIP directory in a worker thread, then apply it at once.
+        This is the reload boundary: any error, expected (ConfigError) or not, is caught,
+        logged with the file and the reason and reported in last_reload, and the node keeps
+        serving the last good config."""
+        async with self._reload_lock:
+            try:
+                sources = await self.reader.read(self.vip_dir, self.config)
+                result = self._install_vips(sources, source)
+            except ConfigError as exc:
+                return self._reload_failed(source, [str(p) for p in exc.problems])
+            except Exception as exc:
+                log.exception("config reload (%s) of %s failed", source, self.vip_dir)
+                return self._reload_failed(source, [f"{self.vip_dir}: reload failed unexpectedly: {exc!r}"])
+            self.mark_dirty()
             return result
-        result = self._install_vips(sources, source)
-        self.health.update(set(self.targets.values()))
-        self.mark_dirty()
-        return result
 
-    def _load_vips(self) -> dict[str, tuple[Path, VipConfig]]:
-        return load_node_vips(self.vip_dir, self.config)
+    def _reload_failed(self, source: str, problems: list[str]) -> ReloadResult:
+        result = ReloadResult(False, time.time(), source, problems)
+        self.last_reload = result
+        self.metrics.reloads[False] = self.metrics.reloads.get(False, 0) + 1
+        self.events.emit(
+            "config_rejected",
+            f"config reload ({source}) rejected, still serving the last good config: " + "; ".join(problems),
+            level="error",
+        )
+        return result
 
     def _install_vips(self, sources: dict[str, tuple[Path, VipConfig]], source: str) -> ReloadResult:
         new = {name: vip for name, (_, vip) in sources.items()}
@@ -390,9 +432,13 @@ class Controller:
             removed=sorted(set(old) - set(new)),
             changed=sorted(n for n in set(new) & set(old) if new[n] != old[n]),
         )
+        targets = health_targets(new)
+        # Kept backends keep their verdict, whatever changed about their check (node.handover).
+        inherit = handover(self.targets, self._health_map(), targets, self.health.snapshot())
+        self.health.update(set(targets.values()), inherit)
         self.vips = new
         self.vip_sources = {name: path for name, (path, _) in sources.items()}
-        self.targets = health_targets(new)
+        self.targets = targets
         keys = {(v.name, b.key) for v in new.values() for b in v.backends}
         dropped = [k for k in self.overrides if k not in keys]
         for k in dropped:
@@ -487,6 +533,7 @@ class Controller:
                 for name, d in vips.items()
             },
             "last_reload": self.last_reload.__dict__ if self.last_reload else None,
+            "tasks": self.supervisor.status(),
             "recent_events": list(self.events.recent)[-20:],
         }
 

@@ -55,6 +55,7 @@ class NodeMetrics:
         self.self_tests: dict[bool, int] = {}
         self.syncs = 0
         self.sync_seconds = 0.0
+        self.self_test_glitches = 0  # failed once, passed on the fresh run: not acted on
         self.reconcile_duration = Histogram(
             "maglev_reconcile_duration_seconds", "Time one reconcile took (decide, program, announce)",
             buckets=DURATION_BUCKETS, registry=None)
@@ -118,6 +119,8 @@ class Snapshot:
     counters: dict[str, Any] = field(default_factory=dict)
     conntrack: tuple[int, int] | None = None  # (in use, capacity)
     conntrack_mode: str = ""
+    self_test_glitches: int = 0
+    task_restarts: dict[str, int] = field(default_factory=dict)
 
 
 def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None = None) -> Snapshot:
@@ -146,6 +149,8 @@ def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None
         counters=counters,
         conntrack=conntrack,
         conntrack_mode=str(getattr(c.config.forwarder, "conntrack", "")),
+        self_test_glitches=getattr(c.metrics, "self_test_glitches", 0),
+        task_restarts=c.supervisor.restarts() if hasattr(c, "supervisor") else {},
     )
 
 
@@ -188,6 +193,15 @@ class SnapshotCollector:
         c = _counter("maglev_forwarder_self_tests", "Forwarder self-tests by result", ["result"])
         for ok in (True, False):
             c.add_metric(["pass" if ok else "fail"], s.self_tests.get(ok, 0))
+        yield c
+        c = _counter("maglev_forwarder_self_test_glitches",
+                     "Self-tests that failed once and passed on a fresh run (reported, not acted on)")
+        c.add_metric([], s.self_test_glitches)
+        yield c
+        c = _counter("maglev_task_restarts",
+                     "Background tasks restarted after they crashed or ended unexpectedly, per task", ["task"])
+        for name, n in sorted(s.task_restarts.items()):
+            c.add_metric([name], n)
         yield c
         c = _counter("maglev_config_reloads", "VIP config reloads by result", ["result"])
         for ok in (True, False):

@@ -71,7 +71,7 @@ async def serve(config, base_dir: Path) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: controller.reload("SIGHUP"))
+    loop.add_signal_handler(signal.SIGHUP, controller.request_reload)
     await stop.wait()
     await runner.cleanup()
     await controller.stop()

@@ -315,3 +315,28 @@ async def test_a_failing_callback_does_not_stop_probing(listener: Listener):
         await wait_for(lambda: len(calls) == 2)
     finally:
         await mon.stop()
+
+
+async def test_a_changed_check_takes_over_the_verdict_then_decides_by_its_own_probes(listener: Listener):
+    listener.open()
+    rec = Recorder()
+    mon = rec.monitor()
+    old = target(listener.port, rise=1)
+    static = target(listener.port, address="127.0.0.2", rise=1)
+    mon.update([old])
+    await mon.start()
+    try:
+        await wait_for(lambda: mon.snapshot()[old].state is State.UP)
+        new = target(listener.port, rise=3, fall=2, interval=0.06)  # an edited check
+        mon.update([new, static], {new: old, static: State.UP})
+        snap = mon.snapshot()
+        assert set(snap) == {new, static}
+        assert snap[new].state is State.UP and snap[static].state is State.UP
+        await wait_for(lambda: len(rec.probes_of(new)) >= 4)
+        assert [t for t in rec.transitions if t.target == new] == []  # confirmed, not re-learnt
+        listener.close()
+        await wait_for(lambda: mon.snapshot()[new].state is State.DOWN)
+        (down,) = [t for t in rec.transitions if t.target == new]
+        assert down.old is State.UP and down.reason.startswith("2 consecutive failures")
+    finally:
+        await mon.stop()

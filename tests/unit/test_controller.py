@@ -36,7 +36,11 @@ class FakeHealth:
     async def stop(self):
         self.started = False
 
-    def update(self, targets):
+    def update(self, targets, inherit=None):
+        # Like the monitor: a new target starts from what it takes over, else UNKNOWN.
+        for new, old in (inherit or {}).items():
+            if new not in self.targets:
+                self.states[new] = old if isinstance(old, State) else self.states.get(old, State.UNKNOWN)
         self.targets = set(targets)
 
     def snapshot(self):
@@ -313,7 +317,7 @@ async def test_reload_error_keeps_last_good(env):
     await env.c.reconcile()
     syncs = len(env.forwarder.syncs)
     env.write("broken.yaml", [vip("bad", "10.100.0.9", table_size=100)])
-    result = env.c.reload("test")
+    result = await env.c.reload("test")
     assert not result.ok and "table_size 100 is not prime" in result.problems[0]
     assert "broken.yaml" in result.problems[0]
     await env.c.reconcile()
@@ -329,7 +333,7 @@ async def test_reload_adds_vip_and_keeps_unchanged(env):
     await env.c.reconcile()
     web_targets = {t for k, t in env.c.targets.items() if k[0] == "web"}
     env.write("more.yaml", [vip("api", "10.100.0.2", backends=("10.0.1.1", "10.0.1.9"))])
-    result = env.c.reload("test")
+    result = await env.c.reload("test")
     assert result.ok and result.added == ["api"] and result.changed == []
     assert web_targets <= env.health.targets  # unchanged checks kept, so their state is kept
     env.health.set("10.0.1.9", State.UP)
@@ -356,7 +360,7 @@ async def test_reload_over_forwarder_capacity_is_rejected(tmp_path):
     e = Env(tmp_path, [vip()])
     await e.start()
     e.write("big.yaml", [vip(f"v{i}", f"10.100.1.{i}", table_size=655373) for i in range(4)])
-    result = e.c.reload("test")
+    result = await e.c.reload("test")
     assert not result.ok
     assert "forwarder.table_capacity is 4194304: raise table_capacity" in result.problems[0]
     assert sorted(e.c.vips) == ["web"]

@@ -177,3 +177,30 @@ def test_a_long_stall_counts_as_failures():
     assert d.machine.record(stalled) is None  # third in a row: the first that counts
     t = d.machine.record(stalled)
     assert t is not None and t.new is State.DOWN
+
+
+def test_a_new_check_takes_over_the_verdict_and_its_own_runs_decide():
+    d = Driver(rise=2, fall=2)
+    d.feed("oo")
+    assert d.machine.state is State.UP
+    d.machine = StateMachine.taking_over(make_target(rise=3, fall=3, interval=5, timeout=1), d.now, d.machine)
+    assert d.machine.state is State.UP and d.machine.transitions == 1
+    assert d.feed("xxoxx") == []  # runs start again at zero under the new check's fall
+    (down,) = d.feed("x")
+    assert (down.old, down.new) == (State.UP, State.DOWN)
+    assert d.feed("oo") == [] and d.feed("o")[0].new is State.UP  # the new rise (3)
+
+
+def test_a_hold_down_survives_a_check_change():
+    d = Driver(rise=1, fall=1, flap_threshold=2, flap_window=100, hold_down=30)
+    d.feed("oxox")
+    assert d.machine.held_until is not None
+    held = d.machine.held_until
+    d.machine = StateMachine.taking_over(make_target(rise=1, fall=1, interval=3, timeout=1), d.now, d.machine)
+    assert d.machine.state is State.DOWN and d.machine.held_until == held
+    assert d.feed("ooo") == []  # still held
+
+
+def test_a_backend_without_a_check_hands_over_its_implicit_up():
+    machine = StateMachine.taking_over(make_target(), 5.0, State.UP)
+    assert machine.state is State.UP and machine.transitions == 0

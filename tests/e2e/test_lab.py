@@ -6,6 +6,7 @@ The tests run in file order; the last one takes the lab down and checks nothing 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -225,6 +226,92 @@ async def test_new_vip_file_is_served_and_a_broken_one_is_rejected(ready: Lab) -
     wait_until(lambda: not ready.router_nexthops(P.SPARE_VIP_V4), 30, "the removed VIP to be withdrawn")
     for h in ready.plan.backend_hosts:
         ready.setup_backend(h.index)
+
+
+# 6b ---------------------------------------------------------------------------------------------
+
+
+class NexthopWatch:
+    """Polls the router's FIB for every VIP in a thread and records every moment a node was
+    missing from a VIP's nexthops."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.expected = {addr: node_addresses(lab, 6 if ":" in addr else 4) for addr in VIPS.values()}
+        self.drops: list[tuple[float, str, set[str]]] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for addr, want in self.expected.items():
+                got = self.lab.router_nexthops(addr)
+                if got != want:
+                    self.drops.append((time.monotonic(), addr, want - got))
+            self.polls += 1
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "NexthopWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def test_changing_a_check_on_every_node_under_load_breaks_nothing(ready: Lab) -> None:
+    """Issue 11: editing a VIP's health check (here interval, timeout and rise of both VIPs) on
+    every node at once keeps every verdict and table entry: no failed request, no broken
+    connection, no nexthop ever missing at the router; the new checks then confirm the verdicts."""
+    files = [ready.plan.node_dir(h.index) / "vips.d" / "lab.yaml" for h in ready.plan.node_hosts]
+    original = [f.read_text() for f in files]
+    edited = ready.plan.vip_file()
+    for v in edited["vips"]:
+        v["health_check"].update(interval=0.6, timeout=0.45, rise=3)
+
+    def applied_everywhere(interval: float) -> bool:
+        for h in ready.plan.node_hosts:
+            last = (ready.node_status(h.index) or {}).get("last_reload") or {}
+            vips = node_vips(ready, h.index)
+            if last.get("ok") is not True or not all(
+                    vips[v]["config"]["health_check"]["interval"] == interval for v in VIPS):
+                return False
+        return True
+
+    conns = await open_long_lived(list(VIPS.values()), 24, period=0.1, timeout=10)
+    load = Load(list(VIPS.values()), workers=3)
+    load.start()
+    try:
+        with NexthopWatch(ready) as watch:
+            await asyncio.sleep(1.0)
+            for f in files:
+                f.write_text(P.dump_yaml(edited))
+            await await_until(lambda: applied_everywhere(0.6), 15, "every node to apply the edited check")
+            # Longer than the new check's rise x interval (1.8 s): its own probes have run.
+            await asyncio.sleep(3.0)
+            for f, text in zip(files, original):
+                f.write_text(text)
+            await await_until(lambda: applied_everywhere(0.5), 15, "every node to apply the original check")
+            await asyncio.sleep(2.0)
+        await load.stop()
+        assert load.ok > 100 and watch.polls > 20
+        assert load.failures == [], load.failures[:5]
+        assert watch.drops == [], watch.drops[:5]
+        for c in conns:
+            assert not c.errors, f"connection to {c.host} (backend {c.backend}) failed: {c.errors}"
+            assert not c.switched, f"connection to {c.host} moved from {c.backend} to {c.switched}"
+        for h in ready.plan.node_hosts:
+            events = [e["event"] for e in (ready.node_status(h.index) or {}).get("recent_events", [])]
+            assert "vip_withdrawn" not in events and "backend_down" not in events, (h.name, events)
+    finally:
+        await load.stop()
+        for c in conns:
+            if c.alive:
+                await c.stop()
+        for f, text in zip(files, original):
+            f.write_text(text)
 
 
 # 7 ----------------------------------------------------------------------------------------------

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from node.config import (
     ConfigError,
     ConfigProblem,
-    check_vips_for_node,
     load_node_file,
+    load_node_vips,
     load_vip_dir,
     load_vip_file,
+    parse_yaml,
+    read_config_text,
 )
 
 
@@ -32,8 +32,8 @@ def _kind(path: Path) -> str:
     if path.is_dir():
         return "vipdir"
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        data = parse_yaml(read_config_text(path), str(path))
+    except ConfigError:
         return "vip"  # the loader reports the read or parse error with the file name
     return "node" if isinstance(data, dict) and "node_id" in data else "vip"
 
@@ -51,9 +51,7 @@ def check_path(path: Path) -> list[str]:
         vip_dir = node.vip_dir if node.vip_dir.is_absolute() else path.parent / node.vip_dir
         if vip_dir.is_dir():
             lines.extend(check_path(vip_dir))
-            problems = check_vips_for_node(load_vip_dir(vip_dir), node, str(vip_dir))
-            if problems:
-                raise ConfigError(problems)
+            load_node_vips(vip_dir, node)  # exactly what the node's reload would check
         return lines
     if kind == "vipdir":
         vips = load_vip_dir(path)

@@ -566,8 +566,27 @@ def _vip_name_at(item: Any, index: int) -> str:
 
 # ---- reading: bounded bytes, strict UTF-8, bounded YAML ------------------------------------
 
-# libyaml when PyYAML was built with it (same results, several times faster).
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _yaml_loader() -> type:
+    """libyaml's parser when PyYAML was built with it (same results, faster), under PyYAML's
+    Python composer: CSafeLoader composes the whole document in C without ever letting another
+    thread run, which held the event loop for most of a second beside a big file's read."""
+    try:
+        from yaml.cyaml import CParser as parser
+    except ImportError:  # PyYAML without libyaml
+        return yaml.SafeLoader
+
+    class LibyamlSafeLoader(yaml.composer.Composer, parser, yaml.constructor.SafeConstructor,
+                            yaml.resolver.Resolver):
+        def __init__(self, stream: str) -> None:
+            parser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    return LibyamlSafeLoader
+
+
+YAML_LOADER = _yaml_loader()
 _RESOLVER = yaml.resolver.Resolver()
 _INT_TAG = "tag:yaml.org,2002:int"
 

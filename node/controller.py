@@ -328,17 +328,15 @@ class Controller:
         async with self._self_test_lock:
             ok, reason = await self._self_test_once()
             if not ok:
-                ok, second = await self._self_test_once()
+                first = reason
+                ok, reason = await self._self_test_once()
                 if ok:
                     self.metrics.self_test_glitches += 1
                     self.events.emit(
                         "forwarder_self_test_glitch",
-                        f"forwarder self-test failed once ({reason}) and passed on a fresh run; not acted on",
+                        f"forwarder self-test failed once ({first}) and passed on a fresh run; not acted on",
                         level="warning",
                     )
-                    reason = second
-                else:
-                    reason = second
             return self._record_self_test(ok, reason)
 
     async def _self_test_once(self) -> tuple[bool, str]:

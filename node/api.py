@@ -3,6 +3,12 @@
 Reads are open (the API listens on 127.0.0.1 by default); every write needs the bearer token
 from the node's token file. A bad request changes nothing and gets a 4xx with the reason, in
 JSON: ``{"error": "...", "problems": [...]}``.
+
+VIP writes (PUT, DELETE) are serialised by one lock and check the whole VIP set the write would
+produce with the same checks a reload runs (capacity included) before anything touches the
+disk; files are written by temp file and rename, and a write the reload still rejects (the
+directory changed by hand meanwhile) is rolled back. Bodies are parsed with bounds (size,
+nesting, digits), so malformed JSON of any shape is a 400, never a 500.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import math
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +26,25 @@ import yaml
 from aiohttp import web
 
 from node import observe
-from node.config import ConfigError, check_vip_set, load_vip_sources, parse_vip_object
+from node.api_server import BODY_TIMEOUT, GUARD, MAX_BODY
+from node.config import (
+    MAX_INT_DIGITS,
+    NAME_MAX,
+    NAME_RE,
+    ConfigError,
+    load_vip_file,
+    load_vip_sources,
+    parse_vip_object,
+    validate_vip_set,
+)
 from node.controller import Controller, atomic_write
 
 API = "/api/v1"
 CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", str)
+WRITE_LOCK = web.AppKey("write_lock", asyncio.Lock)
+API_FILE_HEADER = "# Written by the maglev API; edits by hand are fine.\n"
+MAX_JSON_DEPTH = 32  # a VIP object is 4 levels deep; deeper is malformed or hostile
 
 
 def error(status: int, message: str, problems: list[str] | None = None) -> web.Response:
@@ -40,6 +61,43 @@ def read_token(path: Path | None) -> str:
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
+
+
+def token_file_warnings(path: Path | None) -> list[str]:
+    """A token every local user can read (or rewrite) lets any of them change the node's VIPs."""
+    if path is None:
+        return []
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return [f"api.token_file {path} is readable or writable by every local user (mode {mode:04o}): "
+                f"anyone on this host can change the node's VIPs; chmod o-rw {path}"]
+    return []
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler):
+    """No connection deadline while a request is being handled; the idle deadline after."""
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        guard.request_started(request.transport)
+    try:
+        return await handler(request)
+    finally:
+        if guard is not None:
+            guard.request_done(request.transport)
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler):
+    """Read a body (after auth: no unauthenticated client gets a MAX_BODY buffer) within a time
+    bound, so a client trickling bytes cannot hold a connection and a handler forever."""
+    if request.can_read_body:
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                await request.read()  # cached for the handler; over MAX_BODY raises 413
+        except TimeoutError:
+            return error(408, f"request body not received within {BODY_TIMEOUT:g} s")
+    return await handler(request)
 
 
 @web.middleware
@@ -60,9 +118,11 @@ async def auth_middleware(request: web.Request, handler):
 
 
 def make_app(controller: Controller, token: str) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware])
+    app = web.Application(middlewares=[guard_middleware, auth_middleware, body_middleware],
+                          client_max_size=MAX_BODY)
     app[CONTROLLER] = controller
     app[TOKEN] = token
+    app[WRITE_LOCK] = asyncio.Lock()
     app.add_routes(
         [
             web.get(f"{API}/status", get_status),
@@ -121,75 +181,183 @@ async def get_trace(request: web.Request) -> web.Response:
     return web.json_response(result, dumps=_dumps)
 
 
+class BadJson(ValueError):
+    pass
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """JSON with bounds: no NaN/Infinity, no integer longer than MAX_INT_DIGITS, no nesting
+    deeper than MAX_JSON_DEPTH. Any malformed body raises BadJson (a 400), whatever its shape."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
+                          parse_int=_bounded_int, parse_float=_finite_float)
+    except RecursionError:
+        raise BadJson(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and our own bounds
+        raise BadJson(str(exc)) from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BadJson(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth, iteratively (a recursive walk is what the limit protects against)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def bad_vip_name(name: str) -> web.Response | None:
+    """The URL's name becomes a file name: check it before anything touches the disk."""
+    if NAME_RE.fullmatch(name):
+        return None
+    return error(400, f"invalid VIP name {name[:80]!r}: 1-{NAME_MAX} characters of letters, digits, "
+                      "'.', '_' or '-', starting with a letter or digit")
+
+
 async def put_vip(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
     name = request.match_info["name"]
+    if (bad := bad_vip_name(name)) is not None:
+        return bad
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(400, f"body is not valid JSON: {exc}")
-    if isinstance(data, dict):
-        data.setdefault("name", name)
-        if data["name"] != name:
-            return error(400, f"body name {data['name']!r} does not match the URL's {name!r}")
+        data = parse_json_body(await request.read())
+    except BadJson as exc:
+        return error(400, f"body is not valid JSON: {exc}; nothing was changed")
+    if not isinstance(data, dict):
+        return error(400, f"body must be a JSON object (one VIP), not {type(data).__name__}; nothing was changed")
+    data.setdefault("name", name)
+    if data["name"] != name:
+        return error(400, f"body name {str(data['name'])[:80]!r} does not match the URL's {name!r}")
     source = f"PUT {API}/vips/{name}"
+    target = c.vip_dir / f"{name}.yaml"
+    async with request.app[WRITE_LOCK]:
+        # Parsing and loading the directory can take a while on a big set: off the event loop.
+        plan = await asyncio.to_thread(_plan_put, c, name, data, source, target)
+        if isinstance(plan, web.Response):
+            return plan
+        vip, previous = plan
+        atomic_write(target, _vip_yaml(vip))
+        result = await c.reload(source)
+        if not result.ok:
+            _restore(target, previous)
+            await c.reload(f"{source} (rolled back)")
+            return error(409, "the reload rejected the resulting VIP set (was the directory edited "
+                              "meanwhile?); the write was rolled back, nothing was changed", result.problems)
+    return web.json_response(c.vip_view(name), status=200 if previous is not None else 201, dumps=_dumps)
+
+
+def _plan_put(c: Controller, name: str, data: dict, source: str,
+              target: Path) -> web.Response | tuple[Any, bytes | None]:
+    """Validate the VIP, then the whole set the write would produce (the other files as they
+    are now, this file replaced) with a reload's checks. Returns (vip, previous file bytes) or
+    the 4xx answer."""
     try:
         vip = parse_vip_object(data, source)
     except ConfigError as exc:
         return error(400, "invalid VIP object; nothing was changed", [str(p) for p in exc.problems])
-    target = c.vip_dir / f"{name}.yaml"
-    conflict, found = _own_file_check(c, name, target)
-    if conflict:
-        return conflict
-    found.append((source, vip))
-    problems = check_vip_set(found)
+    previous = None
+    if target.exists() and not target.is_file():
+        return error(409, f"{target} exists and is not a regular file; remove it by hand")
+    if target.is_file():
+        previous = target.read_bytes()
+        refusal = _not_ours(target, name, previous)
+        if refusal:
+            return refusal
+    try:
+        others = load_vip_sources(c.vip_dir, skip=target)
+    except ConfigError as exc:
+        return error(409, "the VIP directory is invalid right now (a reload would reject it too); "
+                          "fix it first, nothing was changed", [str(p) for p in exc.problems])
+    if name in others:
+        return error(409, f"VIP {name!r} is defined in {others[name][0]}; edit that file instead")
+    found = [(str(path), v) for path, v in others.values()] + [(str(target), vip)]
+    problems = validate_vip_set(found, c.config, source)
     if problems:
-        return error(409, "VIP conflicts with the current configuration; nothing was changed",
+        return error(409, "the VIP set after this change would be rejected by a reload; nothing was changed",
                      [str(p) for p in problems])
-    existed = target.exists()
-    atomic_write(target, _vip_yaml(vip))
-    result = await c.reload(source)
-    if not result.ok:
-        return error(500, "written but the reload failed", result.problems)
-    return web.json_response(c.vip_view(name), status=200 if existed else 201, dumps=_dumps)
+    return vip, previous
+
+
+def _not_ours(target: Path, name: str, raw: bytes) -> web.Response | None:
+    """The API edits only <name>.yaml files that it wrote or that hold just that one VIP; a
+    broken file it wrote is still its own (so it can always be deleted or replaced)."""
+    if raw.startswith(API_FILE_HEADER.encode()):
+        return None
+    try:
+        names = [v.name for v in load_vip_file(target)]
+    except ConfigError as exc:
+        return error(409, f"{target} was not written by the API and is invalid; fix or remove it by hand",
+                     [str(p) for p in exc.problems])
+    if any(n != name for n in names):
+        return error(409, f"{target} also holds VIP(s) {', '.join(n for n in names if n != name)}; edit it by hand")
+    return None
+
+
+def _restore(target: Path, previous: bytes | None) -> None:
+    if previous is None:
+        target.unlink(missing_ok=True)
+    else:
+        atomic_write(target, previous.decode())
 
 
 async def delete_vip(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
     name = request.match_info["name"]
-    if name not in c.vips:
-        return error(404, f"no VIP named {name!r}")
+    if (bad := bad_vip_name(name)) is not None:
+        return bad
+    source = f"DELETE {API}/vips/{name}"
     target = c.vip_dir / f"{name}.yaml"
-    conflict, _ = _own_file_check(c, name, target)
-    if conflict:
-        return conflict
-    target.unlink()
-    result = await c.reload(f"DELETE {API}/vips/{name}")
+    async with request.app[WRITE_LOCK]:
+        # Only this one file is read: a broken file elsewhere must not make a VIP undeletable.
+        refusal = await asyncio.to_thread(_check_delete, c, name, target)
+        if refusal:
+            return refusal
+        target.unlink()
+        result = await c.reload(source)
+    body: dict[str, Any] = {"deleted": name, "file": str(target),
+                            "reload": {"ok": result.ok, "problems": result.problems}}
     if not result.ok:
-        return error(500, "deleted but the reload failed", result.problems)
-    return web.json_response({"deleted": name})
+        body["warning"] = ("the file is deleted, but the VIP directory is still invalid: the node keeps "
+                           "serving its last good config until the problems listed are fixed")
+    return web.json_response(body)
 
 
-def _own_file_check(c: Controller, name: str, target: Path) -> tuple[web.Response | None, list]:
-    """The API only edits files it owns: <vip_dir>/<name>.yaml holding that one VIP. Returns the
-    other VIPs (source, vip) for the duplicate check."""
-    try:
-        sources = load_vip_sources(c.vip_dir)
-    except ConfigError as exc:
-        return error(409, "the VIP directory is invalid right now; fix it first", [str(p) for p in exc.problems]), []
-    current = sources.get(name)
-    if current and current[0].resolve() != target.resolve():
-        return error(409, f"VIP {name!r} is defined in {current[0]}; edit that file instead"), []
-    in_target = [n for n, (p, _) in sources.items() if p.resolve() == target.resolve() and n != name]
-    if in_target:
-        return error(409, f"{target} also holds VIP(s) {', '.join(in_target)}; edit it by hand"), []
-    others = [(str(p), v) for n, (p, v) in sources.items() if n != name]
-    return None, others
+def _check_delete(c: Controller, name: str, target: Path) -> web.Response | None:
+    if not target.is_file():
+        if name in c.vips:
+            return error(409, f"VIP {name!r} is defined in {c.vip_sources.get(name)}; edit that file instead")
+        return error(404, f"no VIP named {name!r} (and no {target})")
+    return _not_ours(target, name, target.read_bytes())
 
 
 def _vip_yaml(vip) -> str:
     data = vip.model_dump(mode="json", exclude_none=True)
-    return "# Written by the maglev API; edits by hand are fine.\n" + yaml.safe_dump({"vips": [data]}, sort_keys=False)
+    return API_FILE_HEADER + yaml.safe_dump({"vips": [data]}, sort_keys=False)
 
 
 async def post_backend_action(request: web.Request) -> web.Response:
@@ -227,7 +395,8 @@ async def post_node_action(request: web.Request) -> web.Response:
 
 async def post_reload(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
-    result = await c.reload(f"POST {API}/reload")
+    async with request.app[WRITE_LOCK]:
+        result = await c.reload(f"POST {API}/reload")
     return web.json_response(result.__dict__, status=200 if result.ok else 400, dumps=_dumps)
 
 

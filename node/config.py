@@ -25,6 +25,7 @@ long or raise anything but ConfigError.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -85,7 +86,10 @@ MAX_BACKENDS_PER_VIP = 4096
 MAX_TABLE_SIZE = 16_777_216  # 2^24; the largest prime below it is 16,777,213
 MAX_PROBLEMS = 100  # reported per error; the rest are counted
 VIP_FILE_SUFFIXES = (".yaml", ".yml")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Names become file names (the API writes <name>.yaml) and metric labels: a strict pattern,
+# matched with fullmatch (re.match with "$" would accept a trailing newline).
+NAME_MAX = 63
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (NAME_MAX - 1))
 
 
 class Strict(BaseModel):
@@ -255,7 +259,7 @@ class VipConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"name {v!r} must be 1-63 characters of letters, digits, '.', '_' or '-'"
             )
@@ -469,7 +473,7 @@ class NodeConfig(Strict):
     @field_validator("node_id")
     @classmethod
     def _node_id(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"node_id {v!r} must be letters, digits, '.', '_' or '-'")
         return v
 
@@ -559,7 +563,7 @@ def _problems_from_validation(exc: ValidationError, file: str, vip: str | None =
 
 def _vip_name_at(item: Any, index: int) -> str:
     name = item.get("name") if isinstance(item, dict) else None
-    if isinstance(name, str) and NAME_RE.match(name):
+    if isinstance(name, str) and NAME_RE.fullmatch(name):
         return name
     return f"#{index}"
 
@@ -746,10 +750,55 @@ def load_vip_file(path: str | Path, deadline: Deadline | None = None) -> list[Vi
 
 def vip_files(directory: str | Path) -> list[Path]:
     """VIP files in a directory, sorted so every node reads them in the same order."""
+    return scan_vip_dir(directory)[0]
+
+
+def scan_vip_dir(directory: str | Path) -> tuple[list[Path], list[ConfigProblem]]:
+    """The directory's VIP files, and warnings an operator should see: entries that look like VIP
+    files but are skipped (a directory named x.yaml, a symlink loop or a dangling link, a fifo,
+    an entry that cannot be stat'ed), and files any local user may rewrite. Skipping is kept (a
+    stray entry must not reject the whole set) but never silent."""
     d = Path(directory)
-    return sorted(
-        p for p in d.iterdir() if p.suffix in VIP_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    files: list[Path] = []
+    warnings: list[ConfigProblem] = []
+    if d.stat().st_mode & stat.S_IWOTH:
+        warnings.append(ConfigProblem(str(d), None, None,
+                                      "VIP directory is world-writable: any local user can add a VIP (chmod o-w)"))
+    for p in sorted(d.iterdir()):
+        if p.suffix not in VIP_FILE_SUFFIXES or p.name.startswith("."):
+            continue
+        try:
+            st = p.stat()
+        except OSError as exc:
+            warnings.append(ConfigProblem(str(p), None, None, _unstat_reason(p, exc) + ": skipped"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            warnings.append(ConfigProblem(str(p), None, None, "is a directory, not a VIP file: skipped"))
+        elif not stat.S_ISREG(st.st_mode):
+            warnings.append(ConfigProblem(str(p), None, None, "is not a regular file (fifo, socket or device): skipped"))
+        else:
+            files.append(p)
+            if st.st_mode & stat.S_IWOTH:
+                warnings.append(ConfigProblem(
+                    str(p), None, None,
+                    f"is world-writable (mode {stat.S_IMODE(st.st_mode):04o}): any local user can change "
+                    "these VIPs (chmod o-w)"))
+    return files, warnings
+
+
+def _unstat_reason(p: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "is a symlink loop"
+    if exc.errno == errno.ENOENT and p.is_symlink():
+        return f"is a dangling symlink (to {os.readlink(p)})"
+    return f"cannot be read ({exc.strerror})"
+
+
+def vip_dir_warnings(directory: str | Path) -> list[ConfigProblem]:
+    try:
+        return scan_vip_dir(directory)[1]
+    except OSError:
+        return []  # the loader reports an unreadable directory as an error
 
 
 def load_vip_dir(directory: str | Path) -> dict[str, VipConfig]:
@@ -758,9 +807,11 @@ def load_vip_dir(directory: str | Path) -> dict[str, VipConfig]:
     return {name: vip for name, (_, vip) in load_vip_sources(directory).items()}
 
 
-def load_vip_sources(directory: str | Path, deadline: Deadline | None = None) -> dict[str, tuple[Path, VipConfig]]:
-    """Like load_vip_dir, with the file each VIP came from (the API edits only its own files)."""
-    found, problems = _read_vip_dir(Path(directory), deadline)
+def load_vip_sources(directory: str | Path, deadline: Deadline | None = None,
+                     skip: Path | None = None) -> dict[str, tuple[Path, VipConfig]]:
+    """Like load_vip_dir, with the file each VIP came from (the API edits only its own files).
+    ``skip``: leave that file out (the API checks a candidate set with its file replaced)."""
+    found, problems = _read_vip_dir(Path(directory), deadline, skip)
     problems.extend(_duplicate_problems(found, skip_same_file=True))
     if problems:
         raise ConfigError(problems)
@@ -795,7 +846,8 @@ def validate_vip_set(found: list[tuple[str, VipConfig]], node: "NodeConfig", sou
     return problems
 
 
-def _read_vip_dir(d: Path, deadline: Deadline | None) -> tuple[list[tuple[str, VipConfig]], list[ConfigProblem]]:
+def _read_vip_dir(d: Path, deadline: Deadline | None,
+                  skip: Path | None = None) -> tuple[list[tuple[str, VipConfig]], list[ConfigProblem]]:
     """(source, VIP) of every file, and every file's problems; bounded in files and bytes."""
     if not d.is_dir():
         raise _problem(str(d), "VIP directory does not exist")
@@ -809,6 +861,8 @@ def _read_vip_dir(d: Path, deadline: Deadline | None) -> tuple[list[tuple[str, V
     found: list[tuple[str, VipConfig]] = []
     total = 0
     for path in paths:
+        if path == skip:
+            continue
         _check_deadline(deadline, str(path))
         try:
             text = read_config_text(path)
@@ -866,7 +920,7 @@ def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source
 
 def check_vip_set(found: list[tuple[str, VipConfig]]) -> list[ConfigProblem]:
     """Duplicate names and overlapping (address, protocol, port) across already-valid VIPs from
-    several sources; used by the API to check a candidate set before writing anything."""
+    several sources."""
     return _duplicate_problems(found, skip_same_file=False)
 
 

@@ -23,6 +23,7 @@ from node.config import (
     ConfigError,
     NodeConfig,
     VipConfig,
+    vip_dir_warnings,
     vip_files,
 )
 from node.events import EventLog
@@ -48,6 +49,7 @@ class ReloadResult:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # skipped entries, unsafe file modes
 
 
 @dataclass
@@ -408,8 +410,16 @@ class Controller:
             self.mark_dirty()
             return result
 
+    def _dir_warnings(self) -> list[str]:
+        """Logged on every load and kept in last_reload: a skipped entry or a file anyone may
+        rewrite is not an error, but the operator must hear of it."""
+        warnings = [str(w) for w in vip_dir_warnings(self.vip_dir)]
+        for w in warnings:
+            self.events.emit("config_warning", w, level="warning")
+        return warnings
+
     def _reload_failed(self, source: str, problems: list[str]) -> ReloadResult:
-        result = ReloadResult(False, time.time(), source, problems)
+        result = ReloadResult(False, time.time(), source, problems, warnings=self._dir_warnings())
         self.last_reload = result
         self.metrics.reloads[False] = self.metrics.reloads.get(False, 0) + 1
         self.events.emit(
@@ -429,6 +439,7 @@ class Controller:
             added=sorted(set(new) - set(old)),
             removed=sorted(set(old) - set(new)),
             changed=sorted(n for n in set(new) & set(old) if new[n] != old[n]),
+            warnings=self._dir_warnings(),
         )
         targets = health_targets(new)
         # Kept backends keep their verdict, whatever changed about their check (node.handover).

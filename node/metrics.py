@@ -121,6 +121,7 @@ class Snapshot:
     conntrack_mode: str = ""
     self_test_glitches: int = 0
     task_restarts: dict[str, int] = field(default_factory=dict)
+    api: dict[str, int] | None = None  # the API's connection guard (node.api_server), when serving
 
 
 def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None = None) -> Snapshot:
@@ -173,6 +174,7 @@ class SnapshotCollector:
         yield from self._vips()
         yield from self._bgp()
         yield from self._forwarder_counters()
+        yield from self._api()
 
     def _node(self) -> Iterator[Any]:
         s = self.s
@@ -223,6 +225,29 @@ class SnapshotCollector:
             g = _gauge("maglev_conntrack_capacity", "Entries the conntrack map can hold", ["design"])
             g.add_metric([s.conntrack_mode], capacity)
             yield g
+
+    def _api(self) -> Iterator[Any]:
+        a = self.s.api
+        if a is None:
+            return
+        for name, doc, value in (
+            ("maglev_api_connections", "Open API connections", a["open"]),
+            ("maglev_api_connection_limit", "API connections allowed (the rest of the file handles is kept "
+             "for probes, self-tests and BGP)", a["limit"]),
+        ):
+            g = _gauge(name, doc)
+            g.add_metric([], value)
+            yield g
+        for name, doc, value in (
+            ("maglev_api_connection_limit_reached", "Times the API stopped accepting at its connection limit "
+             "(new ones wait in the listen queue)", a["at_limit"]),
+            ("maglev_api_accept_errors", "API accepts that failed (e.g. out of file handles)", a["accept_errors"]),
+            ("maglev_api_connections_timed_out", "API connections closed for a slow request head or idling",
+             a["timed_out"]),
+        ):
+            c = _counter(name, doc)
+            c.add_metric([], value)
+            yield c
 
     def _vips(self) -> Iterator[Any]:
         s = self.s

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from node import metrics, status_page
+from node.api_server import GUARD
 
 API = "/api/v1"
 CONNTRACK_LIMIT_MAX = 100_000
@@ -75,6 +76,11 @@ def _error(status: int, message: str) -> web.Response:
 async def get_metrics(request: web.Request) -> web.Response:
     obs = request.app[OBSERVER]
     snap = await obs.snapshot()
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        st = guard.stats
+        snap.api = {"open": st.open, "limit": guard.max_connections, "at_limit": st.at_limit,
+                    "accept_errors": st.accept_errors, "timed_out": st.timed_out}
     body, headers = await asyncio.to_thread(
         metrics.exposition, snap, obs.c.metrics, request.headers.get("Accept", ""),
         request.headers.get("Accept-Encoding", ""), request.query.getall("name[]", []))

@@ -34,17 +34,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(config, base_dir: Path) -> int:
-    from aiohttp import web
-
-    from node.api import make_app, read_token
+    from node.api import make_app, read_token, token_file_warnings
+    from node.api_server import FileLimitError, api_connection_cap, reserve_file_handles, start_api
     from node.runtime import build_controller
 
     try:
-        token = read_token(_resolve(config.api.token_file, base_dir))
+        file_limit = reserve_file_handles()
+    except FileLimitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    token_path = _resolve(config.api.token_file, base_dir)
+    try:
+        token = read_token(token_path)
+        token_warnings = token_file_warnings(token_path)
     except (OSError, ValueError) as exc:
         print(f"error: api.token_file: {exc}", file=sys.stderr)
         return 2
     controller = build_controller(config, base_dir)
+    for warning in token_warnings:
+        controller.events.emit("token_file_unsafe", warning, level="warning")
     try:
         await controller.start()
     except ConfigError as exc:
@@ -61,11 +69,11 @@ async def serve(config, base_dir: Path) -> int:
     # Everything loaded at start is long-lived: keep it out of the collector's full passes,
     # whose pauses would otherwise make health probes late on a big pool.
     gc.freeze()
-    runner = web.AppRunner(make_app(controller, token), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.api.listen, config.api.port)
-    await site.start()
-    controller.events.emit("api_listening", f"HTTP API on {config.api.listen}:{config.api.port}")
+    cap = api_connection_cap(file_limit)
+    api = await start_api(make_app(controller, token), config.api.listen, config.api.port, cap,
+                          on_error=lambda msg: controller.events.emit("api_accept_failed", msg, level="error"))
+    controller.events.emit("api_listening", f"HTTP API on {config.api.listen}:{config.api.port} "
+                           f"(at most {cap} connections; open-file limit {file_limit})")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -73,7 +81,7 @@ async def serve(config, base_dir: Path) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, controller.request_reload)
     await stop.wait()
-    await runner.cleanup()
+    await api.close()
     await controller.stop()
     return 0
 

@@ -106,6 +106,8 @@ def cmd_status(client: Client, args) -> int:
         r = s.get("last_reload")
         if r and not r["ok"]:
             print("last reload FAILED: " + "; ".join(r["problems"]))
+        for w in (r or {}).get("warnings") or []:
+            print(f"config warning: {w}")
     return _out(args, data, human)
 
 

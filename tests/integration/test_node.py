@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,12 @@ ROUTER, NODE = "10.97.0.1", "10.97.0.2"
 BACKENDS = ["10.97.1.1", "10.97.1.2"]
 VIP, VIP2 = "10.97.100.1", "10.97.100.2"
 TOKEN = "node-test-token"
+# The node runs with a common default file limit, so API load that could exhaust it would.
+NODE_FILE_LIMIT = 1024
+
+
+def _node_file_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NODE_FILE_LIMIT, NODE_FILE_LIMIT))
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str) -> float:
@@ -111,7 +120,8 @@ class NodeLab:
         self.node_file.write_text(yaml.safe_dump(node))
         self.log = open(self.dir / "node.log", "w")
         self.node_proc = self.n.popen([sys.executable, "-m", "node.cli", "node", "--config", str(self.node_file)],
-                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
+                                      preexec_fn=_node_file_limit)
 
     def start_backend(self, addr: str) -> None:
         www = self.dir / "www"
@@ -287,6 +297,75 @@ def test_operator_cli(lab):
     # Without the token file the write is refused, with the reason.
     r = maglev(lab, "node-drain", "--api", "http://127.0.0.1:9180")
     assert r.returncode == 2 and "bearer token" in r.stderr
+
+
+def metric_samples(lab, name: str) -> dict[tuple, float]:
+    families = {f.name: f for f in text_string_to_metric_families(lab.client().get("/metrics"))}
+    family = families.get(name.removesuffix("_total"))
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples} if family else {}
+
+
+def test_idle_api_connections_cannot_starve_the_node(lab):
+    """1000 idle connections to the API (no token needed to open one), kept up for longer than
+    the header deadline, several probe intervals (0.3 s) and self-tests (1 s): the node keeps
+    its file handles for its own sockets, no verdict changes and nothing is withdrawn."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    assert "WARNING token_file_unsafe" in lab.log_text()  # the token file is 0644 here
+    wait_for(lambda: lab.routes() >= {VIP}, 15, "the VIP to be announced")
+    view = lab.client().get("/api/v1/vips/web")
+    assert view["announced"] and all(b["health"] == "up" for b in view["backends"])
+    transitions = metric_samples(lab, "maglev_backend_transitions_total")
+    self_tests_failed = metric_samples(lab, "maglev_forwarder_self_tests_total").get((("result", "fail"),), 0)
+    log_start = len(lab.log_text())
+    pid = lab.node_proc.pid  # `ip netns exec` execs the node: same PID
+
+    sel = selectors.DefaultSelector()
+
+    def connect() -> None:
+        with in_netns(lab.n.name):
+            s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", 9180))
+        sel.register(s, selectors.EVENT_READ)
+
+    for _ in range(1000):
+        connect()
+    routes_seen, node_files, replaced = [], [], 0
+    end = time.monotonic() + 12
+    try:
+        while time.monotonic() < end:
+            # A connection the node cut (no request head by the deadline) is replaced at once:
+            # the pressure stays at 1000 for the whole period.
+            for key, _ in sel.select(timeout=0.2):
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+                connect()
+                replaced += 1
+            routes_seen.append(VIP in lab.routes())
+            node_files.append(len(os.listdir(f"/proc/{pid}/fd")))
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
+    print(f"[node] 1000 idle API connections for 12 s: {replaced} cut by the node and replaced; "
+          f"node file handles max {max(node_files)} of {NODE_FILE_LIMIT}")
+    assert all(routes_seen), "the router lost the VIP while the API was under load"
+    assert max(node_files) < NODE_FILE_LIMIT // 2
+    assert replaced >= NODE_FILE_LIMIT // 8  # the node cut the idle ones it had accepted
+    log = lab.log_text()[log_start:]
+    for event in ("backend_down", "vip_withdrawn", "forwarder_self_test_failed"):
+        assert event not in log, log
+    assert metric_samples(lab, "maglev_backend_transitions_total") == transitions
+    assert metric_samples(lab, "maglev_forwarder_self_tests_total").get((("result", "fail"),), 0) == self_tests_failed
+    guard = {name: metric_samples(lab, name).get((), 0) for name in (
+        "maglev_api_connection_limit", "maglev_api_connection_limit_reached_total",
+        "maglev_api_connections_timed_out_total")}
+    assert guard["maglev_api_connection_limit"] == NODE_FILE_LIMIT // 8
+    assert guard["maglev_api_connection_limit_reached_total"] > 0
+    assert guard["maglev_api_connections_timed_out_total"] >= NODE_FILE_LIMIT // 8
+    view = lab.client().get("/api/v1/vips/web")
+    assert view["announced"] and all(b["health"] == "up" for b in view["backends"])
 
 
 def test_sigterm_withdraws_then_exits_cleanly(lab):

@@ -145,3 +145,173 @@ async def test_metrics_count_table_builds(api):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["maglev_table_builds"].samples[0].value >= 1
     assert families["maglev_table_last_build_seconds"].samples[0].value > 0
+
+
+# ---------------------------------------------------------------- writes that cannot brick a node
+
+
+def files(env) -> list[str]:
+    return sorted(p.name for p in env.vip_dir.iterdir())
+
+
+def next_start_problems(env) -> list:
+    """What `maglev node` would say at its next start about the directory left behind."""
+    from node.config import ConfigError, check_vips_for_node, load_vip_sources
+
+    try:
+        sources = load_vip_sources(env.vip_dir)
+    except ConfigError as exc:
+        return exc.problems
+    return check_vips_for_node({n: v for n, (_, v) in sources.items()}, env.c.config, "start")
+
+
+async def test_put_over_capacity_writes_nothing_and_the_node_stays_editable(api):
+    env, client = api
+    # configs/node.yaml: table_capacity 4194304; each VIP takes 2 x table_size.
+    big = vip("big", "10.100.0.2", table_size=1048573)
+    r = await client.put("/api/v1/vips/big", json=big, headers=AUTH)
+    assert r.status == 201, await r.text()
+    r = await client.put("/api/v1/vips/big2", json=vip("big2", "10.100.0.3", table_size=1048573), headers=AUTH)
+    body = await r.json()
+    assert r.status == 409 and "nothing was changed" in body["error"]
+    assert any("table_capacity is 4194304" in p for p in body["problems"])
+    assert files(env) == ["big.yaml", "main.yaml"] and sorted(env.c.vips) == ["big", "web"]
+    assert env.c.last_reload.ok and next_start_problems(env) == []
+    # Later writes still work, and so does a delete.
+    r = await client.put("/api/v1/vips/small", json=vip("small", "10.100.0.4"), headers=AUTH)
+    assert r.status == 201
+    r = await client.delete("/api/v1/vips/big", headers=AUTH)
+    assert r.status == 200 and (await r.json())["reload"]["ok"] is True
+    assert sorted(env.c.vips) == ["small", "web"]
+
+
+async def test_concurrent_puts_are_serialised(api):
+    """The old API checked each PUT alone against the directory: 50 concurrent PUTs left 50 files
+    for 29 served VIPs, and a node that could not start again."""
+    env, client = api
+    # 262139-entry tables: (4194304 - 2 x 251) // (2 x 262139) = 7 of them fit next to 'web'.
+    import asyncio
+
+    async def put(i):
+        r = await client.put(f"/api/v1/vips/v{i}", json=vip(f"v{i}", f"10.100.1.{i}", table_size=262139),
+                             headers=AUTH)
+        return r.status, (await r.json()).get("error", "")
+
+    answers = await asyncio.gather(*(put(i) for i in range(20)))
+    statuses = [s for s, _ in answers]
+    assert statuses.count(201) == 7 and statuses.count(409) == 13, answers
+    # Serialised: each refusal came from the check before writing, never from a written file
+    # the reload then rejected (which would be a rejected reload and a rollback).
+    assert all("would be rejected by a reload" in e for s, e in answers if s == 409), answers
+    assert env.c.metrics.reloads.get(False, 0) == 0
+    assert len(files(env)) == 8 and len(env.c.vips) == 8  # every file on disk is served
+    assert next_start_problems(env) == []
+
+
+async def test_delete_an_api_vip_while_another_file_is_broken(api):
+    env, client = api
+    assert (await client.put("/api/v1/vips/api", json=vip("api", "10.100.0.2"), headers=AUTH)).status == 201
+    (env.vip_dir / "broken.yaml").write_text("vips: [{name: broken, address: nope}]\n")
+    r = await client.put("/api/v1/vips/other", json=vip("other", "10.100.0.3"), headers=AUTH)
+    body = await r.json()
+    assert r.status == 409 and any("broken.yaml" in p for p in body["problems"])
+    assert not (env.vip_dir / "other.yaml").exists()
+    r = await client.delete("/api/v1/vips/api", headers=AUTH)
+    body = await r.json()
+    assert r.status == 200 and not (env.vip_dir / "api.yaml").exists()
+    assert body["reload"]["ok"] is False and "last good config" in body["warning"]
+    assert any("broken.yaml" in p for p in body["reload"]["problems"])
+
+
+async def test_delete_a_file_the_api_wrote_that_is_not_served(api):
+    """What the old API left behind: its own file, valid alone, that the node rejects (over
+    capacity), so the VIP was never served; DELETE answered 404 and the node could not start."""
+    env, client = api
+    from node.api import API_FILE_HEADER
+
+    huge = yaml.safe_dump({"vips": [vip("huge", "10.100.0.9", table_size=2097143)]})
+    (env.vip_dir / "huge.yaml").write_text(API_FILE_HEADER + huge)
+    assert not (await env.c.reload("test")).ok and "huge" not in env.c.vips
+    r = await client.delete("/api/v1/vips/huge", headers=AUTH)
+    assert r.status == 200 and (await r.json())["reload"]["ok"] is True
+    assert files(env) == ["main.yaml"] and next_start_problems(env) == []
+    # Its own file, even broken beyond parsing, is still the API's to delete.
+    (env.vip_dir / "gone.yaml").write_text(API_FILE_HEADER + "vips: [{{{\n")
+    assert (await client.delete("/api/v1/vips/gone", headers=AUTH)).status == 200
+    # An operator's broken file is not.
+    (env.vip_dir / "hand.yaml").write_text("vips: [{{{\n")
+    r = await client.delete("/api/v1/vips/hand", headers=AUTH)
+    assert r.status == 409 and "not written by the API" in (await r.json())["error"]
+    assert (env.vip_dir / "hand.yaml").exists()
+    r = await client.delete("/api/v1/vips/never", headers=AUTH)
+    assert r.status == 404
+
+
+async def test_a_write_the_reload_rejects_is_rolled_back(api, monkeypatch):
+    """The directory can change by hand between the check and the reload: the write is undone."""
+    env, client = api
+    real = env.c.reload
+
+    async def edit_then_reload(source):
+        if source.startswith("PUT"):
+            (env.vip_dir / "late.yaml").write_text(yaml.safe_dump({"vips": [vip("late", "10.100.0.2")]}))
+        return await real(source)
+
+    monkeypatch.setattr(env.c, "reload", edit_then_reload)
+    r = await client.put("/api/v1/vips/api", json=vip("api", "10.100.0.2"), headers=AUTH)
+    assert r.status == 409 and "rolled back" in (await r.json())["error"]
+    assert not (env.vip_dir / "api.yaml").exists() and "api" not in env.c.vips
+
+
+@pytest.mark.parametrize("name", ["web%0A", "web%0D", "-web", ".hidden", "a%20b", "x" * 64, "caf%C3%A9",
+                                  "x%00y"])
+async def test_bad_vip_names_are_refused_before_the_disk(api, name):
+    env, client = api
+    before = files(env)
+    r = await client.put(f"/api/v1/vips/{name}", json={"address": "10.100.0.2", "port": 80}, headers=AUTH)
+    assert r.status == 400 and "invalid VIP name" in (await r.json())["error"]
+    r = await client.delete(f"/api/v1/vips/{name}", headers=AUTH)
+    assert r.status == 400
+    assert files(env) == before
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000,
+    b'{"a":' * 50_000,
+    b'{"address": "10.100.0.2", "port": 80, "backends": ' + b"[" * 40 + b"]" * 40 + b"}",
+    b"[1, 2]", b'"text"', b"42", b"null", b"true",
+    b'{"address": "10.100.0.2", "port": ' + b"9" * 5000 + b"}",
+    b'{"address": "10.100.0.2", "port": 80, "table_size": 10000000000000000000000001}',
+    b'{"address": "10.100.0.2", "port": 80, "backends": [{"address": "10.0.1.1", "weight": 1e400}]}',
+    b'{"address": "10.100.0.2", "port": NaN}',
+    b'{"address": "\xff\xfe"}',
+    b'{"address": ',
+    b"",
+])
+async def test_malformed_json_is_400(api, raw):
+    env, client = api
+    before = files(env)
+    r = await client.put("/api/v1/vips/api", data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status == 400, await r.text()
+    assert "error" in await r.json()
+    assert files(env) == before
+
+
+async def test_body_over_the_limit_is_413(api):
+    env, client = api
+    r = await client.put("/api/v1/vips/api", data=b" " * (1024 * 1024 + 1), headers=AUTH)
+    assert r.status == 413 and files(env) == ["main.yaml"]
+
+
+def test_token_file_readable_by_others_is_a_warning(tmp_path):
+    from node.api import token_file_warnings
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    assert token_file_warnings(token) == []
+    token.chmod(0o640)  # a group of operators may share it
+    assert token_file_warnings(token) == []
+    token.chmod(0o644)
+    (warning,) = token_file_warnings(token)
+    assert str(token) in warning and "mode 0644" in warning and "chmod o-rw" in warning

@@ -167,3 +167,45 @@ def test_vips_the_node_cannot_serve_or_announce(tmp_path):
     node = parse_node_object(data, "node.yaml")
     (msg,) = [str(p) for p in check_vips_for_node({"web": v4}, node, "vips.d")]
     assert "tables need 131074 entries" in msg and "table_capacity is 65536" in msg
+
+
+def test_vip_names_are_matched_whole():
+    from node.config import parse_vip_object
+
+    for bad in ("web\n", "web\r\n", "a" * 64, "-web", "we b"):
+        with pytest.raises(ConfigError) as info:
+            parse_vip_object(vip(name=bad))
+        assert "name" in str(info.value)
+    assert parse_vip_object(vip(name="a" * 63)).name == "a" * 63
+
+
+def test_skipped_entries_and_unsafe_modes_are_reported(tmp_path):
+    """Entries that look like VIP files but cannot be one are skipped, never silently; files
+    anyone can rewrite load, with a warning."""
+    import os
+
+    from node.config import scan_vip_dir
+
+    d = tmp_path / "vips"
+    d.mkdir()
+    write(d / "good.yaml", {"vips": [vip()]})
+    open_file = write(d / "open.yaml", {"vips": [vip(name="open", address="10.100.0.2")]})
+    open_file.chmod(0o666)
+    (d / "subdir.yaml").mkdir()
+    (d / "loop.yaml").symlink_to(d / "loop.yaml")
+    (d / "dangling.yaml").symlink_to(d / "nowhere.yaml")
+    os.mkfifo(d / "pipe.yaml")  # reading it would block the loader forever
+    write(d / "notes.txt", "not a VIP file")
+    files, warnings = scan_vip_dir(d)
+    assert [p.name for p in files] == ["good.yaml", "open.yaml"]
+    text = {Path(w.file).name: w.message for w in warnings}
+    assert text == {
+        "subdir.yaml": "is a directory, not a VIP file: skipped",
+        "loop.yaml": "is a symlink loop: skipped",
+        "dangling.yaml": f"is a dangling symlink (to {d / 'nowhere.yaml'}): skipped",
+        "pipe.yaml": "is not a regular file (fifo, socket or device): skipped",
+        "open.yaml": "is world-writable (mode 0666): any local user can change these VIPs (chmod o-w)",
+    }
+    assert sorted(load_vip_dir(d)) == ["open", "web"]  # skipping keeps the valid set loading
+    d.chmod(0o777)
+    assert any("VIP directory is world-writable" in w.message for w in scan_vip_dir(d)[1])

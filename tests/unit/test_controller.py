@@ -364,3 +364,15 @@ async def test_reload_over_forwarder_capacity_is_rejected(tmp_path):
     assert not result.ok
     assert "forwarder.table_capacity is 4194304: raise table_capacity" in result.problems[0]
     assert sorted(e.c.vips) == ["web"]
+
+
+async def test_reload_reports_directory_warnings(env):
+    await env.start()
+    (env.vip_dir / "stray.yaml").mkdir()
+    result = await env.c.reload("test")
+    assert result.ok and result.warnings == [f"{env.vip_dir / 'stray.yaml'}: is a directory, not a VIP file: skipped"]
+    assert env.c.status()["last_reload"]["warnings"] == result.warnings
+    assert [e for e in env.events.recent if e["event"] == "config_warning"][-1]["level"] == "warning"
+    (env.vip_dir / "bad.yaml").write_text("vips: [{{{\n")
+    result = await env.c.reload("test")
+    assert not result.ok and any("stray.yaml" in w for w in result.warnings)

@@ -29,6 +29,7 @@ from node import observe
 from node.api_server import BODY_TIMEOUT, GUARD, MAX_BODY
 from node.config import (
     MAX_INT_DIGITS,
+    Deadline,
     NAME_MAX,
     NAME_RE,
     ConfigError,
@@ -38,6 +39,7 @@ from node.config import (
     validate_vip_set,
 )
 from node.controller import Controller, atomic_write
+from node.vip_reader import READ_BUDGET
 
 API = "/api/v1"
 CONTROLLER = web.AppKey("controller", Controller)
@@ -289,7 +291,7 @@ def _plan_put(c: Controller, name: str, data: dict, source: str,
         if refusal:
             return refusal
     try:
-        others = load_vip_sources(c.vip_dir, skip=target)
+        others = load_vip_sources(c.vip_dir, Deadline(READ_BUDGET), skip=target)
     except ConfigError as exc:
         return error(409, "the VIP directory is invalid right now (a reload would reject it too); "
                           "fix it first, nothing was changed", [str(p) for p in exc.problems])

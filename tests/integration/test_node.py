@@ -102,6 +102,7 @@ class NodeLab:
             self.start_backend(b)
         self.bpffs = mount_bpffs(self.dir / "bpffs")
         (self.dir / "token").write_text(TOKEN + "\n")
+        (self.dir / "token").chmod(0o644)  # readable by others on purpose: the node must warn
         (self.vip_dir / "main.yaml").write_text(yaml.safe_dump({"vips": [vip_obj("web", VIP)]}))
         node = {
             "node_id": "itest-node",
@@ -311,7 +312,7 @@ def test_idle_api_connections_cannot_starve_the_node(lab):
     its file handles for its own sockets, no verdict changes and nothing is withdrawn."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
-    assert "WARNING token_file_unsafe" in lab.log_text()  # the token file is 0644 here
+    assert "WARNING token_file_unsafe" in lab.log_text()  # the lab's token file is 0644
     wait_for(lambda: lab.routes() >= {VIP}, 15, "the VIP to be announced")
     view = lab.client().get("/api/v1/vips/web")
     assert view["announced"] and all(b["health"] == "up" for b in view["backends"])

@@ -29,10 +29,10 @@ from node import observe
 from node.api_server import BODY_TIMEOUT, GUARD, MAX_BODY
 from node.config import (
     MAX_INT_DIGITS,
-    Deadline,
     NAME_MAX,
     NAME_RE,
     ConfigError,
+    Deadline,
     load_vip_file,
     load_vip_sources,
     parse_vip_object,

@@ -157,11 +157,324 @@ done:
     return result;
 }
 
+/* Table entries may be stored narrow (node/maglev.py: one byte per entry for up to 255
+ * backends, two up to 65535): arrays of format 'B', 'H' or 'I'. */
+static int get_entries(PyObject *obj, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    const char *f = view->format;
+    if (f == NULL || !((strcmp(f, "B") == 0 && view->itemsize == 1) || (strcmp(f, "H") == 0 && view->itemsize == 2) ||
+                       (strcmp(f, "I") == 0 && view->itemsize == 4))) {
+        PyErr_SetString(PyExc_TypeError, "entries must be a contiguous buffer of format 'B', 'H' or 'I'");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static inline uint32_t entry_at(const Py_buffer *v, Py_ssize_t j)
+{
+    switch (v->itemsize) {
+    case 1:
+        return ((const uint8_t *)v->buf)[j];
+    case 2:
+        return ((const uint16_t *)v->buf)[j];
+    default:
+        return ((const uint32_t *)v->buf)[j];
+    }
+}
+
+/* widen(entries) -> bytes: entries ('B', 'H' or 'I') as native uint32 (for the digest). */
+static PyObject *widen(PyObject *self, PyObject *arg)
+{
+    Py_buffer eb;
+    if (get_entries(arg, &eb) < 0)
+        return NULL;
+    Py_ssize_t n = eb.len / eb.itemsize;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, n * 4);
+    if (result != NULL) {
+        uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result);
+        for (Py_ssize_t j = 0; j < n; j++)
+            out[j] = entry_at(&eb, j);
+    }
+    PyBuffer_Release(&eb);
+    return result;
+}
+
+/* narrow(entries, width) -> bytes: uint32 entries as width-byte (1, 2 or 4) unsigned ints;
+ * every entry must fit. */
+static PyObject *narrow(PyObject *self, PyObject *args)
+{
+    PyObject *e_obj;
+    int width;
+    if (!PyArg_ParseTuple(args, "Oi", &e_obj, &width))
+        return NULL;
+    if (width != 1 && width != 2 && width != 4) {
+        PyErr_SetString(PyExc_ValueError, "width must be 1, 2 or 4");
+        return NULL;
+    }
+    Py_buffer eb;
+    if (get_buffer(e_obj, &eb, "I", 4, "entries") < 0)
+        return NULL;
+    Py_ssize_t n = eb.len / 4;
+    const uint32_t *in = eb.buf;
+    uint32_t limit = width == 4 ? UINT32_MAX : (1u << (8 * width)) - 1;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (in[j] > limit) {
+            PyBuffer_Release(&eb);
+            PyErr_Format(PyExc_ValueError, "entry %zd (%u) does not fit in %d byte(s)", j, in[j], width);
+            return NULL;
+        }
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, n * width);
+    if (result != NULL) {
+        char *out = PyBytes_AS_STRING(result);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            if (width == 1)
+                ((uint8_t *)out)[j] = (uint8_t)in[j];
+            else if (width == 2)
+                ((uint16_t *)out)[j] = (uint16_t)in[j];
+            else
+                ((uint32_t *)out)[j] = in[j];
+        }
+    }
+    PyBuffer_Release(&eb);
+    return result;
+}
+
+/* write_ids(dest, entries, idmap, live) -> bool
+ *   Writes table entries as backend ids straight into dest (the forwarder's mmap'ed spare
+ *   slot): dest[j] = idmap[entries[j]]. An idmap value of 0 marks a backend that left the
+ *   pool: its entries take the id of the next entry (cyclically) whose backend is still there,
+ *   a pure function of the old table, so every node computes the same stop-gap table while
+ *   the exact one is built. live: the VIP's live slot (same length) or None; returns whether
+ *   the written table differs from it. One pass in C instead of one Python object per entry. */
+static PyObject *write_ids(PyObject *self, PyObject *args)
+{
+    PyObject *d_obj, *e_obj, *m_obj, *l_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &d_obj, &e_obj, &m_obj, &l_obj))
+        return NULL;
+    Py_buffer db, eb, mb, lb;
+    int have_live = l_obj != Py_None;
+    if (PyObject_GetBuffer(d_obj, &db, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (get_entries(e_obj, &eb) < 0) {
+        PyBuffer_Release(&db);
+        return NULL;
+    }
+    if (get_buffer(m_obj, &mb, "I", 4, "idmap") < 0) {
+        PyBuffer_Release(&db);
+        PyBuffer_Release(&eb);
+        return NULL;
+    }
+    if (have_live && PyObject_GetBuffer(l_obj, &lb, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&db);
+        PyBuffer_Release(&eb);
+        PyBuffer_Release(&mb);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t n = eb.len / eb.itemsize, nmap = mb.len / 4;
+    const uint32_t *idmap = mb.buf;
+    if (db.len != n * 4 || (have_live && lb.len != n * 4)) {
+        PyErr_SetString(PyExc_ValueError, "dest, entries and live must have the same length");
+        goto done;
+    }
+    int alive = 0;
+    for (Py_ssize_t i = 0; i < nmap; i++)
+        alive |= idmap[i] != 0;
+    if (n && !alive) {
+        PyErr_SetString(PyExc_ValueError, "idmap marks every backend as gone");
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (entry_at(&eb, j) >= (uint32_t)nmap) {
+            PyErr_Format(PyExc_ValueError, "entry %zd names backend index %u of %zd", j, entry_at(&eb, j), nmap);
+            goto done;
+        }
+    }
+    int differs = !have_live;
+    /* The GIL stays held: a table takes ~0.1 ms, and releasing it per table would make the
+     * writing thread queue behind the event loop for the GIL once per table. */
+    uint32_t *out = db.buf;
+    int holes = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        out[j] = idmap[entry_at(&eb, j)];
+        holes |= out[j] == 0;
+    }
+    if (holes) {
+        uint32_t carry = 0;
+        for (Py_ssize_t j = 0; j < n && !carry; j++)
+            carry = out[j];
+        for (Py_ssize_t j = n - 1; j >= 0; j--) {
+            if (out[j] == 0)
+                out[j] = carry;
+            else
+                carry = out[j];
+        }
+    }
+    if (have_live)
+        differs = memcmp(out, lb.buf, (size_t)db.len) != 0;
+    result = PyBool_FromLong(differs);
+done:
+    PyBuffer_Release(&db);
+    PyBuffer_Release(&eb);
+    PyBuffer_Release(&mb);
+    if (have_live)
+        PyBuffer_Release(&lb);
+    return result;
+}
+
+/* patch_ids(dest, entries, before, after) -> int
+ *   dest holds the table write_ids(entries, before) wrote (a live table); make it what
+ *   write_ids(entries, after) would write, storing only the entries that differ. Both rules
+ *   are evaluated from the builder's compact entries (in this process's memory, 1-2 bytes an
+ *   entry), so a stop-gap over a live table reads none of it and writes only the moved
+ *   entries, each one aligned 32-bit store: a packet meets the entry's old or new backend.
+ *   Returns the number of entries written. */
+static PyObject *patch_ids(PyObject *self, PyObject *args)
+{
+    PyObject *d_obj, *e_obj, *b_obj, *a_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &d_obj, &e_obj, &b_obj, &a_obj))
+        return NULL;
+    Py_buffer db, eb, bb, ab;
+    if (PyObject_GetBuffer(d_obj, &db, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (get_entries(e_obj, &eb) < 0) {
+        PyBuffer_Release(&db);
+        return NULL;
+    }
+    if (get_buffer(b_obj, &bb, "I", 4, "before") < 0) {
+        PyBuffer_Release(&db);
+        PyBuffer_Release(&eb);
+        return NULL;
+    }
+    if (get_buffer(a_obj, &ab, "I", 4, "after") < 0) {
+        PyBuffer_Release(&db);
+        PyBuffer_Release(&eb);
+        PyBuffer_Release(&bb);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t n = eb.len / eb.itemsize, nmap = bb.len / 4, written = 0;
+    const uint32_t *before = bb.buf, *after = ab.buf;
+    uint32_t *out = db.buf;
+    if (db.len != n * 4 || ab.len != bb.len) {
+        PyErr_SetString(PyExc_ValueError, "dest must hold every entry; before and after the same length");
+        goto done;
+    }
+    uint32_t cb = 0, ca = 0, top = 0;
+#define MAX_LOOP(T)                                                    \
+    do {                                                               \
+        const T *ent = eb.buf;                                         \
+        T m = 0;                                                       \
+        for (Py_ssize_t j = 0; j < n; j++)                             \
+            m = ent[j] > m ? ent[j] : m;                               \
+        top = m;                                                       \
+    } while (0)
+    if (eb.itemsize == 1)
+        MAX_LOOP(uint8_t);
+    else if (eb.itemsize == 2)
+        MAX_LOOP(uint16_t);
+    else
+        MAX_LOOP(uint32_t);
+#undef MAX_LOOP
+    if (n && top >= (uint32_t)nmap) {
+        PyErr_Format(PyExc_ValueError, "an entry names backend index %u of %zd", top, nmap);
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < n && (!cb || !ca); j++) {
+        uint32_t e = entry_at(&eb, j);
+        if (!cb)
+            cb = before[e];
+        if (!ca)
+            ca = after[e];
+    }
+    if (n && (!cb || !ca)) {
+        PyErr_SetString(PyExc_ValueError, "before or after marks every backend as gone");
+        goto done;
+    }
+    /* One loop per entry width, so the compiler keeps each tight. */
+#define PATCH_LOOP(T)                                                  \
+    do {                                                               \
+        const T *ent = eb.buf;                                         \
+        for (Py_ssize_t j = n - 1; j >= 0; j--) {                      \
+            uint32_t vb = before[ent[j]], va = after[ent[j]];          \
+            cb = vb ? vb : cb;                                         \
+            ca = va ? va : ca;                                         \
+            if (ca != cb) {                                            \
+                out[j] = ca;                                           \
+                written++;                                             \
+            }                                                          \
+        }                                                              \
+    } while (0)
+    if (eb.itemsize == 1)
+        PATCH_LOOP(uint8_t);
+    else if (eb.itemsize == 2)
+        PATCH_LOOP(uint16_t);
+    else
+        PATCH_LOOP(uint32_t);
+#undef PATCH_LOOP
+    result = PyLong_FromSsize_t(written);
+done:
+    PyBuffer_Release(&db);
+    PyBuffer_Release(&eb);
+    PyBuffer_Release(&bb);
+    PyBuffer_Release(&ab);
+    return result;
+}
+
+/* counts(entries, n) -> list of n ints: entries per backend index (table shares). */
+static PyObject *counts(PyObject *self, PyObject *args)
+{
+    PyObject *e_obj;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "On", &e_obj, &n))
+        return NULL;
+    if (n < 0 || n > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "n must be in 0..2**24");
+        return NULL;
+    }
+    Py_buffer eb;
+    if (get_entries(e_obj, &eb) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t *tally = calloc((size_t)n + 1, sizeof(uint64_t));
+    if (tally == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < eb.len / eb.itemsize; j++) {
+        uint32_t e = entry_at(&eb, j);
+        if (e >= (uint64_t)n) {
+            PyErr_Format(PyExc_ValueError, "entry %zd names backend index %u of %zd", j, e, n);
+            goto done;
+        }
+        tally[e]++;
+    }
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++)
+        PyList_SET_ITEM(result, i, PyLong_FromUnsignedLongLong(tally[i]));
+done:
+    free(tally);
+    PyBuffer_Release(&eb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"populate", populate, METH_VARARGS,
      "populate(offsets, skips, weights, max_weight, size) -> bytes of uint32 backend indexes"},
+    {"write_ids", write_ids, METH_VARARGS,
+     "write_ids(dest, entries, idmap, live) -> bool: table entries as backend ids into dest"},
+    {"patch_ids", patch_ids, METH_VARARGS,
+     "patch_ids(dest, entries, before, after) -> entries written: rewrite a live table in place"},
+    {"widen", widen, METH_O, "widen(entries) -> bytes of native uint32 entries"},
+    {"narrow", narrow, METH_VARARGS, "narrow(entries, width) -> bytes of width-byte entries"},
+    {"counts", counts, METH_VARARGS, "counts(entries, n) -> entries per backend index"},
     {NULL, NULL, 0, NULL},
 };
+
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_maglev", "Maglev table population loop (see node/maglev.py).", -1,

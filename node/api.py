@@ -298,7 +298,7 @@ def _plan_put(c: Controller, name: str, data: dict, source: str,
     if name in others:
         return error(409, f"VIP {name!r} is defined in {others[name][0]}; edit that file instead")
     found = [(str(path), v) for path, v in others.values()] + [(str(target), vip)]
-    problems = validate_vip_set(found, c.config, source)
+    problems = validate_vip_set(found, c.config, source, c.fixed_table_capacity())
     if problems:
         return error(409, "the VIP set after this change would be rejected by a reload; nothing was changed",
                      [str(p) for p in problems])

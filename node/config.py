@@ -26,6 +26,7 @@ long or raise anything but ConfigError.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -218,9 +219,10 @@ class Backend(Strict):
     state: Literal["active", "drain", "disabled"] = "active"
     hash_key: str | None = Field(None, min_length=1)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """The Maglev key: stable across nodes and restarts, so tables agree."""
+        """The Maglev key: stable across nodes and restarts, so tables agree (computed once:
+        the model is immutable and every reconcile asks)."""
         if self.hash_key:
             return self.hash_key
         return backend_key(self.address, self.port)
@@ -419,9 +421,9 @@ class ForwarderConfig(Strict):
     udp_idle_timeout: float = Field(30.0, gt=0)
     new_flow_rate_limit: int = Field(0, ge=0, description="new flows per second per CPU; 0 = unlimited")
     mtu: int = Field(1500, ge=576, le=65535, description="MTU towards the backends")
-    table_capacity: int = Field(
-        4_194_304, ge=16, description="Maglev table entries for all VIPs (each VIP takes 2 x table_size: "
-        "the live table and the spare one it is rebuilt in); 4 Bytes each"
+    table_capacity: int | None = Field(
+        None, ge=16, description="Maglev table entries for all VIPs, 4 Bytes each; unset: sized at "
+        "start from the configured VIPs (every table, room to rebuild, and a quarter more to grow)"
     )
     bpffs: Path = Path("/sys/fs/bpf/maglev")
     self_test_interval: float = Field(5.0, gt=0)
@@ -436,8 +438,8 @@ class ForwarderConfig(Strict):
 
     @field_validator("table_capacity")
     @classmethod
-    def _capacity_chunks(cls, v: int) -> int:
-        if v % 8:
+    def _capacity_chunks(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
             raise ValueError(f"table_capacity {v} must be a multiple of 8")
         return v
 
@@ -818,31 +820,33 @@ def load_vip_sources(directory: str | Path, deadline: Deadline | None = None,
     return {v.name: (Path(src), v) for src, v in found}
 
 
-def load_node_vips(directory: str | Path, node: "NodeConfig",
-                   deadline: Deadline | None = None) -> dict[str, tuple[Path, VipConfig]]:
+def load_node_vips(directory: str | Path, node: "NodeConfig", deadline: Deadline | None = None,
+                   capacity: int | None = None) -> dict[str, tuple[Path, VipConfig]]:
     """Exactly what a reload reads and validates: every file, then validate_vip_set over the
     whole set. Raises ConfigError with every problem found."""
     d = Path(directory)
     found, problems = _read_vip_dir(d, deadline)
     if not problems:
-        problems = validate_vip_set(found, node, str(d))
+        problems = validate_vip_set(found, node, str(d), capacity)
     if problems:
         raise ConfigError(problems)
     return {v.name: (Path(src), v) for src, v in found}
 
 
-def validate_vip_set(found: list[tuple[str, VipConfig]], node: "NodeConfig", source: str) -> list[ConfigProblem]:
+def validate_vip_set(found: list[tuple[str, VipConfig]], node: "NodeConfig", source: str,
+                     capacity: int | None = None) -> list[ConfigProblem]:
     """Every check a reload runs over a whole candidate set of already-parsed VIPs, given as
     (source file, VIP) pairs: duplicate names and overlapping addresses across files, the VIP
     count limit, and what this node can serve and announce (capacity included). An empty list
-    means a reload of exactly this set would be applied; the API runs it before writing."""
+    means a reload of exactly this set would be applied; the API runs it before writing.
+    ``capacity``: the open forwarder's tables map size, once it is fixed (None: the node file's)."""
     problems = _duplicate_problems(found)
     if len(found) > MAX_VIPS:
         problems.append(ConfigProblem(source, None, None, f"{len(found)} VIPs exceed the limit of {MAX_VIPS} per node"))
     vips: dict[str, VipConfig] = {}
     for _, vip in found:
         vips.setdefault(vip.name, vip)
-    problems.extend(check_vips_for_node(vips, node, source))
+    problems.extend(check_vips_for_node(vips, node, source, capacity))
     return problems
 
 
@@ -877,11 +881,26 @@ def _read_vip_dir(d: Path, deadline: Deadline | None,
 
 
 # The data path's fixed limits (node/forwarder/bpf/maglev.h: MAX_VIPS, MAX_BACKENDS - 1).
-FORWARDER_MAX_VIPS = 512
-FORWARDER_MAX_BACKENDS = 8191
+FORWARDER_MAX_VIPS = 4096
+FORWARDER_MAX_BACKENDS = 65536
 
 
-def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source: str) -> list[ConfigProblem]:
+def tables_needed(sizes) -> int:
+    """Entries the forwarder's tables array needs for these table sizes: every live table, plus
+    room to rebuild the largest next to it (several rebuilds reuse that room in turn)."""
+    sizes = list(sizes)
+    return sum(sizes) + max(sizes, default=0)
+
+
+def auto_table_capacity(need: int) -> int:
+    """forwarder.table_capacity when unset: what the VIPs need and a quarter more (VIPs added
+    by a reload), at least 1 Mi entries, in whole 64 Ki-entry steps (4 MiB each)."""
+    step = 1 << 16
+    return max(1 << 20, -(-(need + need // 4) // step) * step)
+
+
+def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source: str,
+                        capacity: int | None = None) -> list[ConfigProblem]:
     """VIPs this node could not serve or announce are config errors, caught before anything is
     applied: otherwise every node of the fleet would fail the same way at once (a forwarder that
     cannot encapsulate fails its self-test and withdraws every VIP; a VIP with no BGP session of
@@ -901,20 +920,25 @@ def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source
             problems.append(ConfigProblem(source, vip.name, "address",
                                           f"IPv{fam} VIP but the node has no IPv{fam} BGP peer: it could never be announced"))
     if len(vips) > FORWARDER_MAX_VIPS:
-        problems.append(ConfigProblem(source, None, None, f"{len(vips)} VIPs exceed the forwarder's limit of {FORWARDER_MAX_VIPS}"))
+        problems.append(ConfigProblem(source, None, None, f"{len(vips)} VIPs exceed the forwarder's limit of "
+                                      f"{FORWARDER_MAX_VIPS} (MAX_VIPS in maglev.h)"))
     pairs = sum(len(v.backends) for v in vips.values())
     if pairs > FORWARDER_MAX_BACKENDS:
         problems.append(ConfigProblem(source, None, None,
-                                      f"{pairs} VIP backends in all exceed the forwarder's limit of {FORWARDER_MAX_BACKENDS}"))
-    need = sum(2 * v.table_size for v in vips.values())
-    if need > fwd.table_capacity:
+                                      f"{pairs} VIP backends in all exceed the forwarder's limit of "
+                                      f"{FORWARDER_MAX_BACKENDS} VIP-backend pairs (MAX_BACKENDS in maglev.h)"))
+    capacity = fwd.table_capacity if capacity is None else capacity
+    need = tables_needed(v.table_size for v in vips.values())
+    if capacity is not None and need > capacity:
         biggest = sorted(vips.values(), key=lambda v: -v.table_size)[:3]
+        where = ("forwarder.table_capacity is" if fwd.table_capacity is not None else
+                 "the tables map (sized from the VIPs at start) holds")
         problems.append(ConfigProblem(
             source, None, "table_size",
-            f"the VIPs' tables need {need} entries (2 x table_size each; largest: "
-            + ", ".join(f"{v.name} {v.table_size}" for v in biggest)
-            + f") but forwarder.table_capacity is {fwd.table_capacity}: raise table_capacity in the "
-            "node file or use smaller tables"))
+            f"the VIPs' tables need {need} entries (every table_size, plus the largest once to "
+            "rebuild in; largest: " + ", ".join(f"{v.name} {v.table_size}" for v in biggest)
+            + f") but {where} {capacity}: raise forwarder.table_capacity in the node file (or, "
+            "unset, restart the node: it sizes the map from the VIPs again), or use smaller tables"))
     return problems
 
 
@@ -959,6 +983,8 @@ def _identity_clash(
     addr, proto, port = vip.identity
     if (addr, proto, port) in seen:
         return seen[(addr, proto, port)]
+    if port != "all":  # one lookup, not a scan: a thousand VIPs are checked on every reload
+        return seen.get((addr, proto, "all"))
     for (a, p, o), where in seen.items():
         if a == addr and p == proto and (o == "all" or port == "all"):
             return where

@@ -17,12 +17,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from node.config import (
     ConfigError,
     NodeConfig,
     VipConfig,
+    tables_needed,
     vip_dir_warnings,
     vip_files,
 )
@@ -30,6 +32,8 @@ from node.events import EventLog
 from node.handover import handover
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
+from node.programming import SelfTestSample, SpecCache
+from node.maglev import StopGapTable
 from node.reconcile import AdminState, Desired, Health, Inputs, TableCache, VipDecision, decide
 from node.supervisor import Supervisor
 from node.vip_reader import VipReader
@@ -38,6 +42,9 @@ log = logging.getLogger("maglev.controller")
 
 RECONCILE_DEBOUNCE = 0.02
 WATCH_INTERVAL = 1.0
+SELF_TEST_SAMPLE = 32  # VIPs per periodic self-test round, besides those just programmed
+TABLE_EVENTS_MAX = 20  # more tables rebuilt at once: one summary event instead of one each
+INLINE_BUILDS = 8  # exact tables built within the reconcile; more: stop-gaps, built behind
 
 
 @dataclass
@@ -86,6 +93,11 @@ class Controller:
         self.vips: dict[str, VipConfig] = {}
         self.vip_sources: dict[str, Path] = {}
         self.targets: dict[tuple[str, str], Any] = {}  # (vip, backend key) -> health Target
+        self._static_pairs: set[tuple[str, str]] = set()
+        self._owners: dict[Any, list[tuple[str, str]]] = {}
+        self._dirty_vips: set[str] | None = None  # VIPs whose inputs changed; None: all
+        self._decided_globals: tuple | None = None
+        self._decided_verdict: dict = {}
         self.overrides: dict[tuple[str, str], AdminState] = {}
         self.node_drained = False
         self.self_test = SelfTest(False, "not run yet", 0.0)
@@ -95,10 +107,15 @@ class Controller:
         self.warmup_over = False
         self.last_reload: ReloadResult | None = None
         self.desired: Desired | None = None
-        self.tables = TableCache()
+        self.tables = TableCache(defer=True)
         self.metrics = NodeMetrics()
+        self.specs = SpecCache(self.spec_builder)
+        self.sample = SelfTestSample(SELF_TEST_SAMPLE)
+        self._reconcile_lock = asyncio.Lock()
+        self._forwarder_open = False
 
         self._dirty = asyncio.Event()
+        self._builds_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self.supervisor = Supervisor(self.events)
         self.reader = VipReader()
@@ -107,6 +124,7 @@ class Controller:
         self._self_test_lock = asyncio.Lock()  # the periodic and the post-sync self-test
         self._applied_forwarder: tuple | None = None
         self._applied_routes: tuple | None = None
+        self._routes_from: tuple | None = None  # (config, announce) per VIP of the last routes
         self._logged_vip: dict[str, tuple[bool, str]] = {}
         self._logged_tables: dict[str, str] = {}
         self._watch_signature: tuple | None = None
@@ -121,7 +139,11 @@ class Controller:
         sources = await self.reader.read(self.vip_dir, self.config)  # raises ConfigError
         self._install_vips(sources, "startup")
         self._watch_signature = self._dir_signature()
+        size_tables = getattr(self.forwarder, "size_tables", None)
+        if size_tables is not None:  # an unset table_capacity is sized from the VIPs
+            size_tables(tables_needed(v.table_size for v in self.vips.values()))
         await asyncio.to_thread(self.forwarder.open)
+        self._forwarder_open = True
         self.attach_mode = await asyncio.to_thread(self.forwarder.attach)
         self.events.emit(
             "forwarder_attached",
@@ -139,6 +161,7 @@ class Controller:
         self.supervisor.spawn("self-test", self._self_test_loop)
         self.supervisor.spawn("vip-dir-watch", self._watch_loop)
         self.supervisor.spawn("warmup", self._warmup_timer, once=True)
+        self.supervisor.spawn("table-builds", self._table_build_loop)
         self.mark_dirty()
 
     async def stop(self) -> None:
@@ -165,8 +188,16 @@ class Controller:
 
     # ------------------------------------------------------------------ inputs
 
+    def _mark_vips(self, names) -> None:
+        """Only these VIPs' inputs changed (None: maybe every VIP's)."""
+        if names is None:
+            self._dirty_vips = None
+        elif self._dirty_vips is not None:
+            self._dirty_vips.update(names)
+
     def _on_health_transition(self, transition: Any) -> None:
-        owners = [k for k, t in self.targets.items() if t == transition.target]
+        owners = self._owners.get(transition.target, [])
+        self._mark_vips(vip for vip, _ in owners)
         new = _health_of(transition.new)
         for vip, key in owners:
             self.metrics.transitions[(vip, key, new.value)] = self.metrics.transitions.get((vip, key, new.value), 0) + 1
@@ -182,24 +213,32 @@ class Controller:
         self.mark_dirty()
 
     def _health_map(self) -> dict[tuple[str, str], Health]:
-        snapshot = self.health.snapshot()
-        out: dict[tuple[str, str], Health] = {}
-        for vip in self.vips.values():
-            for b in vip.backends:
-                target = self.targets.get((vip.name, b.key))
-                if target is None:  # no health check configured: a static pool
-                    out[(vip.name, b.key)] = Health.UP
-                    continue
-                status = snapshot.get(target)
-                out[(vip.name, b.key)] = _health_of(status.state) if status else Health.UNKNOWN
-        return out
+        view = self._health_view()
+        return {pair: view[pair] for pair in view}
+
+    def _health_view(self) -> "HealthView":
+        # One verdict per distinct target (many VIPs share backends), looked up per (VIP,
+        # backend) only for the VIPs being decided.
+        verdict = {t: _health_of(st.state) for t, st in self.health.snapshot().items()}
+        return HealthView(verdict, self.targets, self._static_pairs)
+
+    def _mark_health_changes(self, view: "HealthView") -> None:
+        """Mark the owners of every target whose verdict differs from the last decision's
+        (per distinct target: cheap), whether or not a transition callback said so."""
+        before = self._decided_verdict
+        for target, health in view.verdicts.items():
+            if before.get(target, Health.UNKNOWN) is not health:
+                self._mark_vips(vip for vip, _ in self._owners.get(target, ()))
+        for target in before.keys() - view.verdicts.keys():
+            self._mark_vips(vip for vip, _ in self._owners.get(target, ()))
+        self._decided_verdict = view.verdicts
 
     def _inputs(self) -> Inputs:
         forwarder_ok = self.self_test.ok and self.forwarder_error is None
         reason = self.forwarder_error or self.self_test.reason
         return Inputs(
             vips=self.vips,
-            health=self._health_map(),
+            health=self._health_view(),
             overrides=self.overrides,
             forwarder_ok=forwarder_ok,
             forwarder_reason=reason,
@@ -232,74 +271,151 @@ class Controller:
                 self.mark_dirty()
 
     async def reconcile(self) -> Desired:
-        with self.metrics.reconcile_duration.time():
-            return await self._reconcile()
+        # One at a time: the API's actions reconcile directly, next to the loop's.
+        async with self._reconcile_lock:
+            with self.metrics.reconcile_duration.time():
+                return await self._reconcile()
+    def _changed_vips(self, inputs: Inputs) -> set[str] | None:
+        """The VIPs to decide again (None: all, when a node-wide input changed); taken on the
+        event loop, where the marks are made."""
+        # The forwarder's reason only shows in decisions while it is unhealthy ("3 VIP(s)
+        # checked" changing with the sample size must not re-decide every VIP).
+        reason = "" if inputs.forwarder_ok else inputs.forwarder_reason
+        flags = (inputs.forwarder_ok, reason, inputs.warmup_over, inputs.node_drained)
+        self._mark_health_changes(inputs.health)
+        only, self._dirty_vips = self._dirty_vips, set()
+        if flags != self._decided_globals or self.desired is None:
+            only = None
+        self._decided_globals = flags
+        return only
+
+    def _decide(self, inputs: Inputs, only: set[str] | None) -> tuple[Desired, set[str] | None]:
+        """(desired, the VIPs decided again). A few tables waiting behind stop-gaps (one VIP
+        drained, one backend down) are built right here; only a burst waits for the builder."""
+        try:
+            desired = decide(inputs, self.tables, self.desired, only)
+            if 0 < len(self.tables.pending) <= INLINE_BUILDS:
+                self.tables.add(self.tables.build(self.tables.take_pending()))
+                gaps = {n for n, d in desired.vips.items() if isinstance(d.table, StopGapTable)}
+                desired = decide(inputs, self.tables, desired, gaps)
+                only = None if only is None else only | gaps
+        except BaseException:
+            self._dirty_vips = None
+            raise
+        self.desired = desired
+        return desired, only
 
     async def _reconcile(self) -> Desired:
-        self._check_warmup(self._health_map())
-        desired = decide(self._inputs(), self.tables)
+        if not self.warmup_over:
+            self._check_warmup(self._health_map())
+        # Deciding builds the tables that changed: off the event loop (health probes and the
+        # API keep running); the lock above keeps the table cache to one decide at a time.
+        inputs = self._inputs()
+        desired, touched = await asyncio.to_thread(self._decide, inputs, self._changed_vips(inputs))
         if self.warmup_over:
-            if await self._apply_forwarder(desired):
-                # New tables are announced only once a self-test has run over them.
-                await self.run_self_test()
-            # A failed sync or self-test flips forwarder health; decide again so BGP sees it.
-            desired = decide(self._inputs(), self.tables)
+            programmed = await self._apply_forwarder(desired, touched)
+            if programmed is not None:
+                # New tables are announced only once a self-test has run over them (just
+                # those: the periodic rounds cover the rotating sample).
+                await self.run_self_test(programmed, sample=False)
+            # A failed sync or self-test flips forwarder health; decide again so BGP sees it
+            # (a no-op when it did not change).
+            inputs = self._inputs()
+            desired, again = self._decide(inputs, self._changed_vips(inputs))
+            touched = None if touched is None or again is None else touched | again
         self._apply_routes(desired)
-        self._log_decisions(desired)
+        self._log_decisions(desired, touched)
         self.desired = desired
+        if self.tables.pending:
+            self._builds_wanted.set()
         return desired
 
-    async def _apply_forwarder(self, desired: Desired) -> bool:
-        """Program the forwarder if the desired tables or backend states changed; True if it
-        was programmed."""
-        key = tuple(
-            (
-                name,
-                d.vip.identity,
-                tuple((b.key, str(b.address), b.data_state) for b in d.backends),
-                d.table.digest() if d.table else "",
-            )
-            for name, d in desired.vips.items()
-        )
-        if key == self._applied_forwarder:
-            return False
-        specs = [self.spec_builder(d) for d in desired.vips.values()]
+    async def _apply_forwarder(self, desired: Desired, touched: set[str] | None = None) -> list[str] | None:
+        """Program the VIPs whose tables or backend states changed (looking only at
+        ``touched``, the VIPs decided again, when given); returns their names (None: nothing
+        was programmed)."""
+        specs, changed, removed = self.specs.changes(desired, touched)
+        if not changed and not removed:
+            return None
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self.forwarder.sync, specs)
+            await asyncio.to_thread(self.forwarder.sync, specs, changed)
         except Exception as exc:
             self.forwarder_error = f"programming the forwarder failed: {exc}"
             self.events.emit("forwarder_sync_failed", self.forwarder_error + "; every VIP is withdrawn until it succeeds", level="error")
-            self._applied_forwarder = None
-            return False
+            self.specs.forget()
+            return None
         self.metrics.observe_sync(time.perf_counter() - started)
+        self.specs.programmed(desired, changed, removed)
         if self.forwarder_error:
             self.events.emit("forwarder_sync_ok", "forwarder programmed again")
         self.forwarder_error = None
-        self._applied_forwarder = key
-        for name, d in desired.vips.items():
+        self._log_tables(desired, changed)
+        return changed
+
+    def _log_tables(self, desired: Desired, names: list[str]) -> None:
+        rebuilt = []
+        for name in names:
+            d = desired.vips[name]
             digest = d.table.digest() if d.table else ""
             if self._logged_tables.get(name) != digest:
                 self._logged_tables[name] = digest
-                shares = _shares(d)
-                self.events.emit(
-                    "table_rebuilt",
-                    f"VIP {name}: table {digest} over {len(d.serving)} backend(s)",
-                    vip=name,
-                    digest=digest,
-                    shares=",".join(f"{k}={v:.1%}" for k, v in shares.items()) or "none",
-                )
-        return True
+                rebuilt.append(name)
+        for name in rebuilt if len(rebuilt) <= TABLE_EVENTS_MAX else ():
+            d = desired.vips[name]
+            stop_gap = bool(getattr(d.table, "gone", None))
+            self.events.emit(
+                "table_rebuilt",
+                f"VIP {name}: table {self._logged_tables[name]} over {len(d.serving)} backend(s)"
+                + (" (stop-gap while the exact table is built)" if stop_gap else ""),
+                vip=name,
+                digest=self._logged_tables[name],
+                shares=",".join(f"{k}={v:.1%}" for k, v in _shares(d).items()) or "none",
+            )
+        if len(rebuilt) > TABLE_EVENTS_MAX:
+            self.events.emit(
+                "tables_rebuilt",
+                f"{len(rebuilt)} VIPs got new tables in {self.metrics.sync_seconds * 1000:.0f} ms "
+                f"(first: {', '.join(rebuilt[:5])}); `maglev vip NAME` shows one",
+                count=len(rebuilt),
+                sync_ms=round(self.metrics.sync_seconds * 1000, 1),
+            )
+
+    async def _table_build_loop(self) -> None:
+        """Builds the exact tables that stop-gaps stand in for, off the event loop, then
+        reconciles them in. A failed build is reported and retried by the next decide."""
+        while True:
+            await self._builds_wanted.wait()
+            self._builds_wanted.clear()
+            todo = self.tables.take_pending()
+            if not todo:
+                continue
+            try:
+                built = await asyncio.to_thread(self.tables.build, todo)
+            except Exception as exc:
+                self.tables.abandon(todo)
+                self.events.emit("table_build_failed", f"building {len(todo)} table(s) failed: {exc!r}; "
+                                 "the stop-gap tables stay until the next change", level="error")
+                continue
+            self.tables.add(built)
+            self._mark_vips(None)  # the VIPs on stop-gaps pick their exact tables up
+            self.mark_dirty()
 
     def _apply_routes(self, desired: Desired) -> None:
+        announced = tuple((d.vip, d.announce) for d in desired.vips.values())
+        if announced == self._routes_from:
+            return
+        self._routes_from = announced
         routes = routes_for(desired)
         key = tuple(sorted((str(r.prefix), r.med, r.communities) for r in routes))
         if key != self._applied_routes:
             self.speaker.set_desired(routes)
             self._applied_routes = key
 
-    def _log_decisions(self, desired: Desired) -> None:
-        for name, d in desired.vips.items():
+    def _log_decisions(self, desired: Desired, touched: set[str] | None = None) -> None:
+        names = desired.vips if touched is None else [n for n in touched if n in desired.vips]
+        for name in names:
+            d = desired.vips[name]
             now = (d.announce, d.reason)
             before = self._logged_vip.get(name)
             if before is None or before[0] != now[0]:
@@ -311,27 +427,33 @@ class Controller:
                     vip=name,
                 )
             self._logged_vip[name] = now
-        for name in list(self._logged_vip):
-            if name not in desired.vips:
-                del self._logged_vip[name]
-                self._logged_tables.pop(name, None)
+        for name in self._logged_vip.keys() - desired.vips.keys():
+            del self._logged_vip[name]
+            self._logged_tables.pop(name, None)
 
     # ------------------------------------------------------------------ periodic work
 
     async def _self_test_loop(self) -> None:
         while True:
-            await self.run_self_test()
+            await self.run_self_test([])
             await asyncio.sleep(self.config.forwarder.self_test_interval)
 
-    async def run_self_test(self) -> SelfTest:
-        """One self-test at a time. A failure is acted on (every VIP withdrawn) only when a
-        fresh run fails too: a single glitch on every node at once must not take the fleet's
-        VIPs down; it is reported and counted."""
+    async def run_self_test(self, changed: list[str] | None = None, sample: bool = True) -> SelfTest:
+        """One self-test at a time; with ``changed`` (names just programmed): those, plus (with
+        ``sample``) the next slice of a rotation over every VIP, so the cost does not grow with
+        the VIP count and every VIP is still checked every few rounds. None: every VIP.
+        A failure is acted on (every VIP withdrawn) only when a fresh run of the same VIPs
+        fails too: a single glitch on every node at once must not take the fleet's VIPs down;
+        it is reported and counted."""
+        if changed is None:
+            vips = None
+        else:
+            vips = self.sample.next(list(self.vips), changed) if sample else sorted(changed)
         async with self._self_test_lock:
-            ok, reason = await self._self_test_once()
+            ok, reason = await self._self_test_once(vips)
             if not ok:
                 first = reason
-                ok, reason = await self._self_test_once()
+                ok, reason = await self._self_test_once(vips)
                 if ok:
                     self.metrics.self_test_glitches += 1
                     self.events.emit(
@@ -341,9 +463,9 @@ class Controller:
                     )
             return self._record_self_test(ok, reason)
 
-    async def _self_test_once(self) -> tuple[bool, str]:
+    async def _self_test_once(self, vips: list[str] | None) -> tuple[bool, str]:
         try:
-            result = await asyncio.to_thread(self.forwarder.self_test)
+            result = await asyncio.to_thread(self._forwarder_self_test, vips)
             return bool(result.ok), str(result.reason)
         except Exception as exc:
             return False, f"self-test raised {exc!r}"
@@ -360,6 +482,9 @@ class Controller:
             )
             self.mark_dirty()
         return self.self_test
+
+    def _forwarder_self_test(self, vips: list[str] | None) -> Any:
+        return self.forwarder.self_test() if vips is None else self.forwarder.self_test(vips)
 
     async def _warmup_timer(self) -> None:
         remaining = self.config.warmup - (self.clock() - self.started_at)
@@ -400,7 +525,7 @@ class Controller:
         serving the last good config."""
         async with self._reload_lock:
             try:
-                sources = await self.reader.read(self.vip_dir, self.config)
+                sources = await self.reader.read(self.vip_dir, self.config, self.fixed_table_capacity())
                 result = self._install_vips(sources, source)
             except ConfigError as exc:
                 return self._reload_failed(source, [str(p) for p in exc.problems])
@@ -429,6 +554,14 @@ class Controller:
         )
         return result
 
+    def fixed_table_capacity(self) -> int | None:
+        """The open forwarder's tables map size (fixed until a restart), which every reload and
+        API candidate set must fit; None before the forwarder is open (the node file's then)."""
+        if not self._forwarder_open:
+            return None
+        capacity = getattr(self.forwarder, "table_capacity", None)
+        return capacity if isinstance(capacity, int) else None
+
     def _install_vips(self, sources: dict[str, tuple[Path, VipConfig]], source: str) -> ReloadResult:
         new = {name: vip for name, (_, vip) in sources.items()}
         old = self.vips
@@ -448,6 +581,12 @@ class Controller:
         self.vips = new
         self.vip_sources = {name: path for name, (path, _) in sources.items()}
         self.targets = targets
+        self._owners: dict[Any, list[tuple[str, str]]] = {}  # target -> (vip, backend key)
+        for pair, target in self.targets.items():
+            self._owners.setdefault(target, []).append(pair)
+        self._mark_vips(result.added + result.changed)
+        # Backends of VIPs without a health check: a static pool, always UP.
+        self._static_pairs = {(v.name, b.key) for v in new.values() if v.health_check is None for b in v.backends}
         keys = {(v.name, b.key) for v in new.values() for b in v.backends}
         dropped = [k for k in self.overrides if k not in keys]
         for k in dropped:
@@ -478,6 +617,7 @@ class Controller:
             self.overrides.pop((vip, backend), None)
         else:
             self.overrides[(vip, backend)] = state
+        self._mark_vips([vip])
         self._save_state()
         self.events.emit(
             "backend_admin",
@@ -596,6 +736,29 @@ class Controller:
 # ---------------------------------------------------------------------- helpers
 
 
+class HealthView(Mapping):
+    """(vip, backend key) -> Health, read through the targets: static pools are UP, a target
+    without a verdict yet is UNKNOWN."""
+
+    def __init__(self, verdict: dict, targets: dict, static: list) -> None:
+        self.verdicts, self._targets, self._static = verdict, targets, static
+
+    def __getitem__(self, pair: tuple[str, str]) -> Health:
+        target = self._targets.get(pair)
+        if target is None:
+            if pair in self._static:
+                return Health.UP
+            raise KeyError(pair)
+        return self.verdicts.get(target, Health.UNKNOWN)
+
+    def __iter__(self):
+        yield from self._targets
+        yield from self._static
+
+    def __len__(self) -> int:
+        return len(self._targets) + len(self._static)
+
+
 def _resolve(path: Path, base: Path | None) -> Path:
     return path if path.is_absolute() or base is None else base / path
 
@@ -626,17 +789,17 @@ def health_targets(vips: dict[str, VipConfig]) -> dict[tuple[str, str], Any]:
 def forwarder_spec(d: VipDecision) -> Any:
     from node.forwarder.loader import BackendSpec, VipSpec
 
-    table: list[str] = []
-    if d.table is not None and d.table.backends:
-        keys = d.table.backends
-        table = [keys[i] for i in d.table.entries]
+    # The table goes as the builder made it: backend keys and an array of indexes into them.
+    keys = d.table.backends if d.table is not None else ()
     return VipSpec(
         name=d.vip.name,
         address=d.vip.address,
         protocol=d.vip.protocol,
         port=d.vip.port,
         backends=tuple(BackendSpec(key=b.key, address=b.address, state=b.data_state) for b in d.backends),
-        table=table,
+        table_keys=keys,
+        table_entries=d.table.entries if keys else (),
+        table_gone=getattr(d.table, "gone", frozenset()) if keys else frozenset(),
     )
 
 

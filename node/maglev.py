@@ -59,8 +59,9 @@ class MaglevTable:
 
     size: int
     backends: tuple[str, ...]
-    # array('I') of `size` backend indexes (empty without backends); it supports the buffer
-    # protocol for the forwarder's map update. Treat it as read-only: the digest is cached.
+    # array of `size` backend indexes, typecode B, H or I (entry_typecode; empty without
+    # backends); it supports the buffer protocol for the forwarder's map update. Treat it as
+    # read-only: the digest is cached.
     entries: Sequence[int] = field(repr=False)
     weights: tuple[float, ...] = field(default=())  # normalised, aligned with `backends`
     _digest: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -76,6 +77,8 @@ class MaglevTable:
 
     def counts(self) -> dict[str, int]:
         """Entries per backend key (every backend has at least one)."""
+        if _ext is not None and isinstance(self.entries, array) and self.entries.typecode in "BHI":
+            return dict(zip(self.backends, _ext.counts(self.entries, len(self.backends))))
         tally = [0] * len(self.backends)
         for idx in self.entries:
             tally[idx] += 1
@@ -109,9 +112,73 @@ class MaglevTable:
         return h.hexdigest()[:16]
 
 
+    def entry_keys(self) -> list[str]:
+        """The backend key of every entry."""
+        return [self.backends[i] for i in self.entries] if self.backends else []
+
+
+@dataclass(frozen=True, repr=False)
+class StopGapTable(MaglevTable):
+    """A table whose pool lost backends (``gone``) since it was built: each of their entries
+    goes to the backend of the next entry (cyclically) that remains. It is a pure function of
+    the exact table and ``gone``, so every node computes the same one; it stands in, for as
+    long as the exact table of the smaller pool takes to build, and moves no flow of a
+    remaining backend. ``backends``/``entries`` are the exact table's (the forwarder writes
+    them through node._maglev.write_ids, which applies the rule)."""
+
+    gone: frozenset[str] = frozenset()
+    base_digest: str = ""  # the exact table's
+
+    @classmethod
+    def of(cls, table: MaglevTable, gone: set[str]) -> "StopGapTable":
+        gone = frozenset(gone) | getattr(table, "gone", frozenset())
+        base = getattr(table, "base_digest", "") or table.digest()
+        return cls(size=table.size, backends=table.backends, entries=table.entries,
+                   weights=table.weights, gone=gone, base_digest=base)
+
+    def __repr__(self) -> str:
+        return f"StopGapTable(size={self.size}, gone={sorted(self.gone)}, digest={self.digest()})"
+
+    def entry_keys(self) -> list[str]:
+        keys = [None if k in self.gone else k for k in self.backends]
+        out = [keys[i] for i in self.entries]
+        nxt = next((k for k in out if k is not None), None)
+        for j in range(len(out) - 1, -1, -1):
+            if out[j] is None:
+                out[j] = nxt
+            else:
+                nxt = out[j]
+        return out
+
+    def lookup(self, hash_value: int) -> str | None:
+        keys = self.entry_keys()
+        return keys[hash_value % self.size] if keys else None
+
+    def counts(self) -> dict[str, int]:
+        tally: dict[str, int] = {k: 0 for k in self.backends if k not in self.gone}
+        for k in self.entry_keys():
+            tally[k] += 1
+        return tally
+
+    def expected_shares(self) -> dict[str, float]:
+        kept = {k: w for k, w in zip(self.backends, self.weights) if k not in self.gone}
+        total = math.fsum(kept.values())
+        return {k: w / total for k, w in kept.items()}
+
+    def _compute_digest(self) -> str:
+        h = hashlib.sha256(b"stop-gap\0" + self.base_digest.encode())
+        for key in sorted(self.gone):
+            h.update(key.encode("utf-8") + b"\0")
+        return h.hexdigest()[:16]
+
+
 def entries_bytes(entries: Sequence[int]) -> bytes:
     """Entries as little-endian uint32, independent of the host's byte order."""
-    arr = entries if isinstance(entries, array) and entries.typecode == "I" else array("I", entries)
+    if isinstance(entries, array) and entries.typecode in "BH" and _ext is not None:
+        arr = array("I")
+        arr.frombytes(_ext.widen(entries))
+    else:
+        arr = entries if isinstance(entries, array) and entries.typecode == "I" else array("I", entries)
     if sys.byteorder == "big":  # pragma: no cover - no big-endian CI
         arr = array("I", arr)
         arr.byteswap()
@@ -206,14 +273,25 @@ def build_table(weights: Mapping[str, float], size: int = DEFAULT_SIZE) -> Magle
                        weights=tuple(norm))
 
 
+def entry_typecode(nbackends: int) -> str:
+    """The narrowest array type for a table's backend indexes: a thousand VIPs' tables are
+    held in memory, and most pools have far fewer than 256 backends (64 KiB per 65537-entry
+    table instead of 256 KiB)."""
+    return "B" if nbackends <= 0xFF else "H" if nbackends <= 0xFFFF else "I"
+
+
 def _populate_array(params: Sequence[tuple[int, int]], norm: Sequence[float], size: int) -> array:
+    code = entry_typecode(len(params))
+    out = array(code)
     if _ext is not None:
         offsets = array("Q", (o for o, _ in params))
         skips = array("Q", (s for _, s in params))
-        out = array("I")
-        out.frombytes(_ext.populate(offsets, skips, array("d", norm), max(norm), size))
+        wide = array("I")
+        wide.frombytes(_ext.populate(offsets, skips, array("d", norm), max(norm), size))
+        out.frombytes(_ext.narrow(wide, out.itemsize))
         return out
-    return array("I", _populate_python(params, norm, size))
+    out.extend(_populate_python(params, norm, size))
+    return out
 
 
 def populate(params: Sequence[tuple[int, int]], weights: Sequence[float], size: int) -> list[int]:

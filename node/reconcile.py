@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 from node.config import Backend, VipConfig
-from node.maglev import MaglevTable, build_table
+from node.maglev import MaglevTable, StopGapTable, build_table
 
 
 class Health(enum.Enum):
@@ -94,31 +94,86 @@ def data_state(admin: AdminState, health: Health) -> DataState:
     return "active" if admin == "active" else "drain"
 
 
+TableKey = tuple[int, tuple[tuple[str, float], ...]]
+
+
 class TableCache:
     """Memoises tables by their inputs: a 65537-entry build is cheap, but a reload or a health
-    flap elsewhere must not rebuild (and re-digest) every VIP's table."""
+    flap elsewhere must not rebuild (and re-digest) every VIP's table.
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[int, tuple[tuple[str, float], ...]], MaglevTable] = {}
+    With ``defer`` set (the controller), a VIP whose pool only lost backends gets a stop-gap
+    (maglev.StopGapTable: its last table, the lost backends' entries handed to the next entry
+    that remains) and the exact table is listed in ``pending`` for the caller to build off the
+    event loop (``build`` + ``add``). A backend shared by a thousand VIPs going down is then a
+    thousand cheap rewrites, not a thousand builds, before it stops getting new flows."""
+
+    def __init__(self, defer: bool = False) -> None:
+        self._cache: dict[TableKey, MaglevTable] = {}
+        self.defer = defer
+        self.pending: dict[TableKey, tuple[dict[str, float], int]] = {}
+        self._last: dict[str, tuple[TableKey, MaglevTable]] = {}  # vip -> what it got last
+        self._building: set[TableKey] = set()
         self.builds = 0
         self.build_seconds = 0.0  # total time spent building, for the metrics
         self.last_build_seconds = 0.0
 
-    def get(self, weights: Mapping[str, float], size: int) -> MaglevTable:
+    def get(self, weights: Mapping[str, float], size: int, vip: str | None = None) -> MaglevTable:
         key = (size, tuple(sorted(weights.items())))
         table = self._cache.get(key)
+        if table is None and self.defer and vip is not None:
+            table = self._stop_gap(vip, key)
+            if table is not None and key not in self._building:
+                self.pending[key] = (dict(weights), size)
         if table is None:
-            started = time.perf_counter()
-            table = build_table(weights, size)
-            self.last_build_seconds = time.perf_counter() - started
-            self.build_seconds += self.last_build_seconds
-            self.builds += 1
+            table = self._build(weights, size)
             self._cache[key] = table
+        if vip is not None:
+            self._last[vip] = (key, table)
         return table
 
-    def retain(self, keep: list[MaglevTable]) -> None:
+    def _stop_gap(self, vip: str, key: TableKey) -> MaglevTable | None:
+        last = self._last.get(vip)
+        if last is None or last[0][0] != key[0] or not key[1]:
+            return None
+        if last[0] == key:  # the exact table is still being built
+            return last[1] if isinstance(last[1], StopGapTable) else None
+        before, now = set(last[0][1]), set(key[1])
+        if not now < before:  # only a pool that lost backends (same weights otherwise)
+            return None
+        return StopGapTable.of(last[1], {k for k, _ in before - now})
+
+    def _build(self, weights: Mapping[str, float], size: int) -> MaglevTable:
+        started = time.perf_counter()
+        table = build_table(weights, size)
+        table.digest()  # computed here, off the event loop, not where the controller first asks
+        self.last_build_seconds = time.perf_counter() - started
+        self.build_seconds += self.last_build_seconds
+        self.builds += 1
+        return table
+
+    def take_pending(self) -> list[tuple[TableKey, dict[str, float], int]]:
+        out = [(k, w, n) for k, (w, n) in self.pending.items() if k not in self._cache]
+        self.pending.clear()
+        self._building.update(k for k, _, _ in out)
+        return out
+
+    def build(self, todo: list[tuple[TableKey, dict[str, float], int]]) -> list[tuple[TableKey, MaglevTable]]:
+        """Build tables (safe in a worker thread: touches no shared state but the counters)."""
+        return [(k, self._build(w, n)) for k, w, n in todo]
+
+    def add(self, built: list[tuple[TableKey, MaglevTable]]) -> None:
+        self._cache.update(built)
+        self._building.difference_update(k for k, _ in built)
+
+    def abandon(self, todo: list[tuple[TableKey, dict[str, float], int]]) -> None:
+        """A background build failed: forget it, so the next decide builds or retries it."""
+        self._building.difference_update(k for k, _, _ in todo)
+
+    def retain(self, keep: list[MaglevTable], vips: set[str] | None = None) -> None:
         ids = {id(t) for t in keep}
         self._cache = {k: t for k, t in self._cache.items() if id(t) in ids}
+        if vips is not None:
+            self._last = {v: x for v, x in self._last.items() if v in vips}
 
 
 def decide_vip(vip: VipConfig, inputs: Inputs, tables: TableCache) -> VipDecision:
@@ -131,7 +186,7 @@ def decide_vip(vip: VipConfig, inputs: Inputs, tables: TableCache) -> VipDecisio
             BackendDecision(b.key, b.address, b.weight, admin, health, state, state == "active")
         )
     weights = {b.key: b.weight for b in backends if b.serving}
-    table = tables.get(weights, vip.table_size) if inputs.warmup_over else None
+    table = tables.get(weights, vip.table_size, vip.name) if inputs.warmup_over else None
     announce, reason = _announce(vip, len(weights), inputs)
     return VipDecision(vip, tuple(backends), table, announce, reason)
 
@@ -149,8 +204,18 @@ def _announce(vip: VipConfig, serving: int, inputs: Inputs) -> tuple[bool, str]:
     return True, f"{serving} serving backend(s) (min_healthy {need})"
 
 
-def decide(inputs: Inputs, tables: TableCache | None = None) -> Desired:
+def decide(inputs: Inputs, tables: TableCache | None = None, previous: Desired | None = None,
+           only: set[str] | None = None) -> Desired:
+    """The desired state for ``inputs``. With ``previous`` and ``only``: only the VIPs named in
+    ``only`` are decided again, the others keep their previous decision; the caller vouches
+    that nothing else about them changed (their config object, health, overrides, and the
+    node-wide inputs), so a reconcile costs what changed, not the number of VIPs."""
     tables = tables or TableCache()
-    decisions = {name: decide_vip(vip, inputs, tables) for name, vip in sorted(inputs.vips.items())}
-    tables.retain([d.table for d in decisions.values() if d.table is not None])
+    keep = previous.vips if previous is not None and only is not None else {}
+    decisions = {}
+    for name, vip in sorted(inputs.vips.items()):
+        old = keep.get(name) if name not in (only or ()) else None
+        decisions[name] = old if old is not None and old.vip is vip else decide_vip(vip, inputs, tables)
+    if only is None or only:  # nothing decided again: nothing to forget either
+        tables.retain([d.table for d in decisions.values() if d.table is not None], set(decisions))
     return Desired(decisions)

@@ -24,7 +24,8 @@ from node.config import ConfigError, ConfigProblem, Deadline, NodeConfig, VipCon
 READ_BUDGET = 60.0  # seconds; a fleet-scale directory (4096 VIPs, 65536 backends) takes 5-15 here
 
 
-def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline) -> dict[str, tuple[Path, VipConfig]]:
+def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline,
+          capacity: int | None = None) -> dict[str, tuple[Path, VipConfig]]:
     """load_node_vips with the cyclic collector paused: a big read allocates millions of
     objects, and the collector's full passes over them hold the interpreter lock, which
     stalled the event loop for up to 1.4 s (bench/config_reload.py). Reference counting still
@@ -33,7 +34,7 @@ def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline) -> dict[str, tupl
     if paused:
         gc.disable()
     try:
-        return load_node_vips(vip_dir, node, deadline)
+        return load_node_vips(vip_dir, node, deadline, capacity)
     finally:
         if paused:
             gc.enable()
@@ -45,7 +46,8 @@ class VipReader:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="maglev-config")
         self._running: concurrent.futures.Future | None = None
 
-    async def read(self, vip_dir: Path, node: NodeConfig) -> dict[str, tuple[Path, VipConfig]]:
+    async def read(self, vip_dir: Path, node: NodeConfig,
+                   capacity: int | None = None) -> dict[str, tuple[Path, VipConfig]]:
         """The VIP directory, validated exactly as a reload needs it; ConfigError otherwise."""
         if self._running is not None and not self._running.done():
             raise ConfigError([ConfigProblem(
@@ -53,7 +55,7 @@ class VipReader:
                 f"the previous read of the VIP directory is still running past its budget of "
                 f"{self.budget:g} s; nothing was applied (shrink the files)")])
         deadline = Deadline(self.budget)
-        future = self._pool.submit(_load, vip_dir, node, deadline)
+        future = self._pool.submit(_load, vip_dir, node, deadline, capacity)
         self._running = future
         try:
             # The grace covers the worker's last step after the deadline passed (one VIP).

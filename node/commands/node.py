@@ -50,6 +50,10 @@ async def serve(config, base_dir: Path) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: api.token_file: {exc}", file=sys.stderr)
         return 2
+    # Tables are built and written, and the forwarder self-tested, in worker threads that make
+    # many short calls into C and the kernel, each giving the GIL up; the default 5 ms switch
+    # interval would let the busy event loop keep it 5 ms per call (1000 VIPs: seconds).
+    sys.setswitchinterval(0.0005)
     controller = build_controller(config, base_dir)
     for warning in token_warnings:
         controller.events.emit("token_file_unsafe", warning, level="warning")

@@ -12,8 +12,8 @@ import enum
 import hashlib
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-MAX_VIPS = 512
-MAX_BACKENDS = 8192
+MAX_VIPS = 4096
+MAX_BACKENDS = 65537
 NAME_LEN = 256
 DEFAULT_TABLE_CAPACITY = 4194304
 TABLE_CHUNK = 8

@@ -3,6 +3,7 @@ drain semantics, reload keeping the last good config, digest-based no-op."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from healthcheck import State, TargetStatus
 from node.config import parse_node_object
 from node.controller import Controller
 from node.events import EventLog
+from node.maglev import StopGapTable, build_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +87,8 @@ class FakeSpeaker:
 class FakeForwarder:
     def __init__(self):
         self.syncs: list = []
+        self.changed: list = []
+        self.tested: list = []
         self.result = FakeResult(True, "all VIPs forwarded")
         self.fail_sync = False
         self.attached = False
@@ -96,12 +100,14 @@ class FakeForwarder:
         self.attached = True
         return "native"
 
-    def sync(self, specs):
+    def sync(self, specs, changed=None):
         if self.fail_sync:
             raise OSError("map update failed")
         self.syncs.append(specs)
+        self.changed.append(None if changed is None else sorted(changed))
 
-    def self_test(self):
+    def self_test(self, vips=None):
+        self.tested.append(None if vips is None else sorted(vips))
         return self.result
 
     def counters(self):
@@ -119,7 +125,7 @@ class FakeForwarder:
 
 
 def spec(d):
-    table = [d.table.backends[i] for i in d.table.entries] if d.table and d.table.backends else []
+    table = d.table.entry_keys() if d.table else []
     return {"name": d.vip.name, "states": {b.key: b.data_state for b in d.backends}, "table": table}
 
 
@@ -358,11 +364,14 @@ async def test_stop_withdraws_gracefully_and_detaches(env):
 
 async def test_reload_over_forwarder_capacity_is_rejected(tmp_path):
     e = Env(tmp_path, [vip()])
+    fwd = e.c.config.forwarder.model_copy(update={"table_capacity": 4194304})
+    e.c.config = e.c.config.model_copy(update={"forwarder": fwd})
     await e.start()
-    e.write("big.yaml", [vip(f"v{i}", f"10.100.1.{i}", table_size=655373) for i in range(4)])
+    # 6 x 655373 + 655373 to rebuild in > 4194304
+    e.write("big.yaml", [vip(f"v{i}", f"10.100.1.{i}", table_size=655373) for i in range(6)])
     result = await e.c.reload("test")
     assert not result.ok
-    assert "forwarder.table_capacity is 4194304: raise table_capacity" in result.problems[0]
+    assert "forwarder.table_capacity is 4194304: raise forwarder.table_capacity" in result.problems[0]
     assert sorted(e.c.vips) == ["web"]
 
 
@@ -376,3 +385,63 @@ async def test_reload_reports_directory_warnings(env):
     (env.vip_dir / "bad.yaml").write_text("vips: [{{{\n")
     result = await env.c.reload("test")
     assert not result.ok and any("stray.yaml" in w for w in result.warnings)
+
+
+def many(n: int) -> list[dict]:
+    """n VIPs that all share backend 10.0.1.1, each with its own second backend."""
+    return [vip(f"v{i:02d}", f"10.100.0.{i + 1}", backends=("10.0.1.1", f"10.0.2.{i + 1}", f"10.0.3.{i + 1}"))
+            for i in range(n)]
+
+
+async def test_a_reconcile_programs_and_self_tests_only_what_changed(tmp_path):
+    e = Env(tmp_path, many(40))
+    await e.start()
+    for t in e.health.targets:
+        e.health.states[t] = State.UP
+    e.now = 10.0
+    await e.c.reconcile()
+    assert e.forwarder.changed[-1] is None or len(e.forwarder.changed[-1]) == 40
+    e.health.set("10.0.2.5", State.DOWN)  # only v04 has it
+    await e.c.reconcile()
+    assert e.forwarder.changed[-1] == ["v04"]
+    assert e.forwarder.tested[-1] == ["v04"]  # what changed, before it is announced
+    await e.c.run_self_test([])  # a periodic round: the next slice of the rotation
+    assert len(e.forwarder.tested[-1]) == 32
+    assert set(e.forwarder.last["v04"]["table"]) == {"10.0.1.1", "10.0.3.5"}
+
+
+async def test_a_backend_shared_by_every_vip_leaves_through_stop_gaps_then_exact_tables(tmp_path):
+    e = Env(tmp_path, many(40))
+    await e.start()
+    for t in e.health.targets:
+        e.health.states[t] = State.UP
+    e.now = 10.0
+    await e.c.reconcile()
+    exact_before = {n: d.table for n, d in e.c.desired.vips.items()}
+    builds = e.c.tables.builds
+    builder = asyncio.create_task(e.c._table_build_loop())
+    try:
+        e.health.set("10.0.1.1", State.DOWN)
+        d = await e.c.reconcile()
+        assert e.c.tables.builds == builds  # nothing built on the way to the kernel
+        assert sorted(e.forwarder.changed[-1]) == sorted(d.vips)
+        for name, dec in d.vips.items():
+            assert isinstance(dec.table, StopGapTable) and dec.table.gone == {"10.0.1.1"}
+            keys = e.forwarder.last[name]["table"]
+            assert "10.0.1.1" not in keys
+            # only the shared backend's entries moved
+            old = exact_before[name].entry_keys()
+            assert all(a == b for a, b in zip(old, keys) if a != "10.0.1.1")
+        for _ in range(500):  # the exact tables are built off the loop, then marked dirty
+            if e.c.tables.builds >= builds + 40 and e.c._dirty.is_set():
+                break
+            await asyncio.sleep(0.01)
+        d = await e.c.reconcile()
+        for name, dec in d.vips.items():
+            assert not isinstance(dec.table, StopGapTable)
+            assert dec.table.digest() == build_table(
+                {f"10.0.2.{int(name[1:]) + 1}": 1.0, f"10.0.3.{int(name[1:]) + 1}": 1.0}, 251).digest()
+            assert "10.0.1.1" not in e.forwarder.last[name]["table"]
+        assert "tables_rebuilt" in e.event_names()  # 40 tables: one summary event, not 40
+    finally:
+        builder.cancel()

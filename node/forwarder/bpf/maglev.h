@@ -14,8 +14,8 @@
 #include <linux/types.h>
 
 /* ---- sizes ------------------------------------------------------------------------------ */
-#define MAX_VIPS 512
-#define MAX_BACKENDS 8192      /* ids are per (VIP, backend key) pair, see maps.py */
+#define MAX_VIPS 4096
+#define MAX_BACKENDS 65537     /* ids 1..65536 are per (VIP, backend key) pair, see maps.py */
 #define NAME_LEN 256           /* vip name, or "vip\0backend-key" (long keys are digested) */
 #define DEFAULT_TABLE_CAPACITY 4194304 /* table entries in `tables` (16 MiB); settable at load */
 #define TABLE_CHUNK 8          /* entries per `tables` element (see struct table_chunk) */

@@ -1,0 +1,84 @@
+"""What the controller hands the forwarder, worked out per VIP so a reconcile costs what changed.
+
+- ``SpecCache``: each VIP's forwarder spec, rebuilt only when that VIP's decision changed
+  (its identity, its backends' addresses and data states, or its table's digest). The table
+  travels as the builder's compact array of backend indexes, never one object per entry.
+- ``SelfTestSample``: the VIPs a self-test covers: those just programmed plus a rotating slice
+  of the rest, so every VIP is checked every few rounds without checking all of them each time.
+
+Pure bookkeeping: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from node.reconcile import Desired, VipDecision
+
+
+def apply_key(d: VipDecision) -> tuple:
+    """Everything about a VIP the forwarder's maps hold: its config (the same object until a
+    reload changes it; tuple comparison checks identity first), its backends' data states and
+    its table's digest."""
+    return (d.vip, tuple(b.data_state for b in d.backends), d.table.digest() if d.table else "")
+
+
+class SpecCache:
+    def __init__(self, build: Callable[[VipDecision], Any]) -> None:
+        self.build = build
+        self.applied: dict[str, tuple] = {}  # vip -> apply_key last programmed
+        self._specs: dict[str, tuple[tuple, Any]] = {}
+        self._full = True  # look at every VIP next time
+
+    def changes(self, desired: Desired, names: set[str] | None = None) -> tuple[list[Any], list[str], list[str]]:
+        """(every VIP's spec, names whose spec differs from the last programmed, names removed).
+        ``names``: only these VIPs were decided again (the others kept their decision object,
+        so their spec cannot have changed); None: look at every VIP."""
+        if names is None or self._full:
+            names = set(desired.vips)
+            self._full = False
+        changed = []
+        for name in sorted(names):
+            d = desired.vips.get(name)
+            if d is None:
+                continue
+            key = apply_key(d)
+            cached = self._specs.get(name)
+            if cached is None or cached[0] != key:
+                self._specs[name] = (key, self.build(d))
+            if self.applied.get(name) != key:
+                changed.append(name)
+        for name in self._specs.keys() - desired.vips.keys():
+            del self._specs[name]
+        removed = sorted(self.applied.keys() - desired.vips.keys())
+        specs = [self._specs[n][1] for n in desired.vips]
+        return specs, changed, removed
+
+    def programmed(self, desired: Desired, names: list[str], removed: list[str]) -> None:
+        for name in names:
+            self.applied[name] = self._specs[name][0]
+        for name in removed:
+            self.applied.pop(name, None)
+
+    def forget(self) -> None:
+        """The forwarder's state is unknown (a failed sync): program every VIP next time."""
+        self.applied.clear()
+        self._full = True
+
+
+class SelfTestSample:
+    """A rotating window over the VIP names (sorted, so the rotation is stable)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._cursor = 0
+
+    def next(self, names: list[str], must: list[str] | None = None) -> list[str]:
+        """``must`` plus the next ``size`` names of the rotation (all of them when few)."""
+        names = sorted(names)
+        if len(names) <= self.size:
+            return names
+        start = self._cursor % len(names)
+        window = (names + names)[start:start + self.size]
+        self._cursor = start + self.size
+        return sorted(set(window) | set(must or ()))

@@ -1,0 +1,132 @@
+"""The pieces that make the control plane's cost follow the change (issue 12): the table
+allocator, stop-gap tables and the two C writers (against their Python fallbacks), the spec
+cache and the self-test rotation, and the VIP file cache."""
+
+from __future__ import annotations
+
+import random
+from array import array
+
+import pytest
+import yaml
+
+from node import maglev
+from node.forwarder import loader
+from node.forwarder.tablespace import NoRoom, TableSpace
+from node.maglev import StopGapTable, build_table
+from node.programming import SelfTestSample
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def test_tablespace_reuses_exact_sizes_and_quarantines_released_regions():
+    clock = Clock()
+    space = TableSpace(100, clock=clock, sleep=clock.sleep)
+    a = space.alloc(("a", 0), 40)
+    b = space.alloc(("b", 0), 40)
+    assert (a, b) == (0, 40)
+    space.release(("a", 0))  # just flipped away from: quarantined
+    c = space.alloc(("c", 0), 40)  # no room until the quarantine is over: waits, then reuses
+    assert c == 0 and clock.now >= TableSpace.GRACE
+    space.release(("b", 0), quarantine=False)
+    assert space.alloc(("d", 0), 30) == 40  # first fit in the gap b left
+    with pytest.raises(NoRoom, match="no room for a table of 50 entries"):
+        space.alloc(("e", 0), 50)
+
+
+def test_tablespace_never_hands_out_overlapping_regions():
+    rng = random.Random(7)
+    clock = Clock()
+    space = TableSpace(1000, clock=clock, sleep=clock.sleep)
+    for step in range(2000):
+        owner = rng.randrange(20)
+        if owner in space.used and rng.random() < 0.5:
+            space.release(owner, quarantine=rng.random() < 0.5)
+        else:
+            try:
+                space.alloc(owner, rng.choice([7, 13, 50, 101]))
+            except NoRoom:
+                pass
+        clock.now += 0.0003
+        regions = sorted(space.used.values())
+        for (o1, n1), (o2, _) in zip(regions, regions[1:]):
+            assert o1 + n1 <= o2, (step, regions)
+        assert all(o + n <= 1000 for o, n in regions)
+
+
+def _ids(entries, idmap):
+    out = bytearray(len(entries) * 4)
+    loader.write_ids(out, entries, idmap, None)
+    a = array("I")
+    a.frombytes(bytes(out))
+    return a
+
+
+@pytest.mark.parametrize("with_c", [True, False])
+def test_stop_gap_rule_composes_and_matches_the_table(monkeypatch, with_c):
+    if with_c and loader._ext is None:
+        pytest.skip("C extension not built")
+    if not with_c:
+        monkeypatch.setattr(loader, "_ext", None)
+    rng = random.Random(3)
+    for _ in range(30):
+        keys = [f"k{i}" for i in range(rng.randrange(2, 9))]
+        exact = build_table({k: rng.choice([1, 2, 3]) for k in keys}, 251)
+        first, second = set(rng.sample(keys, 1)), set()
+        rest = [k for k in keys if k not in first]
+        if len(rest) > 1:
+            second = set(rng.sample(rest, rng.randrange(1, len(rest))))
+        ids = {k: 100 + i for i, k in enumerate(exact.backends)}
+        gap1 = StopGapTable.of(exact, first)
+        live = _ids(exact.entries, array("I", [0 if k in first else ids[k] for k in exact.backends]))
+        assert [exact.backends[i - 100] for i in live] == gap1.entry_keys()
+        gap2 = StopGapTable.of(gap1, second)
+        after = array("I", [0 if k in first | second else ids[k] for k in exact.backends])
+        before = array("I", [0 if k in first else ids[k] for k in exact.backends])
+        written = loader.patch_ids(live, exact.entries, before, after)
+        assert [exact.backends[i - 100] for i in live] == gap2.entry_keys()
+        moved = sum(a != b for a, b in zip(gap1.entry_keys(), gap2.entry_keys()))
+        assert written == moved and moved >= sum(gap1.counts()[k] for k in second)
+        assert set(gap2.counts()) == set(keys) - first - second
+        assert sum(gap2.counts().values()) == 251
+
+
+def test_stop_gap_digest_is_deterministic_and_differs_from_the_exact_table():
+    exact = build_table({"a": 1, "b": 1, "c": 1}, 251)
+    one = StopGapTable.of(exact, {"b"})
+    two = StopGapTable.of(build_table({"a": 1, "b": 1, "c": 1}, 251), {"b"})
+    assert one.digest() == two.digest() != exact.digest()
+    assert StopGapTable.of(one, {"c"}).digest() == StopGapTable.of(exact, {"b", "c"}).digest()
+    assert one.expected_shares() == {"a": 0.5, "c": 0.5}
+
+
+def test_counts_in_c_match_python():
+    t = build_table({f"k{i}": i + 1 for i in range(7)}, 65537)
+    fast = t.counts()
+    saved, maglev._ext = maglev._ext, None
+    try:
+        assert t.counts() == fast
+    finally:
+        maglev._ext = saved
+
+
+def test_self_test_sample_rotates_over_every_vip():
+    sample = SelfTestSample(3)
+    names = [f"v{i}" for i in range(10)]
+    seen = set()
+    for _ in range(4):
+        got = sample.next(names, ["v9"])
+        assert "v9" in got and len(got) <= 4
+        seen |= set(got)
+    assert seen == set(names)
+    assert SelfTestSample(20).next(names) == names
+

@@ -27,6 +27,7 @@ class SpecCache:
     def __init__(self, build: Callable[[VipDecision], Any]) -> None:
         self.build = build
         self.applied: dict[str, tuple] = {}  # vip -> apply_key last programmed
+        self._applied_specs: dict[str, Any] = {}  # vip -> the spec last programmed
         self._specs: dict[str, tuple[tuple, Any]] = {}
         self._full = True  # look at every VIP next time
 
@@ -47,7 +48,12 @@ class SpecCache:
             if cached is None or cached[0] != key:
                 self._specs[name] = (key, self.build(d))
             if self.applied.get(name) != key:
-                changed.append(name)
+                if self._applied_specs.get(name) == self._specs[name][1]:
+                    # Only what the maps do not hold changed (a health check, say): the
+                    # forwarder already has exactly this; nothing to program.
+                    self.applied[name] = key
+                else:
+                    changed.append(name)
         for name in self._specs.keys() - desired.vips.keys():
             del self._specs[name]
         removed = sorted(self.applied.keys() - desired.vips.keys())
@@ -56,13 +62,15 @@ class SpecCache:
 
     def programmed(self, desired: Desired, names: list[str], removed: list[str]) -> None:
         for name in names:
-            self.applied[name] = self._specs[name][0]
+            self.applied[name], self._applied_specs[name] = self._specs[name]
         for name in removed:
             self.applied.pop(name, None)
+            self._applied_specs.pop(name, None)
 
     def forget(self) -> None:
         """The forwarder's state is unknown (a failed sync): program every VIP next time."""
         self.applied.clear()
+        self._applied_specs.clear()
         self._full = True
 
 

@@ -20,6 +20,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def api(tmp_path):
     env = Env(tmp_path, [vip()])
+    # A fixed tables map (configs/node.yaml leaves it unset: sized from the VIPs at start).
+    fwd = env.c.config.forwarder.model_copy(update={"table_capacity": 4194304})
+    env.c.config = env.c.config.model_copy(update={"forwarder": fwd})
     await env.start()
     for a in ("10.0.1.1", "10.0.1.2", "10.0.1.3"):
         env.health.set(a, State.UP)
@@ -167,11 +170,12 @@ def next_start_problems(env) -> list:
 
 async def test_put_over_capacity_writes_nothing_and_the_node_stays_editable(api):
     env, client = api
-    # configs/node.yaml: table_capacity 4194304; each VIP takes 2 x table_size.
-    big = vip("big", "10.100.0.2", table_size=1048573)
+    # table_capacity 4194304 (the fixture); the VIPs take every table_size plus the largest
+    # once (to rebuild in): 'web' + 1500007 fits, a second one does not.
+    big = vip("big", "10.100.0.2", table_size=1500007)
     r = await client.put("/api/v1/vips/big", json=big, headers=AUTH)
     assert r.status == 201, await r.text()
-    r = await client.put("/api/v1/vips/big2", json=vip("big2", "10.100.0.3", table_size=1048573), headers=AUTH)
+    r = await client.put("/api/v1/vips/big2", json=vip("big2", "10.100.0.3", table_size=1500007), headers=AUTH)
     body = await r.json()
     assert r.status == 409 and "nothing was changed" in body["error"]
     assert any("table_capacity is 4194304" in p for p in body["problems"])
@@ -189,7 +193,7 @@ async def test_concurrent_puts_are_serialised(api):
     """The old API checked each PUT alone against the directory: 50 concurrent PUTs left 50 files
     for 29 served VIPs, and a node that could not start again."""
     env, client = api
-    # 262139-entry tables: (4194304 - 2 x 251) // (2 x 262139) = 7 of them fit next to 'web'.
+    # 262139-entry tables: 14 fit next to 'web' (251 + 14 x 262139 + 262139 to rebuild in <= 4194304).
     import asyncio
 
     async def put(i):
@@ -199,12 +203,12 @@ async def test_concurrent_puts_are_serialised(api):
 
     answers = await asyncio.gather(*(put(i) for i in range(20)))
     statuses = [s for s, _ in answers]
-    assert statuses.count(201) == 7 and statuses.count(409) == 13, answers
+    assert statuses.count(201) == 14 and statuses.count(409) == 6, answers
     # Serialised: each refusal came from the check before writing, never from a written file
     # the reload then rejected (which would be a rejected reload and a rollback).
     assert all("would be rejected by a reload" in e for s, e in answers if s == 409), answers
     assert env.c.metrics.reloads.get(False, 0) == 0
-    assert len(files(env)) == 8 and len(env.c.vips) == 8  # every file on disk is served
+    assert len(files(env)) == 15 and len(env.c.vips) == 15  # every file on disk is served
     assert next_start_problems(env) == []
 
 

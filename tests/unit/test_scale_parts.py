@@ -8,7 +8,6 @@ import random
 from array import array
 
 import pytest
-import yaml
 
 from node import maglev
 from node.forwarder import loader
@@ -129,4 +128,3 @@ def test_self_test_sample_rotates_over_every_vip():
         seen |= set(got)
     assert seen == set(names)
     assert SelfTestSample(20).next(names) == names
-

@@ -4,8 +4,19 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# System packages: BPF toolchain, FRR for the router, tools the lab and tests drive.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump iputils-ping frr procps gcc openssl curl prometheus chromium
+# System packages a fresh Debian 12 (minbase + make, git, python3) lacks, installed without
+# recommends, so each one is named here:
+#   python3-venv python3-dev gcc libc6-dev  the venv, and the C extension node._maglev
+#   clang llvm libbpf-dev linux-libc-dev    the BPF objects (asm/types.h is in linux-libc-dev)
+#   bpftool iproute2 ethtool tcpdump iputils-ping procps  tools the node, the lab and tests drive
+#   frr                                     the lab's router and the node's bfdd
+#   util-linux                              setpriv (bfdd as user frr), unshare, prlimit
+#   systemd                                 systemd-analyze verify of configs/maglev-node.service
+#   openssl curl ca-certificates            TLS health-probe tests; curl for the lab's examples
+#   prometheus chromium                     promtool/Prometheus and the status page tests
+APT_PACKAGES := python3-venv python3-dev gcc libc6-dev clang llvm libbpf-dev linux-libc-dev \
+  bpftool iproute2 ethtool tcpdump iputils-ping procps frr util-linux systemd openssl curl ca-certificates \
+  prometheus chromium
 
 .PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf fuzz clean
 
@@ -28,7 +39,7 @@ python-deps: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py node/_maglev.c
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

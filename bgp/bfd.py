@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 from bgp.supervise import MAX_FAILURES, STABLE_AFTER, Supervised
 from node.config import BgpConfig
+from node.logs import ChildOutput, event
 
 log = logging.getLogger("maglev.bfd")
 
@@ -49,7 +50,6 @@ BFD_PROFILE = "maglev"
 BFDD_CAPS = "+net_bind_service,+net_raw,+sys_admin"
 POLL_INTERVAL = 1.0
 VTYSH_TIMEOUT = 5.0
-LOG_MAX_BYTES = 5 * 1024 * 1024
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
 
@@ -128,7 +128,10 @@ def frr_daemon_argv(daemon: str, workdir: Path, *, foreground: bool = False) -> 
     d = Path(workdir)
     argv = [str(FRR_DIR / daemon), *([] if foreground else ["-d"]), "-f", str(d / f"{daemon}.conf"),
             "-i", str(d / f"{daemon}.pid"), "-z", str(d / "zserv.api"), "--vty_socket", str(d),
-            "--log", "stdout" if foreground else f"file:{d / daemon}.log"]
+            "--log", "stdout" if foreground else f"file:{d / daemon}.log",
+            # No vty on TCP (FRR listens on all addresses by default, bfdd on 2617): vtysh
+            # reaches the daemon through its UNIX socket in workdir.
+            "--vty_port", "0"]
     if daemon == "bfdd":
         argv += ["--bfdctl", str(d / "bfdd.sock")]
     return argv
@@ -174,14 +177,17 @@ class BfdDaemon(Supervised):
     """
 
     def __init__(self, config: BgpConfig, run_dir: Path, *, wrapper: Sequence[str] = (),
-                 clock=time.monotonic):
+                 clock=time.monotonic, log_dir: Path | None = None):
         self.config = config
         self.bfd = config.bfd
         self.dir = Path(run_dir)
         self.wrapper = list(wrapper)
         self.clock = clock
         self.config_path = self.dir / "bfdd.conf"
-        self.log_path = self.dir / "bfdd.log"  # bfdd's stdout (--log stdout), written by us
+        # bfdd's stdout (--log stdout), drained by us into a size-bounded rotated file.
+        self.output = ChildOutput(Path(log_dir or run_dir) / "bfdd.log", "bfdd")
+        self.log_path = self.output.path
+        self._drain: asyncio.Task | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.session_transitions: dict[tuple[str, str], int] = {}  # (peer, new status) -> count
@@ -264,23 +270,30 @@ class BfdDaemon(Supervised):
                 await proc.wait()
             except ProcessLookupError:
                 pass
+            except PermissionError:
+                # bfdd runs as user frr: signalling it needs CAP_KILL. It still dies with us
+                # (parent-death signal), but say what the unit lacks instead of a traceback.
+                log.error("cannot stop bfdd (pid %d, user %s): no CAP_KILL; it will be killed when the node "
+                          "exits (systemd: add CAP_KILL to CapabilityBoundingSet)", proc.pid, FRR_USER,
+                          extra=event("bfdd_stop_refused", pid=proc.pid))
+        if self._drain is not None:
+            await asyncio.wait([self._drain], timeout=2.0)
         self._set_all("unknown")
 
     async def _spawn(self) -> None:
-        if self.log_path.exists() and self.log_path.stat().st_size > LOG_MAX_BYTES:
-            self.log_path.replace(self.log_path.with_suffix(".log.1"))
         argv = [*self.wrapper, *_die_with_parent_argv(), *frr_daemon_argv("bfdd", self.dir, foreground=True)]
-        with open(self.log_path, "ab") as logf:
-            # Its own session: a terminal's Ctrl-C reaches the controller, which stops bfdd in order.
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True)
+        # Its own session: a terminal's Ctrl-C reaches the controller, which stops bfdd in order.
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)
+        self._drain = self.output.drain(self.proc.stdout)
         self._started_at = self.clock()
         log.info("bfdd started (pid %d, %d peer(s), %d ms x %d, config %s, log %s)", self.proc.pid,
                  len(self._peers), self.bfd.interval_ms, self.bfd.multiplier, self.config_path, self.log_path)
 
     def _exited(self, rc: int, ran: float) -> None:
-        self.last_error = f"bfdd exited with status {rc} after {ran:.1f} s; see {self.log_path}"
+        self.last_error = (f"bfdd exited with status {rc} after {ran:.1f} s; last lines: {self.output.tail()} "
+                           f"(see {self.log_path})")
         log.error("%s; restarting (routers with BFD drop this node's BGP sessions meanwhile)", self.last_error)
         self._set_all("unknown")
 
@@ -326,8 +339,11 @@ class BfdDaemon(Supervised):
             new = seen.get(peer, {"status": "unknown", "diagnostic": None})
             if new["status"] != info["status"]:
                 if info["status"] != "unknown" or new["status"] == "up":
-                    log.info("BFD session with %s %s (was %s, diagnostic %s)", peer, new["status"],
-                             info["status"], new.get("diagnostic"))
+                    log.log(logging.INFO if new["status"] == "up" else logging.WARNING,
+                            "BFD session with %s %s (was %s, diagnostic %s)", peer, new["status"],
+                            info["status"], new.get("diagnostic"),
+                            extra=event(f"bfd_session_{new['status']}", peer=peer, was=info["status"],
+                                        diagnostic=new.get("diagnostic")))
                 info["since"] = now
                 key = (peer, new["status"])
                 self.session_transitions[key] = self.session_transitions.get(key, 0) + 1

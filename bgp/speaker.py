@@ -32,13 +32,13 @@ from bgp.reconciler import Command, Reconciler
 from bgp.routes import GRACEFUL_SHUTDOWN, Route
 from bgp.supervise import MAX_FAILURES, STABLE_AFTER, Supervised
 from node.config import BgpConfig
+from node.logs import ChildOutput, event
 
 log = logging.getLogger("maglev.bgp")
 
 PR_SET_PDEATHSIG = 1
 ACK_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
-LOG_MAX_BYTES = 5 * 1024 * 1024
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes
 
 SessionState = Literal["idle", "connecting", "established"]
@@ -104,6 +104,7 @@ class BgpSpeaker(Supervised):
         flap_window: float = 60.0,
         bfd_dir: Path | None = None,
         bfdd_wrapper: Sequence[str] = (),
+        log_dir: Path | None = None,
     ):
         self.config = config
         self.run_dir = Path(run_dir)
@@ -120,7 +121,11 @@ class BgpSpeaker(Supervised):
         self._sessions = {str(p.address): SessionInfo(str(p.address), "idle", now, None) for p in config.peers}
         self.socket_path = self.run_dir / "api.sock"
         self.config_path = self.run_dir / "exabgp.conf"
-        self.log_path = self.run_dir / "exabgp.log"
+        # ExaBGP's own output, drained by us into a size-bounded rotated file (log_dir: the
+        # node's logs directory; default the run directory).
+        self.output = ChildOutput(Path(log_dir or run_dir) / "exabgp.log", "ExaBGP")
+        self.log_path = self.output.path
+        self._drain: asyncio.Task | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.session_transitions: dict[tuple[str, str], int] = {}  # (peer, new state) -> count
@@ -137,7 +142,8 @@ class BgpSpeaker(Supervised):
         self._started_at = 0.0
         # Optional BFD next to ExaBGP (bgp.bfd.enabled): routers drop a dead node in
         # interval x multiplier instead of the hold time. bfdd_wrapper: like exabgp_argv's prefix.
-        self.bfd = (BfdDaemon(config, Path(bfd_dir) if bfd_dir else self.run_dir / "bfd", wrapper=bfdd_wrapper)
+        self.bfd = (BfdDaemon(config, Path(bfd_dir) if bfd_dir else self.run_dir / "bfd", wrapper=bfdd_wrapper,
+                              log_dir=log_dir)
                     if config.bfd.enabled else None)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -184,6 +190,7 @@ class BgpSpeaker(Supervised):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._terminate(graceful)
+        await self._drained()
         if self.bfd is not None:
             # After ExaBGP: the sessions are closed, so BFD going away changes nothing at the router.
             await self.bfd.stop()
@@ -224,16 +231,13 @@ class BgpSpeaker(Supervised):
     # -- supervision ---------------------------------------------------------------------------
 
     async def _spawn(self) -> None:
-        # Keep one previous log: a crash loop must not fill the disk.
-        if self.log_path.exists() and self.log_path.stat().st_size > LOG_MAX_BYTES:
-            self.log_path.replace(self.log_path.with_suffix(".log.1"))
-        with open(self.log_path, "ab") as logf:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.exabgp_argv, str(self.config_path),
-                stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                env=exabgp.environment(self.run_dir), cwd=str(self.run_dir),
-                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
-            )
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.exabgp_argv, str(self.config_path),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=exabgp.environment(self.run_dir), cwd=str(self.run_dir),
+            start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
+        )
+        self._drain = self.output.drain(self.proc.stdout)
         self._started_at = self.clock()
         log.info("ExaBGP started (pid %d, config %s, log %s)", self.proc.pid, self.config_path, self.log_path)
 
@@ -254,13 +258,12 @@ class BgpSpeaker(Supervised):
         self._notify(force=True)
 
     def _log_tail(self, lines: int = 3) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-                tail = f.read().decode(errors="replace").strip().splitlines()[-lines:]
-            return " | ".join(tail) or "(empty)"
-        except OSError:
-            return "(no log)"
+        return self.output.tail(lines)
+
+    async def _drained(self) -> None:
+        """Wait (bounded) until ExaBGP's output is all written: its last lines say why it stopped."""
+        if self._drain is not None:
+            await asyncio.wait([self._drain], timeout=2.0)
 
     # -- the channel ---------------------------------------------------------------------------
 
@@ -332,9 +335,10 @@ class BgpSpeaker(Supervised):
         s = self._sessions[peer]
         if state == "idle":
             s.last_error = str(nb.get("reason") or "session down")
-            log.warning("BGP session with %s down: %s", peer, s.last_error)
+            log.warning("BGP session with %s down: %s", peer, s.last_error,
+                        extra=event("bgp_session_down", peer=peer, reason=s.last_error))
         if state == "established":
-            log.info("BGP session with %s established", peer)
+            log.info("BGP session with %s established", peer, extra=event("bgp_session_up", peer=peer))
             self.reconciler.resend_all()
             self._wake.set()
         if s.state != state:

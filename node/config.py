@@ -466,6 +466,9 @@ class NodeConfig(Strict):
     node_id: str
     vip_dir: Path
     run_dir: Path = Path("/run/maglev")
+    # Unset: $STATE_DIRECTORY / $LOGS_DIRECTORY (systemd), else run_dir (see node/dirs.py).
+    state_dir: Path | None = None
+    log_dir: Path | None = None
     bgp: BgpConfig
     forwarder: ForwarderConfig
     api: ApiConfig = Field(default_factory=ApiConfig)

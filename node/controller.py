@@ -28,6 +28,7 @@ from node.config import (
     vip_dir_warnings,
     vip_files,
 )
+from node.dirs import node_dirs
 from node.events import EventLog
 from node.handover import handover
 from node.metrics import NodeMetrics
@@ -81,14 +82,14 @@ class Controller:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.events = events or EventLog(config.log_format)
+        self.events = events or EventLog()
         self.health = health_factory(self._on_health_transition)
         self.speaker = speaker
         self.forwarder = forwarder
         self.spec_builder = spec_builder or forwarder_spec
         self.vip_dir = _resolve(config.vip_dir, base_dir)
         self.run_dir = _resolve(config.run_dir, base_dir)
-        self.state_file = self.run_dir / "state.json"
+        self.state_file = node_dirs(config, base_dir).state / "state.json"
 
         self.vips: dict[str, VipConfig] = {}
         self.vip_sources: dict[str, Path] = {}
@@ -116,6 +117,8 @@ class Controller:
 
         self._dirty = asyncio.Event()
         self._builds_wanted = asyncio.Event()
+        # Set by the first successful reconcile: `maglev node` then tells systemd it is ready.
+        self.reconciled = asyncio.Event()
         self._stopping = asyncio.Event()
         self.supervisor = Supervisor(self.events)
         self.reader = VipReader()
@@ -185,6 +188,10 @@ class Controller:
 
     def mark_dirty(self) -> None:
         self._dirty.set()
+
+    def alive(self) -> bool:
+        """Every loop of the controller still runs (the systemd watchdog pings only then)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
 
     # ------------------------------------------------------------------ inputs
 
@@ -265,6 +272,7 @@ class Controller:
             self._dirty.clear()
             try:
                 await self.reconcile()
+                self.reconciled.set()
             except Exception as exc:  # never let one bad apply kill the node; report and retry
                 self.events.emit("reconcile_failed", f"reconcile failed: {exc!r}; retrying in 1 s", level="error")
                 await asyncio.sleep(1)

@@ -1,4 +1,5 @@
-"""Operator-facing event log: one line per meaningful event, as text or JSON lines.
+"""Operator-facing event log: one record per meaningful event, through the node's logging
+pipeline (node.logs: text or JSON lines).
 
 Events say what happened, to which VIP or backend, and (where it helps) what to do. The same
 event feeds the log and a short in-memory history the API shows, so an operator looking at
@@ -8,33 +9,21 @@ event feeds the log and a short in-memory history the API shows, so an operator 
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import sys
 import time
 from typing import Any
 
-log = logging.getLogger("maglev")
+from node.logs import event as _extra
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 class EventLog:
-    def __init__(self, fmt: str = "text", history: int = 200, stream=None) -> None:
-        self.fmt = fmt
+    def __init__(self, history: int = 200, logger: logging.Logger | None = None) -> None:
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
-        self.stream = stream if stream is not None else sys.stderr
+        self.log = logger or logging.getLogger("maglev.events")
 
     def emit(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
         record = {"ts": round(time.time(), 3), "level": level, "event": event, "msg": message, **fields}
         self.recent.append(record)
-        if self.fmt == "json":
-            line = json.dumps(record, default=str, sort_keys=False)
-        else:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record["ts"]))
-            extra = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
-            line = f"{stamp} {level.upper():5} {event}: {message}" + (f" [{extra}]" if extra else "")
-        print(line, file=self.stream, flush=True)
-
-
-def _text(value: Any) -> str:
-    s = str(value)
-    return json.dumps(s) if (" " in s or not s) else s
+        self.log.log(LEVELS.get(level, logging.INFO), "%s", message, extra=_extra(event, **fields))

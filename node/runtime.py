@@ -6,6 +6,7 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.controller import Controller
+from node.dirs import node_dirs
 from node.events import EventLog
 
 
@@ -14,8 +15,9 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
     from healthcheck import HealthMonitor
     from node.forwarder.loader import Forwarder
 
-    run_dir = config.run_dir if config.run_dir.is_absolute() else base_dir / config.run_dir
-    events = EventLog(config.log_format)
+    dirs = node_dirs(config, base_dir)
+    run_dir = dirs.run
+    events = EventLog()
     controller_ref: list[Controller] = []
 
     def on_bgp_change() -> None:
@@ -27,7 +29,9 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
             controller_ref[0].metrics.on_probe(*probe)
 
     # With bgp.bfd enabled the speaker also runs bfdd (own files in run_dir/bfd, owned by frr).
-    speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change, bfd_dir=run_dir / "bfd")
+    # ExaBGP's and bfdd's own output go to size-bounded files in the logs directory.
+    speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change, bfd_dir=run_dir / "bfd",
+                         log_dir=dirs.logs)
     controller = Controller(
         config,
         health_factory=lambda cb: HealthMonitor(on_transition=cb, on_probe=on_probe),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
-import sys
 from pathlib import Path
 
+from node import logs, sd_notify
 from node.config import ConfigError, load_node_file
+
+log = logging.getLogger("maglev.node")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,17 +23,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the VIP directory.",
     )
     p.add_argument("--config", "-c", type=Path, required=True, metavar="NODE.yaml")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=None,
+                   help="text or json lines on stderr (default: the node file's log_format)")
+    p.add_argument("--log-level", choices=logs.LEVELS, default="info")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    # Configured before the node file is read, so even its errors come out in the chosen format.
+    logs.configure(args.log_format or "text", args.log_level)
     try:
         config = load_node_file(args.config)
     except ConfigError as exc:
-        for p in exc.problems:
-            print(f"error: {p}", file=sys.stderr)
+        _config_error(exc)
         return 2
+    if args.log_format is None and config.log_format != "text":
+        logs.configure(config.log_format, args.log_level)
     return asyncio.run(serve(config, args.config.resolve().parent))
+
+
+def _config_error(exc: ConfigError) -> None:
+    for p in exc.problems:
+        log.error("%s", p, extra=logs.event("config_invalid", file=p.file, field=p.field))
 
 
 async def serve(config, base_dir: Path) -> int:
@@ -41,14 +55,14 @@ async def serve(config, base_dir: Path) -> int:
     try:
         file_limit = reserve_file_handles()
     except FileLimitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc, extra=logs.event("file_limit_too_low"))
         return 2
     token_path = _resolve(config.api.token_file, base_dir)
     try:
         token = read_token(token_path)
         token_warnings = token_file_warnings(token_path)
     except (OSError, ValueError) as exc:
-        print(f"error: api.token_file: {exc}", file=sys.stderr)
+        log.error("api.token_file: %s", exc, extra=logs.event("config_invalid", field="api.token_file"))
         return 2
     # Tables are built and written, and the forwarder self-tested, in worker threads that make
     # many short calls into C and the kernel, each giving the GIL up; the default 5 ms switch
@@ -60,13 +74,12 @@ async def serve(config, base_dir: Path) -> int:
     try:
         await controller.start()
     except ConfigError as exc:
-        for p in exc.problems:
-            print(f"error: {p}", file=sys.stderr)
-        print("error: the VIP directory is invalid at start; fix it and start again", file=sys.stderr)
+        _config_error(exc)
+        log.error("the VIP directory is invalid at start; fix it and start again", extra=logs.event("node_failed"))
         await _abort(controller)
         return 2
     except Exception as exc:
-        print(f"error: node failed to start: {exc}", file=sys.stderr)
+        log.error("node failed to start: %s", exc, exc_info=exc, extra=logs.event("node_failed"))
         await _abort(controller)
         return 1
 
@@ -84,10 +97,23 @@ async def serve(config, base_dir: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, controller.request_reload)
+    systemd = [asyncio.create_task(_ready_when_reconciled(controller), name="systemd-ready")]
+    if (interval := sd_notify.watchdog_interval()) is not None:
+        systemd.append(asyncio.create_task(sd_notify.watchdog(interval, controller.alive), name="systemd-watchdog"))
     await stop.wait()
+    sd_notify.notify("STOPPING=1")
+    for task in systemd:
+        task.cancel()
     await api.close()
     await controller.stop()
     return 0
+
+
+async def _ready_when_reconciled(controller) -> None:
+    """READY=1 once the controller has decided (and applied) what to announce."""
+    await controller.reconciled.wait()
+    if sd_notify.notify(f"READY=1\nSTATUS=node {controller.config.node_id}: reconciled, {len(controller.vips)} VIP(s)"):
+        log.info("told systemd the node is ready", extra=logs.event("systemd_ready"))
 
 
 async def _abort(controller) -> None:

@@ -38,7 +38,19 @@ OBJECTS: dict[str, tuple[str, tuple[str, ...]]] = {
 PROGRAMS = tuple(OBJECTS)
 # the forwarder object for each forwarder.conntrack setting
 FORWARDER_OBJECTS = {"lru": "xdp_lb", "direct": "xdp_lb_direct"}
-DEFAULT_CACHE = Path(os.environ.get("MAGLEV_BPF_CACHE", Path.home() / ".cache" / "maglev-bpf"))
+
+
+def default_cache(env=os.environ) -> Path:
+    """$MAGLEV_BPF_CACHE; else systemd's $CACHE_DIRECTORY (CacheDirectory=maglev, the unit's
+    home is read-only); else ~/.cache/maglev-bpf."""
+    if env.get("MAGLEV_BPF_CACHE"):
+        return Path(env["MAGLEV_BPF_CACHE"])
+    if env.get("CACHE_DIRECTORY", "").startswith("/"):
+        return Path(env["CACHE_DIRECTORY"].split(":")[0]) / "bpf"
+    return Path.home() / ".cache" / "maglev-bpf"
+
+
+DEFAULT_CACHE = default_cache()
 
 
 class BuildError(RuntimeError):
@@ -78,14 +90,18 @@ def build(name: str = "xdp_lb", cache_dir: Path | None = None) -> Path:
         raise BuildError(f"unknown BPF program {name!r}; known: {', '.join(OBJECTS)}")
     src, flags = OBJECTS[name]
     cache = Path(cache_dir or DEFAULT_CACHE)
-    cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"{name}-{source_digest(name)}.o"
     if out.exists():
         return out
     if shutil.which("clang") is None:
         raise BuildError("clang is not installed; install clang, llvm and libbpf-dev (make deps)")
     # Compile to a temporary name and rename, so concurrent builders never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".o.tmp")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".o.tmp")
+    except OSError as exc:
+        raise BuildError(f"cannot write the BPF object cache {cache}: {exc.strerror}; set MAGLEV_BPF_CACHE "
+                         "to a writable directory (the systemd unit uses CacheDirectory=)") from None
     os.close(fd)
     proc = subprocess.run(_command(BPF_DIR / f"{src}.c", Path(tmp), flags), capture_output=True, text=True)
     if proc.returncode != 0:

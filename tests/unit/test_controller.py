@@ -158,7 +158,7 @@ class Env:
             self.health = FakeHealth(cb)
             return self.health
 
-        self.events = EventLog("text", stream=open("/dev/null", "w"))
+        self.events = EventLog()
         self.c = Controller(self.config, health_factory=health_factory, speaker=self.speaker,
                             forwarder=self.forwarder, events=self.events, clock=lambda: self.now,
                             spec_builder=spec)

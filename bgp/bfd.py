@@ -163,6 +163,12 @@ def parse_bfd_peers(data: Any) -> dict[str, dict[str, Any]]:
 # -- the node's bfdd -------------------------------------------------------------------------
 
 
+def _as_frr_argv() -> list[str]:
+    """setpriv: run as user frr with its groups (frrvty). bfdd's vty socket is frr:frrvty 0770,
+    and a node without CAP_DAC_OVERRIDE (the systemd unit) may not connect to it as root."""
+    return ["setpriv", f"--reuid={FRR_USER}", f"--regid={FRR_USER}", "--init-groups", "--"]
+
+
 def _die_with_parent_argv() -> list[str]:
     """setpriv: become frr with bfdd's capabilities, then ask for SIGKILL at parent death."""
     return ["setpriv", f"--reuid={FRR_USER}", f"--regid={FRR_USER}", "--init-groups",
@@ -313,7 +319,7 @@ class BfdDaemon(Supervised):
         """Ask bfdd for its sessions; None when it does not answer (yet)."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *vtysh_argv(self.dir, "show bfd peers json"), stdin=asyncio.subprocess.DEVNULL,
+                *_as_frr_argv(), *vtysh_argv(self.dir, "show bfd peers json"), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except OSError as e:
             self.last_error = f"cannot run {VTYSH}: {e}"

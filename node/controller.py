@@ -190,8 +190,10 @@ class Controller:
         self._dirty.set()
 
     def alive(self) -> bool:
-        """Every loop of the controller still runs (the systemd watchdog pings only then)."""
-        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+        """The reconcile loop runs and no other loop died (the warm-up timer may end): the
+        systemd watchdog is pinged only then."""
+        running = any(t.get_name() == "reconcile" and not t.done() for t in self._tasks)
+        return running and not any(t.done() and (t.cancelled() or t.exception()) for t in self._tasks)
 
     # ------------------------------------------------------------------ inputs
 

@@ -73,6 +73,12 @@ def vip_obj(name: str, address: str, **extra) -> dict:
 
 
 class NodeLab:
+    """The router, the node's namespace and its backends; the node started as `maglev node`.
+    Subclasses (tests/integration/test_service.py) change how the node runs by overriding
+    node_settings(), node_argv() and node_env()."""
+
+    bfd = False  # BFD on the router's neighbor (the node enables bgp.bfd to match)
+
     def __init__(self) -> None:
         self.prefix = unique_prefix("mlbn")
         # Short paths: ExaBGP's API socket must fit in a UNIX socket path.
@@ -93,10 +99,10 @@ class NodeLab:
         self.n.add_address(self.if_node, f"{NODE}/24")
         for b in BACKENDS:
             self.n.add_address("lo", f"{b}/32")
-        router_mac = json.loads(self.r.ip("-j", "link", "show", f"{p}r0").stdout)[0]["address"]
+        self.router_mac = json.loads(self.r.ip("-j", "link", "show", f"{p}r0").stdout)[0]["address"]
         self.r.sysctl("net.ipv4.ip_forward", 1)
         self.router = FrrRouter(self.r, render_config(asn=65000, router_id=ROUTER,
-                                                      neighbors=[Neighbor(NODE, 65001)]))
+                                                      neighbors=[Neighbor(NODE, 65001, bfd=self.bfd)]), bfd=self.bfd)
         self.router.start()
         for b in BACKENDS:
             self.start_backend(b)
@@ -104,7 +110,12 @@ class NodeLab:
         (self.dir / "token").write_text(TOKEN + "\n")
         (self.dir / "token").chmod(0o644)  # readable by others on purpose: the node must warn
         (self.vip_dir / "main.yaml").write_text(yaml.safe_dump({"vips": [vip_obj("web", VIP)]}))
-        node = {
+        self.node_file = self.dir / "node.yaml"
+        self.node_file.write_text(yaml.safe_dump(self.node_settings()))
+        self.start_node()
+
+    def node_settings(self) -> dict:
+        return {
             "node_id": "itest-node",
             "vip_dir": str(self.vip_dir),
             "run_dir": str(self.dir / "run"),
@@ -113,16 +124,25 @@ class NodeLab:
                     "min_change_interval": 0, "flap_hold_down": 0,
                     "peers": [{"address": ROUTER, "peer_as": 65000}]},
             "forwarder": {"interfaces": [self.if_node], "xdp_mode": "native", "encap_source_v4": NODE,
-                          "next_hop_mac": router_mac, "bpffs": str(self.bpffs), "self_test_interval": 1,
+                          "next_hop_mac": self.router_mac, "bpffs": str(self.bpffs), "self_test_interval": 1,
                           "conntrack_size": 4096},
             "api": {"token_file": str(self.dir / "token")},
         }
-        self.node_file = self.dir / "node.yaml"
-        self.node_file.write_text(yaml.safe_dump(node))
-        self.log = open(self.dir / "node.log", "w")
-        self.node_proc = self.n.popen([sys.executable, "-m", "node.cli", "node", "--config", str(self.node_file)],
-                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
-                                      preexec_fn=_node_file_limit)
+
+    def node_argv(self) -> list[str]:
+        return [sys.executable, "-m", "node.cli", "node", "--config", str(self.node_file)]
+
+    def node_env(self) -> dict[str, str] | None:
+        return None  # the test's own environment
+
+    def node_preexec(self) -> Callable[[], None] | None:
+        return _node_file_limit
+
+    def start_node(self) -> None:
+        self.log = open(self.dir / "node.log", "a")
+        self.node_proc = self.n.popen(self.node_argv(), stdout=self.log, stderr=subprocess.STDOUT,
+                                      cwd=Path(__file__).parents[2], env=self.node_env(),
+                                      preexec_fn=self.node_preexec())
 
     def start_backend(self, addr: str) -> None:
         www = self.dir / "www"

@@ -65,3 +65,23 @@ async def test_watchdog_pings_while_alive_and_stops_when_a_loop_died(listener):
     alive[0] = False
     await asyncio.wait_for(task, 5)  # returns: no more pings, so systemd's timer runs out
     assert task.exception() is None
+
+
+async def test_ready_is_sent_only_after_the_first_successful_reconcile(listener, monkeypatch):
+    """`maglev node`'s READY task waits for Controller.reconciled (set by the reconcile loop)."""
+    from types import SimpleNamespace
+
+    from node.commands.node import _ready_when_reconciled
+
+    sock, path = listener
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    controller = SimpleNamespace(reconciled=asyncio.Event(), config=SimpleNamespace(node_id="lb-1"), vips={"web": 1})
+    task = asyncio.create_task(_ready_when_reconciled(controller))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    with pytest.raises(BlockingIOError):
+        sock.recv(100)  # nothing yet: not reconciled
+    controller.reconciled.set()
+    await asyncio.wait_for(task, 5)
+    assert sock.recv(4096) == b"READY=1\nSTATUS=node lb-1: reconciled, 1 VIP(s)"

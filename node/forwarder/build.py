@@ -5,7 +5,11 @@ compiler command (flags included), so the first use after a change rebuilds and 
 is free. One source may give several objects: xdp_lb.c builds ``xdp_lb`` (conntrack in the
 kernel's LRU hash, the default) and ``xdp_lb_direct`` (-DCT_DIRECT: a direct-mapped array; see
 bpf/maglev.h).
-``python -m node.forwarder.build`` builds all of them (the Makefile's ``bpf`` target).
+``python -m node.forwarder.build`` builds all of them (the Makefile's ``bpf`` target). This is
+the project's only BPF build: the lab's XDP_PASS program (bpf/xdp_pass.c) is built here too, so
+every object gets the same include paths (Debian's multiarch asm/ headers) and flags.
+The cache lives in $MAGLEV_BPF_CACHE, else $CACHE_DIRECTORY/bpf (systemd's CacheDirectory=,
+the unit's home being read-only), else ~/.cache/maglev-bpf.
 """
 
 from __future__ import annotations

@@ -204,8 +204,8 @@ class ChildOutput:
         while True:
             try:
                 line = await reader.readline()
-            except ValueError:  # a line over the reader's limit: take what is there
-                line = await reader.read(65536)
+            except ValueError:  # a line over the reader's limit (64 KiB): asyncio dropped it
+                line = b"[maglev: an over-long output line was cut here]\n"
             if not line:
                 return
             self.last.append(line.decode(errors="replace").rstrip())

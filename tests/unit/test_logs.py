@@ -150,4 +150,5 @@ async def test_child_output_keeps_draining_when_its_file_cannot_be_written(tmp_p
     assert await asyncio.wait_for(proc.wait(), 10) == 0  # never blocked on a full pipe
     await asyncio.wait_for(task, 5)
     assert out.tail(1) == "last"
+    assert any("over-long output line was cut" in line for line in out.last)  # 100 KB > the 64 KiB limit
     assert [r.event for r in caplog.records if hasattr(r, "event")] == ["child_log_unwritable"]

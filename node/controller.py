@@ -190,10 +190,10 @@ class Controller:
         self._dirty.set()
 
     def alive(self) -> bool:
-        """The reconcile loop runs and no other loop died (the warm-up timer may end): the
-        systemd watchdog is pinged only then."""
-        running = any(t.get_name() == "reconcile" and not t.done() for t in self._tasks)
-        return running and not any(t.done() and (t.cancelled() or t.exception()) for t in self._tasks)
+        """The reconcile loop is running (not crashed and waiting for its restart): the systemd
+        watchdog is pinged only then, so a loop that keeps dying gets the node restarted."""
+        info = self.supervisor.tasks.get("reconcile")
+        return info is not None and info.running
 
     # ------------------------------------------------------------------ inputs
 

@@ -38,7 +38,8 @@ from node.config import (
     parse_vip_object,
     validate_vip_set,
 )
-from node.controller import Controller, atomic_write
+from node.controller import Controller
+from node.files import atomic_write
 from node.vip_reader import READ_BUDGET
 
 API = "/api/v1"

@@ -5,21 +5,23 @@ warm-up) go through ``node.reconcile.decide`` into a desired state; effects are 
 where the desired state changed since the last apply (forwarder maps when a table digest or a
 backend state changed; BGP routes when the announced set changed). Any input change just marks
 the state dirty; one loop does the work, so effects never interleave.
+
+The controller holds the state and the loop; its parts live beside it: the persisted operator
+overrides (node.admin_state), the health lookup (node.health_view), the self-test policy
+(node.self_test), what a decision turns into for the forwarder and BGP (node.effects), the
+operator events about decisions (node.decision_log) and the API's views (node.views).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Callable
 
+from node.admin_state import AdminStore
 from node.config import (
     ConfigError,
     NodeConfig,
@@ -28,23 +30,26 @@ from node.config import (
     vip_dir_warnings,
     vip_files,
 )
+from node.decision_log import DecisionLog
 from node.dirs import node_dirs
+from node.effects import forwarder_spec, routes_for
 from node.events import EventLog
 from node.handover import handover
+from node.health_view import HealthView, health_of, health_targets, owners_of
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
-from node.programming import SelfTestSample, SpecCache
+from node.programming import SpecCache
 from node.maglev import StopGapTable
 from node.reconcile import AdminState, Desired, Health, Inputs, TableCache, VipDecision, decide
+from node.self_test import SelfTest, SelfTester
 from node.supervisor import Supervisor
 from node.vip_reader import VipReader
+from node import views
 
 log = logging.getLogger("maglev.controller")
 
 RECONCILE_DEBOUNCE = 0.02
 WATCH_INTERVAL = 1.0
-SELF_TEST_SAMPLE = 32  # VIPs per periodic self-test round, besides those just programmed
-TABLE_EVENTS_MAX = 20  # more tables rebuilt at once: one summary event instead of one each
 INLINE_BUILDS = 8  # exact tables built within the reconcile; more: stop-gaps, built behind
 
 
@@ -58,13 +63,6 @@ class ReloadResult:
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # skipped entries, unsafe file modes
-
-
-@dataclass
-class SelfTest:
-    ok: bool
-    reason: str
-    at: float
 
 
 class Controller:
@@ -99,9 +97,7 @@ class Controller:
         self._dirty_vips: set[str] | None = None  # VIPs whose inputs changed; None: all
         self._decided_globals: tuple | None = None
         self._decided_verdict: dict = {}
-        self.overrides: dict[tuple[str, str], AdminState] = {}
-        self.node_drained = False
-        self.self_test = SelfTest(False, "not run yet", 0.0)
+        self.admin = AdminStore(self.state_file, self.events)
         self.forwarder_error: str | None = None
         self.attach_mode: str | None = None
         self.started_at = clock()
@@ -111,7 +107,8 @@ class Controller:
         self.tables = TableCache(defer=True)
         self.metrics = NodeMetrics()
         self.specs = SpecCache(self.spec_builder)
-        self.sample = SelfTestSample(SELF_TEST_SAMPLE)
+        self.self_tester = SelfTester(forwarder, self.metrics, self.events, self.mark_dirty)
+        self.decision_log = DecisionLog(self.events)
         self._reconcile_lock = asyncio.Lock()
         self._forwarder_open = False
 
@@ -124,13 +121,22 @@ class Controller:
         self.reader = VipReader()
         self._reload_lock = asyncio.Lock()  # one reload at a time, whoever asks
         self._reload_wanted = asyncio.Event()  # SIGHUP: the watcher reloads on its next turn
-        self._self_test_lock = asyncio.Lock()  # the periodic and the post-sync self-test
         self._applied_forwarder: tuple | None = None
         self._applied_routes: tuple | None = None
         self._routes_from: tuple | None = None  # (config, announce) per VIP of the last routes
-        self._logged_vip: dict[str, tuple[bool, str]] = {}
-        self._logged_tables: dict[str, str] = {}
         self._watch_signature: tuple | None = None
+
+    @property
+    def self_test(self) -> SelfTest:
+        return self.self_tester.last
+
+    @property
+    def overrides(self) -> dict[tuple[str, str], AdminState]:
+        return self.admin.overrides
+
+    @property
+    def node_drained(self) -> bool:
+        return self.admin.node_drained
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,7 +144,7 @@ class Controller:
         """Load config (a broken VIP directory at start is fatal: there is no last good state
         to keep serving), open the forwarder, start health checks and BGP."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._load_state()
+        self.admin.load()
         sources = await self.reader.read(self.vip_dir, self.config)  # raises ConfigError
         self._install_vips(sources, "startup")
         self._watch_signature = self._dir_signature()
@@ -207,7 +213,7 @@ class Controller:
     def _on_health_transition(self, transition: Any) -> None:
         owners = self._owners.get(transition.target, [])
         self._mark_vips(vip for vip, _ in owners)
-        new = _health_of(transition.new)
+        new = health_of(transition.new)
         for vip, key in owners:
             self.metrics.transitions[(vip, key, new.value)] = self.metrics.transitions.get((vip, key, new.value), 0) + 1
             self.events.emit(
@@ -225,13 +231,13 @@ class Controller:
         view = self._health_view()
         return {pair: view[pair] for pair in view}
 
-    def _health_view(self) -> "HealthView":
+    def _health_view(self) -> HealthView:
         # One verdict per distinct target (many VIPs share backends), looked up per (VIP,
         # backend) only for the VIPs being decided.
-        verdict = {t: _health_of(st.state) for t, st in self.health.snapshot().items()}
+        verdict = {t: health_of(st.state) for t, st in self.health.snapshot().items()}
         return HealthView(verdict, self.targets, self._static_pairs)
 
-    def _mark_health_changes(self, view: "HealthView") -> None:
+    def _mark_health_changes(self, view: HealthView) -> None:
         """Mark the owners of every target whose verdict differs from the last decision's
         (per distinct target: cheap), whether or not a transition callback said so."""
         before = self._decided_verdict
@@ -334,7 +340,7 @@ class Controller:
             desired, again = self._decide(inputs, self._changed_vips(inputs))
             touched = None if touched is None or again is None else touched | again
         self._apply_routes(desired)
-        self._log_decisions(desired, touched)
+        self.decision_log.decisions(desired, touched)
         self.desired = desired
         if self.tables.pending:
             self._builds_wanted.set()
@@ -360,36 +366,8 @@ class Controller:
         if self.forwarder_error:
             self.events.emit("forwarder_sync_ok", "forwarder programmed again")
         self.forwarder_error = None
-        self._log_tables(desired, changed)
+        self.decision_log.tables(desired, changed, self.metrics.sync_seconds)
         return changed
-
-    def _log_tables(self, desired: Desired, names: list[str]) -> None:
-        rebuilt = []
-        for name in names:
-            d = desired.vips[name]
-            digest = d.table.digest() if d.table else ""
-            if self._logged_tables.get(name) != digest:
-                self._logged_tables[name] = digest
-                rebuilt.append(name)
-        for name in rebuilt if len(rebuilt) <= TABLE_EVENTS_MAX else ():
-            d = desired.vips[name]
-            stop_gap = bool(getattr(d.table, "gone", None))
-            self.events.emit(
-                "table_rebuilt",
-                f"VIP {name}: table {self._logged_tables[name]} over {len(d.serving)} backend(s)"
-                + (" (stop-gap while the exact table is built)" if stop_gap else ""),
-                vip=name,
-                digest=self._logged_tables[name],
-                shares=",".join(f"{k}={v:.1%}" for k, v in _shares(d).items()) or "none",
-            )
-        if len(rebuilt) > TABLE_EVENTS_MAX:
-            self.events.emit(
-                "tables_rebuilt",
-                f"{len(rebuilt)} VIPs got new tables in {self.metrics.sync_seconds * 1000:.0f} ms "
-                f"(first: {', '.join(rebuilt[:5])}); `maglev vip NAME` shows one",
-                count=len(rebuilt),
-                sync_ms=round(self.metrics.sync_seconds * 1000, 1),
-            )
 
     async def _table_build_loop(self) -> None:
         """Builds the exact tables that stop-gaps stand in for, off the event loop, then
@@ -422,25 +400,6 @@ class Controller:
             self.speaker.set_desired(routes)
             self._applied_routes = key
 
-    def _log_decisions(self, desired: Desired, touched: set[str] | None = None) -> None:
-        names = desired.vips if touched is None else [n for n in touched if n in desired.vips]
-        for name in names:
-            d = desired.vips[name]
-            now = (d.announce, d.reason)
-            before = self._logged_vip.get(name)
-            if before is None or before[0] != now[0]:
-                verb = "announced" if d.announce else "withdrawn"
-                self.events.emit(
-                    "vip_" + verb,
-                    f"VIP {name} ({d.vip.prefix}) {verb}: {d.reason}",
-                    level="info" if d.announce else "warning",
-                    vip=name,
-                )
-            self._logged_vip[name] = now
-        for name in self._logged_vip.keys() - desired.vips.keys():
-            del self._logged_vip[name]
-            self._logged_tables.pop(name, None)
-
     # ------------------------------------------------------------------ periodic work
 
     async def _self_test_loop(self) -> None:
@@ -449,52 +408,9 @@ class Controller:
             await asyncio.sleep(self.config.forwarder.self_test_interval)
 
     async def run_self_test(self, changed: list[str] | None = None, sample: bool = True) -> SelfTest:
-        """One self-test at a time; with ``changed`` (names just programmed): those, plus (with
-        ``sample``) the next slice of a rotation over every VIP, so the cost does not grow with
-        the VIP count and every VIP is still checked every few rounds. None: every VIP.
-        A failure is acted on (every VIP withdrawn) only when a fresh run of the same VIPs
-        fails too: a single glitch on every node at once must not take the fleet's VIPs down;
-        it is reported and counted."""
-        if changed is None:
-            vips = None
-        else:
-            vips = self.sample.next(list(self.vips), changed) if sample else sorted(changed)
-        async with self._self_test_lock:
-            ok, reason = await self._self_test_once(vips)
-            if not ok:
-                first = reason
-                ok, reason = await self._self_test_once(vips)
-                if ok:
-                    self.metrics.self_test_glitches += 1
-                    self.events.emit(
-                        "forwarder_self_test_glitch",
-                        f"forwarder self-test failed once ({first}) and passed on a fresh run; not acted on",
-                        level="warning",
-                    )
-            return self._record_self_test(ok, reason)
-
-    async def _self_test_once(self, vips: list[str] | None) -> tuple[bool, str]:
-        try:
-            result = await asyncio.to_thread(self._forwarder_self_test, vips)
-            return bool(result.ok), str(result.reason)
-        except Exception as exc:
-            return False, f"self-test raised {exc!r}"
-
-    def _record_self_test(self, ok: bool, reason: str) -> SelfTest:
-        previous = self.self_test
-        self.self_test = SelfTest(ok, reason, time.time())
-        self.metrics.self_tests[ok] = self.metrics.self_tests.get(ok, 0) + 1
-        if ok != previous.ok or previous.at == 0.0:
-            self.events.emit(
-                "forwarder_self_test_" + ("passed" if ok else "failed"),
-                f"forwarder self-test {'passed' if ok else 'failed'}: {reason}",
-                level="info" if ok else "error",
-            )
-            self.mark_dirty()
-        return self.self_test
-
-    def _forwarder_self_test(self, vips: list[str] | None) -> Any:
-        return self.forwarder.self_test() if vips is None else self.forwarder.self_test(vips)
+        """One self-test at a time (node.self_test): ``changed`` plus a rotating sample, every
+        VIP when None; a failure withdraws every VIP only when a fresh run confirms it."""
+        return await self.self_tester.run(list(self.vips), changed, sample)
 
     async def _warmup_timer(self) -> None:
         remaining = self.config.warmup - (self.clock() - self.started_at)
@@ -591,18 +507,12 @@ class Controller:
         self.vips = new
         self.vip_sources = {name: path for name, (path, _) in sources.items()}
         self.targets = targets
-        self._owners: dict[Any, list[tuple[str, str]]] = {}  # target -> (vip, backend key)
-        for pair, target in self.targets.items():
-            self._owners.setdefault(target, []).append(pair)
+        self._owners = owners_of(targets)  # target -> (vip, backend key)
         self._mark_vips(result.added + result.changed)
         # Backends of VIPs without a health check: a static pool, always UP.
         self._static_pairs = {(v.name, b.key) for v in new.values() if v.health_check is None for b in v.backends}
         keys = {(v.name, b.key) for v in new.values() for b in v.backends}
-        dropped = [k for k in self.overrides if k not in keys]
-        for k in dropped:
-            del self.overrides[k]
-        if dropped:
-            self._save_state()
+        self.admin.forget_missing(keys)
         self.last_reload = result
         self.metrics.reloads[True] = self.metrics.reloads.get(True, 0) + 1
         self._watch_signature = self._dir_signature()
@@ -628,7 +538,7 @@ class Controller:
         else:
             self.overrides[(vip, backend)] = state
         self._mark_vips([vip])
-        self._save_state()
+        self.admin.save()
         self.events.emit(
             "backend_admin",
             f"backend {backend} of VIP {vip} set to {state or 'its configured state'} by operator",
@@ -638,8 +548,8 @@ class Controller:
         self.mark_dirty()
 
     def set_node_drained(self, drained: bool) -> None:
-        self.node_drained = drained
-        self._save_state()
+        self.admin.node_drained = drained
+        self.admin.save()
         self.events.emit(
             "node_drain" if drained else "node_undrain",
             "node drained by operator: every VIP withdrawn, existing flows keep forwarding"
@@ -648,195 +558,17 @@ class Controller:
         )
         self.mark_dirty()
 
-    def _load_state(self) -> None:
-        try:
-            data = json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            self.events.emit("state_unreadable", f"ignoring unreadable {self.state_file}: {exc}", level="warning")
-            return
-        self.node_drained = bool(data.get("node_drained", False))
-        for vip, backends in data.get("overrides", {}).items():
-            for key, state in backends.items():
-                if state in ("active", "drain", "disabled"):
-                    self.overrides[(vip, key)] = state
-
-    def _save_state(self) -> None:
-        overrides: dict[str, dict[str, str]] = {}
-        for (vip, key), state in sorted(self.overrides.items()):
-            overrides.setdefault(vip, {})[key] = state
-        atomic_write(self.state_file, json.dumps({"node_drained": self.node_drained, "overrides": overrides}, indent=2))
-
     # ------------------------------------------------------------------ views for the API
 
     def status(self) -> dict[str, Any]:
-        desired = self.desired
-        vips = desired.vips if desired else {}
-        return {
-            "node_id": self.config.node_id,
-            "uptime": round(self.clock() - self.started_at, 1),
-            "warmup_over": self.warmup_over,
-            "node_drained": self.node_drained,
-            "forwarder": {
-                "ok": self.self_test.ok and self.forwarder_error is None,
-                "mode": self.attach_mode,
-                "interfaces": self.config.forwarder.interfaces,
-                "last_self_test": {"ok": self.self_test.ok, "reason": self.self_test.reason, "at": self.self_test.at},
-                "error": self.forwarder_error,
-            },
-            "bgp": self.speaker.status(),
-            "vips": {
-                name: {"announced": d.announce, "reason": d.reason, "serving": len(d.serving),
-                       "backends": len(d.backends), "digest": d.table.digest() if d.table else None}
-                for name, d in vips.items()
-            },
-            "last_reload": self.last_reload.__dict__ if self.last_reload else None,
-            "tasks": self.supervisor.status(),
-            "recent_events": list(self.events.recent)[-20:],
-        }
+        return views.node_status(self)
 
     def vip_view(self, name: str, counters: dict[str, Any] | None = None) -> dict[str, Any]:
-        vip = self.vips[name]
-        d = self.desired.vips.get(name) if self.desired else None
-        snapshot = self.health.snapshot()
-        shares = _shares(d) if d else {}
-        total_weight = sum(b.weight for b in d.backends if b.serving) if d else 0
-        vip_counters = (counters or {}).get("vips", {}).get(name, {})
-        # Per (VIP, backend): a backend shared by several VIPs has figures of its own in each.
-        backend_counters = (counters or {}).get("vip_backends", {}).get(name, {})
-        backends = []
-        for b in vip.backends:
-            bd = next((x for x in d.backends if x.key == b.key), None) if d else None
-            target = self.targets.get((name, b.key))
-            status = snapshot.get(target) if target is not None else None
-            last = getattr(status, "last", None)
-            backends.append({
-                "key": b.key,
-                "address": str(b.address),
-                "port": vip.backend_port(b),
-                "weight": b.weight,
-                "configured_state": b.state,
-                "state": bd.admin if bd else b.state,
-                "health": bd.health.value if bd else "unknown",
-                "data_state": bd.data_state if bd else None,
-                "serving": bd.serving if bd else False,
-                "last_reason": getattr(last, "reason", None) if target is not None else "no health check (static)",
-                "last_latency": getattr(last, "latency", None),
-                "table_share": shares.get(b.key, 0.0),
-                "expected_share": (b.weight / total_weight) if bd and bd.serving and total_weight else 0.0,
-                "counters": backend_counters.get(b.key, {}),
-            })
-        return {
-            "name": name,
-            "address": str(vip.address),
-            "protocol": vip.protocol,
-            "port": vip.port,
-            "table_size": vip.table_size,
-            "source": str(self.vip_sources.get(name, "")),
-            "announced": d.announce if d else False,
-            "reason": d.reason if d else "not reconciled yet",
-            "digest": d.table.digest() if d and d.table else None,
-            "backends": backends,
-            "counters": vip_counters,
-            "config": vip.model_dump(mode="json"),
-        }
+        return views.vip_view(self, name, counters)
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-class HealthView(Mapping):
-    """(vip, backend key) -> Health, read through the targets: static pools are UP, a target
-    without a verdict yet is UNKNOWN."""
-
-    def __init__(self, verdict: dict, targets: dict, static: list) -> None:
-        self.verdicts, self._targets, self._static = verdict, targets, static
-
-    def __getitem__(self, pair: tuple[str, str]) -> Health:
-        target = self._targets.get(pair)
-        if target is None:
-            if pair in self._static:
-                return Health.UP
-            raise KeyError(pair)
-        return self.verdicts.get(target, Health.UNKNOWN)
-
-    def __iter__(self):
-        yield from self._targets
-        yield from self._static
-
-    def __len__(self) -> int:
-        return len(self._targets) + len(self._static)
-
-
 def _resolve(path: Path, base: Path | None) -> Path:
     return path if path.is_absolute() or base is None else base / path
-
-
-def _health_of(state: Any) -> Health:
-    name = getattr(state, "name", str(state)).upper()
-    return {"UP": Health.UP, "DOWN": Health.DOWN}.get(name, Health.UNKNOWN)
-
-
-def _shares(d: VipDecision) -> dict[str, float]:
-    return d.table.shares() if d.table is not None and d.table.backends else {}
-
-
-def health_targets(vips: dict[str, VipConfig]) -> dict[tuple[str, str], Any]:
-    """(vip, backend key) -> health Target. Identical targets of several VIPs compare equal, so
-    the monitor probes each once."""
-    from healthcheck import Target
-
-    out = {}
-    for vip in vips.values():
-        if vip.health_check is None:
-            continue
-        for b in vip.backends:
-            out[(vip.name, b.key)] = Target(b.address, vip.backend_port(b), vip.health_check)
-    return out
-
-
-def forwarder_spec(d: VipDecision) -> Any:
-    from node.forwarder.loader import BackendSpec, VipSpec
-
-    # The table goes as the builder made it: backend keys and an array of indexes into them.
-    keys = d.table.backends if d.table is not None else ()
-    return VipSpec(
-        name=d.vip.name,
-        address=d.vip.address,
-        protocol=d.vip.protocol,
-        port=d.vip.port,
-        backends=tuple(BackendSpec(key=b.key, address=b.address, state=b.data_state) for b in d.backends),
-        table_keys=keys,
-        table_entries=d.table.entries if keys else (),
-        table_gone=getattr(d.table, "gone", frozenset()) if keys else frozenset(),
-    )
-
-
-def routes_for(desired: Desired) -> list[Any]:
-    """One route per announced VIP address. Several VIPs on one address share the /32: it is
-    announced when any of them is, with the attributes of the first (by name)."""
-    from bgp.routes import Route
-
-    by_prefix: dict[str, Any] = {}
-    for name in sorted(desired.vips):
-        d = desired.vips[name]
-        if not d.announce or d.vip.prefix in by_prefix:
-            continue
-        by_prefix[d.vip.prefix] = Route(
-            prefix=ipaddress.ip_network(d.vip.prefix),
-            med=d.vip.announce.med,
-            communities=tuple(d.vip.announce.communities),
-        )
-    return list(by_prefix.values())
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a crash never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

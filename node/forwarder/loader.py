@@ -36,7 +36,6 @@ import subprocess
 import threading
 import time
 from array import array
-import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -1,0 +1,44 @@
+"""What a desired state turns into for each effector: a VipSpec per VIP for the forwarder, a
+route per announced address for the BGP speaker. Pure functions of the decision."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from node.reconcile import Desired, VipDecision
+
+
+def forwarder_spec(d: VipDecision) -> Any:
+    from node.forwarder.loader import BackendSpec, VipSpec
+
+    # The table goes as the builder made it: backend keys and an array of indexes into them.
+    keys = d.table.backends if d.table is not None else ()
+    return VipSpec(
+        name=d.vip.name,
+        address=d.vip.address,
+        protocol=d.vip.protocol,
+        port=d.vip.port,
+        backends=tuple(BackendSpec(key=b.key, address=b.address, state=b.data_state) for b in d.backends),
+        table_keys=keys,
+        table_entries=d.table.entries if keys else (),
+        table_gone=getattr(d.table, "gone", frozenset()) if keys else frozenset(),
+    )
+
+
+def routes_for(desired: Desired) -> list[Any]:
+    """One route per announced VIP address. Several VIPs on one address share the /32: it is
+    announced when any of them is, with the attributes of the first (by name)."""
+    from bgp.routes import Route
+
+    by_prefix: dict[str, Any] = {}
+    for name in sorted(desired.vips):
+        d = desired.vips[name]
+        if not d.announce or d.vip.prefix in by_prefix:
+            continue
+        by_prefix[d.vip.prefix] = Route(
+            prefix=ipaddress.ip_network(d.vip.prefix),
+            med=d.vip.announce.med,
+            communities=tuple(d.vip.announce.communities),
+        )
+    return list(by_prefix.values())

@@ -225,11 +225,13 @@ async def test_update_keeps_unchanged_state_and_never_probes_removed_targets(lis
         assert snap[keep].state is State.UP and snap[keep].since == before.since
         assert snap[keep].transitions == before.transitions
         assert snap[added].state is State.UNKNOWN
-        seen = removed_server.connections
-        await asyncio.sleep(0.3)
+        # Wait on the new target's verdict (two probes), not a fixed time: a probe of the
+        # removed one in flight at the update may still land meanwhile; none may start after.
+        await wait_for(lambda: mon.snapshot()[added].state is State.UP, timeout=5.0)
+        seen, probes_seen = removed_server.connections, len(rec.probes)
+        await wait_for(lambda: len([p for p in rec.probes[probes_seen:] if p[0] == keep]) >= 3, timeout=5.0)
         assert removed_server.connections == seen, "a removed backend was probed again"
-        assert not [p for p in rec.probes[-5:] if p[0] == drop]
-        assert mon.snapshot()[added].state is State.UP
+        assert not [p for p in rec.probes[probes_seen:] if p[0] == drop]
         assert [t.new for t in rec.transitions if t.target == keep] == [State.UP]
     finally:
         await mon.stop()

@@ -147,7 +147,10 @@ async def test_refused_command_is_retried(env):
     await sp.start()
     try:
         sp.set_desired([Route(ipaddress.ip_network("10.99.0.1/32"))])
-        await until(lambda: sum("10.99.0.1" in t for _, t in received(env[2])) >= 2, what="a retry")
+        # The second refusal is answered after the fake logs the command: wait for the speaker
+        # to have taken it (back in "retry"), not just for the fake to have seen it.
+        await until(lambda: sum("10.99.0.1" in t for _, t in received(env[2])) >= 2
+                    and "retry" in sp.status()["pending"].get("10.99.0.1/32", ""), what="a retry")
         st = sp.status()
         assert sp.announced() == set()
         assert "retry" in st["pending"]["10.99.0.1/32"] and "10.99.0.1/32" in st["last_error"]

@@ -107,7 +107,7 @@ class Controller:
         self.tables = TableCache(defer=True)
         self.metrics = NodeMetrics()
         self.specs = SpecCache(self.spec_builder)
-        self.self_tester = SelfTester(forwarder, self.metrics, self.events, self.mark_dirty)
+        self.self_tester = SelfTester(forwarder, self.metrics, self.events, self._self_test_changed)
         self.decision_log = DecisionLog(self.events)
         self._reconcile_lock = asyncio.Lock()
         self._forwarder_open = False
@@ -227,6 +227,10 @@ class Controller:
             )
         self.mark_dirty()
 
+    def _self_test_changed(self, vips: set[str] | None) -> None:
+        self._mark_vips(vips)
+        self.mark_dirty()
+
     def _health_map(self) -> dict[tuple[str, str], Health]:
         view = self._health_view()
         return {pair: view[pair] for pair in view}
@@ -257,6 +261,7 @@ class Controller:
             overrides=self.overrides,
             forwarder_ok=forwarder_ok,
             forwarder_reason=reason,
+            vip_faults=dict(self.self_tester.faults),
             warmup_over=self.warmup_over,
             node_drained=self.node_drained,
         )

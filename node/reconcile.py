@@ -47,6 +47,9 @@ class Inputs:
     overrides: Mapping[tuple[str, str], AdminState] = field(default_factory=dict)
     forwarder_ok: bool = True
     forwarder_reason: str = ""
+    # VIPs whose forwarder self-test failed twice on this node (the forwarder itself is fine):
+    # withdrawn alone, with the reason.
+    vip_faults: Mapping[str, str] = field(default_factory=dict)
     warmup_over: bool = True
     node_drained: bool = False
 
@@ -194,6 +197,8 @@ def decide_vip(vip: VipConfig, inputs: Inputs, tables: TableCache) -> VipDecisio
 def _announce(vip: VipConfig, serving: int, inputs: Inputs) -> tuple[bool, str]:
     if not inputs.forwarder_ok:
         return False, f"forwarder unhealthy: {inputs.forwarder_reason or 'self-test failed'}"
+    if vip.name in inputs.vip_faults:
+        return False, f"forwarder self-test of this VIP failed: {inputs.vip_faults[vip.name]}"
     if not inputs.warmup_over:
         return False, "warming up: waiting for every backend's first health verdict"
     if inputs.node_drained:

@@ -134,6 +134,9 @@ class SelfTestResult:
     ok: bool
     reason: str
     checks: tuple[VipCheck, ...] = field(default=())
+    # A failure of the forwarder as a whole (not open, our program replaced, maps unreadable),
+    # as opposed to some VIPs' checks failing: only the former withdraws every VIP.
+    node_wide: bool = False
 
 
 def write_ids(dest, entries: Sequence[int], idmap: array, live) -> bool:
@@ -1131,7 +1134,7 @@ class Forwarder:
         bytes as the model's (MACs excepted under fib lookup). Self-test packets insert no
         conntrack entry and touch no VIP counters (they are marked with XDP metadata)."""
         if self._obj is None:
-            return SelfTestResult(False, "forwarder is not open")
+            return SelfTestResult(False, "forwarder is not open", node_wide=True)
         problems = []
         our = libbpf.prog_id(self.prog_fd)
         for ifname, (ifindex, mode) in self._attached.items():
@@ -1149,11 +1152,12 @@ class Forwarder:
             try:
                 st = self.model_state(vips=batch)
             except OSError as exc:
-                return SelfTestResult(False, f"cannot read maps: {exc}")
+                return SelfTestResult(False, f"cannot read maps: {exc}", node_wide=True)
             checks += [self._check_vip(st, name, self.vip_ids[name]) for name in batch]
+        node_wide = bool(problems)
         problems += [f"VIP {c.vip}: {c.reason}" for c in checks if not c.ok]
         if problems:
-            return SelfTestResult(False, "; ".join(problems), tuple(checks))
+            return SelfTestResult(False, "; ".join(problems), tuple(checks), node_wide)
         return SelfTestResult(True, f"{len(checks)} VIP(s) checked", tuple(checks))
 
     def _check_vip(self, st: model.ModelState, name: str, vid: int) -> VipCheck:

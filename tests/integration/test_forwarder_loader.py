@@ -308,6 +308,25 @@ def test_attach_generic_mode(netns) -> None:
     assert res == {"mode": "generic", "seen": "generic"}
 
 
+def test_a_program_removed_behind_our_back_fails_the_whole_forwarder(netns) -> None:
+    """Not one VIP's fault: the self-test flags it node-wide, so the controller withdraws every
+    VIP (a VIP's own failed check withdraws that VIP alone)."""
+    res = _in_ns(netns, """
+        import subprocess
+        with temp_bpffs() as root:
+            f = Forwarder(make_config(root / "m", interfaces=["veth0"], xdp_mode="generic"), table_capacity=1 << 16)
+            f.open(); f.sync(spec); f.attach()
+            before = f.self_test()
+            subprocess.run(["ip", "link", "set", "veth0", "xdpgeneric", "off"], check=True)
+            after = f.self_test()
+            result.update(before=[before.ok, before.node_wide], after=[after.ok, after.node_wide],
+                          vip_checks_ok=all(c.ok for c in after.checks), reason=after.reason)
+            f.detach(); f.close(); f.remove_pins()
+    """)
+    assert res["before"] == [True, False] and res["after"] == [False, True], res
+    assert res["vip_checks_ok"] and "replaced or detached" in res["reason"]
+
+
 def test_fib_lookup_sets_macs_and_counts_missing_neighbour(netns) -> None:
     subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"], check=True)
     res = _in_ns(netns, """

@@ -188,6 +188,64 @@ async def test_a_self_test_failure_confirmed_by_a_fresh_run_withdraws(tmp_path):
     assert e.speaker.prefixes == []
 
 
+def vip_result(failing: dict[str, str], vips=("api", "web"), node_wide=False):
+    from node.forwarder.loader import SelfTestResult, VipCheck
+
+    checks = tuple(VipCheck(v, v not in failing, failing.get(v, "GRE to 10.0.1.1")) for v in vips)
+    ok = not failing and not node_wide
+    return SelfTestResult(ok, "; ".join(f"VIP {v}: {r}" for v, r in failing.items()) or "ok", checks, node_wide)
+
+
+async def two_vip_env(tmp_path):
+    e = Env(tmp_path, [vip(), vip("api", address="10.100.0.2")])
+    await e.start()
+    for a in ALL:
+        e.health.set(a, State.UP)
+    await e.c.reconcile()
+    assert sorted(e.speaker.prefixes) == ["10.100.0.1/32", "10.100.0.2/32"]
+    return e
+
+
+async def test_a_confirmed_failure_of_one_vip_withdraws_that_vip_alone(tmp_path):
+    e = await two_vip_env(tmp_path)
+    e.forwarder.self_test = lambda vips=None: vip_result({"web": "verdict XDP_PASS"})
+    st = await e.c.run_self_test()
+    assert st.ok and st.faults == {"web": "verdict XDP_PASS"}
+    await e.c.reconcile()
+    assert e.speaker.prefixes == ["10.100.0.2/32"]
+    assert "this VIP failed: verdict XDP_PASS" in e.c.status()["vips"]["web"]["reason"]
+    assert "vip_self_test_failed" in e.event_names()
+    # Periodic rounds keep checking the failing VIP; once it passes it is announced again.
+    e.forwarder.self_test = lambda vips=None: vip_result({}, vips=tuple(vips or ("api", "web")))
+    seen = []
+    real = e.forwarder.self_test
+    e.forwarder.self_test = lambda vips=None: (seen.append(vips), real(vips))[1]
+    await e.c.run_self_test(["api"], sample=False)
+    assert "web" in seen[-1] and e.c.self_test.faults == {}
+    await e.c.reconcile()
+    assert sorted(e.speaker.prefixes) == ["10.100.0.1/32", "10.100.0.2/32"]
+
+
+async def test_a_node_wide_failure_still_withdraws_every_vip(tmp_path):
+    e = await two_vip_env(tmp_path)
+    e.forwarder.self_test = lambda vips=None: vip_result({}, node_wide=True)
+    st = await e.c.run_self_test()
+    assert not st.ok
+    await e.c.reconcile()
+    assert e.speaker.prefixes == []
+
+
+async def test_one_vip_failing_once_is_a_glitch(tmp_path):
+    e = await two_vip_env(tmp_path)
+    outcomes = [vip_result({"web": "output differs"}), vip_result({})]
+    e.forwarder.self_test = lambda vips=None: outcomes.pop(0)
+    st = await e.c.run_self_test()
+    assert st.ok and st.faults == {} and outcomes == []
+    await e.c.reconcile()
+    assert sorted(e.speaker.prefixes) == ["10.100.0.1/32", "10.100.0.2/32"]
+    assert "forwarder_self_test_glitch" in e.event_names()
+
+
 async def test_overlapping_self_tests_run_one_at_a_time(tmp_path):
     e = await serving_env(tmp_path)
     inside, most = [0], [0]

@@ -177,7 +177,7 @@ class Bench:
     def __init__(self, nvips: int, nback: int, table_capacity: int | None):
         self.nvips, self.nback, self.table_capacity = nvips, nback, table_capacity
         self.pool = max(20, nback + 10)  # pool addresses (the shared backend comes on top)
-        self.prefix = unique_prefix("mlbcp")
+        self.prefix = unique_prefix("s12")
         self.dir = Path(tempfile.mkdtemp(prefix="mlbcp"))
         self.vip_dir = self.dir / "vips"
         self.procs: list[subprocess.Popen] = []

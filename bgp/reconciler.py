@@ -19,10 +19,17 @@ tested with a fake clock and a fake speaker:
   flap and hold-down. Holding it withdrawn is
   the safe side: the other nodes still carry the VIP.
 - **stop**: ``withdraw_all()`` withdraws everything at once, ignoring rate limit and hold-down.
+
+Work per command is O(log N) in the number of prefixes, not O(N) (issue 12: a thousand routes
+took 4.6 s of scans): every input marks the prefixes it touched, marked prefixes wait in a heap
+ordered like the commands go out (withdraws first, then by prefix), and prefixes that must wait
+(a retry back-off, the rate limit, a hold-down) sit in a second heap keyed by the time they are
+due. An entry is only a hint: it is judged again when it comes out of either heap.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -92,6 +99,57 @@ class Reconciler:
         self.in_flight: Command | None = None
         self.last_error: str | None = None
         self._p: dict[str, _Prefix] = {}
+        self._ready: list[tuple[int, str]] = []  # heap of (0 withdraw / 1 announce, prefix)
+        self._ready_as: dict[str, int] = {}  # prefix -> its live entry in _ready
+        self._later: list[tuple[float, str]] = []  # heap of (when to judge again, prefix)
+        self._later_at: dict[str, float] = {}
+        self._announced: set[str] = set()  # sent and not dirty, kept as the state changes
+        self.announced_version = 0  # bumped whenever announced() changes
+
+    # -- the work lists ------------------------------------------------------------------------
+
+    def _judge(self, p: _Prefix, now: float) -> int | float | None:
+        """What p needs now: 0 (send a withdraw) or 1 (an announce or resend), a float (nothing
+        before that clock time), or None (nothing until an input changes)."""
+        target, deferred = self._target(p, now)
+        needed = target != p.sent or (p.dirty and p.sent is not None)
+        if needed and now >= p.retry_at:
+            return 0 if target is None else 1
+        times = [t for t in (deferred, p.retry_at if needed else None) if t is not None]
+        return float(min(times)) if times else None
+
+    def _mark(self, key: str, now: float | None = None) -> None:
+        """Place key in the work list its state calls for (after any change to it)."""
+        p = self._p.get(key)
+        if p is None:
+            return
+        verdict = self._judge(p, self.clock() if now is None else now)
+        if isinstance(verdict, int):
+            if self._ready_as.get(key) != verdict:
+                self._ready_as[key] = verdict
+                heapq.heappush(self._ready, (verdict, key))
+        elif verdict is not None and self._later_at.get(key) != verdict:
+            self._later_at[key] = verdict
+            heapq.heappush(self._later, (verdict, key))
+
+    def _mark_all(self) -> None:
+        now = self.clock()
+        for key in self._p:
+            self._mark(key, now)
+
+    def _set_announced(self, key: str, p: _Prefix | None) -> None:
+        now = p is not None and p.sent is not None and not p.dirty
+        if now != (key in self._announced):
+            (self._announced.add if now else self._announced.discard)(key)
+            self.announced_version += 1
+
+    def _due(self, now: float) -> None:
+        """Judge again the prefixes whose wait is over."""
+        while self._later and self._later[0][0] <= now:
+            at, key = heapq.heappop(self._later)
+            if self._later_at.get(key) == at:
+                del self._later_at[key]
+                self._mark(key, now)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -109,30 +167,38 @@ class Reconciler:
             new = wanted.get(key)
             if p.desired is not None and new is None:
                 self._record_flap(p, now)
-            p.desired = new
+            if new != p.desired:
+                p.desired = new
+                self._mark(key, now)
         self._forget_idle(now)
 
     def withdraw_all(self) -> None:
         """Stop phase: withdraw everything now (no rate limit, no hold-down)."""
         self.stopping = True
+        self._mark_all()
 
     def set_extra_communities(self, communities: tuple[str, ...]) -> None:
         """Add communities to every announcement (GRACEFUL_SHUTDOWN before a stop)."""
         self.extra_communities = tuple(communities)
+        self._mark_all()
 
     def resend_all(self) -> None:
         """A session came up: send every announced route again."""
-        for p in self._p.values():
+        now = self.clock()
+        for key, p in self._p.items():
             if p.sent is not None:
                 p.dirty = True
+                self._set_announced(key, p)
+                self._mark(key, now)
 
     def channel_reset(self) -> None:
         """ExaBGP (re)started: it knows nothing; drop the in-flight command and resend all."""
         self.generation += 1
         self.in_flight = None
-        self.resend_all()
         for p in self._p.values():
             p.retry_at = -math.inf
+        self.resend_all()
+        self._mark_all()  # the dropped in-flight command's prefix too
 
     # -- the diff ------------------------------------------------------------------------------
 
@@ -155,25 +221,23 @@ class Reconciler:
         if self.in_flight is not None:
             return None
         now = self.clock()
-        best: tuple[int, str] | None = None
-        for key, p in self._p.items():
-            if now < p.retry_at:
+        self._due(now)
+        while self._ready:
+            order, key = heapq.heappop(self._ready)
+            if self._ready_as.get(key) != order:
+                continue  # a stale hint: the prefix was placed again since
+            del self._ready_as[key]
+            p = self._p.get(key)
+            verdict = self._judge(p, now) if p is not None else None
+            if verdict != order:
+                self._mark(key, now)  # its state moved on: where it belongs now, if anywhere
                 continue
             target, _ = self._target(p, now)
-            if target == p.sent and not (p.dirty and p.sent is not None):
-                continue
-            order = (0 if target is None else 1, key)
-            if best is None or order < best:
-                best = order
-        if best is None:
-            return None
-        key = best[1]
-        p = self._p[key]
-        target, _ = self._target(p, now)
-        resend = target == p.sent
-        text = announce_command(target, self.next_hop) if target is not None else withdraw_command(p.net)
-        self.in_flight = Command(key, target, text, resend, self.generation)
-        return self.in_flight
+            resend = target == p.sent
+            text = announce_command(target, self.next_hop) if target is not None else withdraw_command(p.net)
+            self.in_flight = Command(key, target, text, resend, self.generation)
+            return self.in_flight
+        return None
 
     def on_result(self, command: Command, ok: bool, error: str | None = None) -> None:
         """ExaBGP answered ``done`` (ok) or ``error`` (or the channel failed) for command."""
@@ -190,10 +254,12 @@ class Reconciler:
             p.sent = command.route
             p.dirty = False
             p.errors, p.retry_at = 0, -math.inf
-            return
-        p.errors += 1
-        p.retry_at = now + min(self.retry_initial * 2 ** (p.errors - 1), self.retry_max)
-        p.last_error = self.last_error = f"{command.text!r} failed: {error or 'ExaBGP answered error'}"
+            self._set_announced(command.prefix, p)
+        else:
+            p.errors += 1
+            p.retry_at = now + min(self.retry_initial * 2 ** (p.errors - 1), self.retry_max)
+            p.last_error = self.last_error = f"{command.text!r} failed: {error or 'ExaBGP answered error'}"
+        self._mark(command.prefix, now)
 
     async def step(self, send: SendFn) -> Command | None:
         """Send the next command through the port and record its answer; None when idle."""
@@ -226,23 +292,24 @@ class Reconciler:
                     and now - max(p.last_flap, p.hold_until) > self.flap_hold_down_max
                     and (self.in_flight is None or self.in_flight.prefix != k)]:
             del self._p[key]
+            self._ready_as.pop(key, None)
+            self._later_at.pop(key, None)
 
     # -- views ---------------------------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
         """Earliest clock time at which a deferred change or a retry becomes due."""
         now = self.clock()
-        times = []
-        for p in self._p.values():
-            target, deferred = self._target(p, now)
-            if deferred is not None:
-                times.append(deferred)
-            if p.retry_at > now and (target != p.sent or p.dirty):
-                times.append(p.retry_at)
-        return min(times) if times else None
+        self._due(now)
+        while self._later:
+            at, key = self._later[0]
+            if self._later_at.get(key) == at:
+                return at
+            heapq.heappop(self._later)  # stale
+        return None
 
     def announced(self) -> set[str]:
-        return {k for k, p in self._p.items() if p.sent is not None and not p.dirty}
+        return set(self._announced)
 
     def _want(self, p: _Prefix) -> Route | None:
         """The final intent for p, ignoring rate limit and hold-down."""

@@ -138,7 +138,7 @@ class BgpSpeaker(Supervised):
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._last_announced: set[str] = set()
+        self._last_announced = 0  # the reconciler's announced_version last told
         self._started_at = 0.0
         # Optional BFD next to ExaBGP (bgp.bfd.enabled): routers drop a dead node in
         # interval x multiplier instead of the hold time. bfdd_wrapper: like exabgp_argv's prefix.
@@ -390,9 +390,9 @@ class BgpSpeaker(Supervised):
 
     def _notify(self, force: bool = False) -> None:
         """Tell the owner when sessions or the acknowledged announcements changed."""
-        announced = self.reconciler.announced()
-        changed = force or announced != self._last_announced
-        self._last_announced = announced
+        version = self.reconciler.announced_version  # not the set: O(1) per command
+        changed = force or version != self._last_announced
+        self._last_announced = version
         if self.on_change is not None and changed:
             try:
                 self.on_change()

@@ -296,3 +296,30 @@ def test_set_desired_rejects_non_routes():
     rec = make(Clock())
     with pytest.raises(TypeError):
         rec.set_desired(["10.77.100.1/32"])  # type: ignore[list-item]
+
+
+class CountingReconciler(Reconciler):
+    """Counts how many prefixes are judged, the work a command costs."""
+
+    judged = 0
+
+    def _target(self, p, now):
+        self.judged += 1
+        return super()._target(p, now)
+
+
+async def test_work_per_command_is_proportional_to_what_changed():
+    clock, fake = Clock(), FakeExabgp()
+    rec = CountingReconciler(clock=clock, min_change_interval=1.0, flap_hold_down=0)
+    routes = [Route(ipaddress.ip_network(f"10.78.{i // 256}.{i % 256}/32")) for i in range(1000)]
+    rec.set_desired(routes)
+    assert len(await drain(rec, fake, limit=2000)) == 1000
+    # A scan per command would judge 1000 x 1000 prefixes; a few judgements per prefix remain.
+    assert rec.judged < 5 * 1000
+    assert len(rec.announced()) == 1000
+    clock.advance(5)
+    rec.judged = 0
+    rec.set_desired(routes[1:])
+    assert await drain(rec, fake) == ["withdraw route 10.78.0.0/32"]
+    assert rec.judged < 10
+    assert rec.announced_version > 0 and len(rec.announced()) == 999

@@ -7,6 +7,10 @@ worker thread. The parser validates one VIP at a time and checks a ``Deadline``,
 keeps being scheduled beside it and a read that runs out of budget stops itself with a
 ConfigError; the reload is then refused and the last good config keeps serving.
 
+Files whose bytes did not change since the last read are not parsed or validated again
+(``node.config.ParsedFiles``): a reload that changes one backend costs that file, plus the
+checks over the whole set, not a thousand VIPs' worth of YAML and pydantic.
+
 One read at a time: a reload that arrives while a read is running waits for it (``reload``
 holds a lock); if a read is still running past its budget, the next one is refused instead of
 piling threads up.
@@ -19,13 +23,13 @@ import concurrent.futures
 import gc
 from pathlib import Path
 
-from node.config import ConfigError, ConfigProblem, Deadline, NodeConfig, VipConfig, load_node_vips
+from node.config import ConfigError, ConfigProblem, Deadline, NodeConfig, ParsedFiles, VipConfig, load_node_vips
 
 READ_BUDGET = 60.0  # seconds; a fleet-scale directory (4096 VIPs, 65536 backends) takes 5-15 here
 
 
 def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline,
-          capacity: int | None = None) -> dict[str, tuple[Path, VipConfig]]:
+          capacity: int | None = None, files: ParsedFiles | None = None) -> dict[str, tuple[Path, VipConfig]]:
     """load_node_vips with the cyclic collector paused: a big read allocates millions of
     objects, and the collector's full passes over them hold the interpreter lock, which
     stalled the event loop for up to 1.4 s (bench/config_reload.py). Reference counting still
@@ -34,7 +38,7 @@ def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline,
     if paused:
         gc.disable()
     try:
-        return load_node_vips(vip_dir, node, deadline, capacity)
+        return load_node_vips(vip_dir, node, deadline, capacity, files)
     finally:
         if paused:
             gc.enable()
@@ -45,6 +49,9 @@ class VipReader:
         self.budget = budget
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="maglev-config")
         self._running: concurrent.futures.Future | None = None
+        # What each file parsed to: a reload parses again only the files whose bytes changed.
+        # Touched by the one worker thread only (one read at a time).
+        self.files = ParsedFiles()
 
     async def read(self, vip_dir: Path, node: NodeConfig,
                    capacity: int | None = None) -> dict[str, tuple[Path, VipConfig]]:
@@ -55,7 +62,7 @@ class VipReader:
                 f"the previous read of the VIP directory is still running past its budget of "
                 f"{self.budget:g} s; nothing was applied (shrink the files)")])
         deadline = Deadline(self.budget)
-        future = self._pool.submit(_load, vip_dir, node, deadline, capacity)
+        future = self._pool.submit(_load, vip_dir, node, deadline, capacity, self.files)
         self._running = future
         try:
             # The grace covers the worker's last step after the deadline passed (one VIP).

@@ -174,6 +174,49 @@ def test_load_node_vips_is_what_a_reload_sees(tmp_path):
     assert "table_capacity is 65536" in str(info.value)
 
 
+def test_a_reload_parses_again_only_the_files_that_changed(tmp_path):
+    files = config.ParsedFiles()
+    for n in range(3):
+        vips = [vip(name=f"web{n}{i}", address=f"10.100.{n}.{i}") for i in range(2)]
+        (tmp_path / f"v{n}.yaml").write_text(yaml.safe_dump({"vips": vips}))
+    first = load_node_vips(tmp_path, node_config(), files=files)
+    assert (files.hits, files.misses) == (0, 3)
+    changed = yaml.safe_load((tmp_path / "v1.yaml").read_text())
+    changed["vips"][0]["backends"][0]["address"] = "10.0.1.9"
+    (tmp_path / "v1.yaml").write_text(yaml.safe_dump(changed))
+    second = load_node_vips(tmp_path, node_config(), files=files)
+    assert (files.hits, files.misses) == (2, 4)
+    # The same objects for the unchanged files (the controller compares VIPs by identity).
+    assert all(second[n][1] is first[n][1] for n in ("web00", "web01", "web20", "web21"))
+    assert second["web11"][1] == first["web11"][1]  # its file was parsed again
+    assert second["web10"][1] is not first["web10"][1]
+    assert str(second["web10"][1].backends[0].address) == "10.0.1.9"
+
+
+def test_a_cached_file_is_still_checked_against_the_whole_set(tmp_path):
+    """All or nothing: a new file that clashes with a cached one rejects the set, and a file
+    that turns bad rejects it until it is fixed, whatever was cached."""
+    files = config.ParsedFiles()
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"vips": [vip()]}))
+    load_node_vips(tmp_path, node_config(), files=files)
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"vips": [vip(name="web2")]}))
+    with pytest.raises(ConfigError) as info:
+        load_node_vips(tmp_path, node_config(), files=files)
+    assert "overlaps VIP 'web'" in str(info.value)
+    (tmp_path / "b.yaml").unlink()
+    good = (tmp_path / "a.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(good.replace("port: 80", "port: 99999"))
+    with pytest.raises(ConfigError) as info:
+        load_node_vips(tmp_path, node_config(), files=files)
+    assert str(info.value).startswith(f"{tmp_path / 'a.yaml'}: vip 'web': port:")
+    (tmp_path / "a.yaml").write_text(good)
+    assert list(load_node_vips(tmp_path, node_config(), files=files)) == ["web"]
+    (tmp_path / "a.yaml").write_text("x" * (config.MAX_FILE_BYTES + 1))  # the bounded read still runs
+    with pytest.raises(ConfigError) as info:
+        load_node_vips(tmp_path, node_config(), files=files)
+    assert "over the limit" in str(info.value)
+
+
 def test_libyaml_and_pure_loader_agree():
     for path in sorted(REPO.glob("configs/**/*.yaml")):
         text = path.read_text()

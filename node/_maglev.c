@@ -173,6 +173,33 @@ static int get_entries(PyObject *obj, Py_buffer *view)
     return 0;
 }
 
+/* The three buffers write_ids and patch_ids both take first: dest (writable, the mapped
+ * table), the builder's compact entries, and an id map of uint32 (named in the error). On
+ * failure nothing stays acquired. */
+static int get_table_buffers(PyObject *d_obj, Py_buffer *db, PyObject *e_obj, Py_buffer *eb,
+                             PyObject *m_obj, Py_buffer *mb, const char *map_name)
+{
+    if (PyObject_GetBuffer(d_obj, db, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (get_entries(e_obj, eb) < 0) {
+        PyBuffer_Release(db);
+        return -1;
+    }
+    if (get_buffer(m_obj, mb, "I", 4, map_name) < 0) {
+        PyBuffer_Release(db);
+        PyBuffer_Release(eb);
+        return -1;
+    }
+    return 0;
+}
+
+static void release_table_buffers(Py_buffer *db, Py_buffer *eb, Py_buffer *mb)
+{
+    PyBuffer_Release(db);
+    PyBuffer_Release(eb);
+    PyBuffer_Release(mb);
+}
+
 static inline uint32_t entry_at(const Py_buffer *v, Py_ssize_t j)
 {
     switch (v->itemsize) {
@@ -257,21 +284,10 @@ static PyObject *write_ids(PyObject *self, PyObject *args)
         return NULL;
     Py_buffer db, eb, mb, lb;
     int have_live = l_obj != Py_None;
-    if (PyObject_GetBuffer(d_obj, &db, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+    if (get_table_buffers(d_obj, &db, e_obj, &eb, m_obj, &mb, "idmap") < 0)
         return NULL;
-    if (get_entries(e_obj, &eb) < 0) {
-        PyBuffer_Release(&db);
-        return NULL;
-    }
-    if (get_buffer(m_obj, &mb, "I", 4, "idmap") < 0) {
-        PyBuffer_Release(&db);
-        PyBuffer_Release(&eb);
-        return NULL;
-    }
     if (have_live && PyObject_GetBuffer(l_obj, &lb, PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&db);
-        PyBuffer_Release(&eb);
-        PyBuffer_Release(&mb);
+        release_table_buffers(&db, &eb, &mb);
         return NULL;
     }
     PyObject *result = NULL;
@@ -318,9 +334,7 @@ static PyObject *write_ids(PyObject *self, PyObject *args)
         differs = memcmp(out, lb.buf, (size_t)db.len) != 0;
     result = PyBool_FromLong(differs);
 done:
-    PyBuffer_Release(&db);
-    PyBuffer_Release(&eb);
-    PyBuffer_Release(&mb);
+    release_table_buffers(&db, &eb, &mb);
     if (have_live)
         PyBuffer_Release(&lb);
     return result;
@@ -339,21 +353,10 @@ static PyObject *patch_ids(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOO", &d_obj, &e_obj, &b_obj, &a_obj))
         return NULL;
     Py_buffer db, eb, bb, ab;
-    if (PyObject_GetBuffer(d_obj, &db, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+    if (get_table_buffers(d_obj, &db, e_obj, &eb, b_obj, &bb, "before") < 0)
         return NULL;
-    if (get_entries(e_obj, &eb) < 0) {
-        PyBuffer_Release(&db);
-        return NULL;
-    }
-    if (get_buffer(b_obj, &bb, "I", 4, "before") < 0) {
-        PyBuffer_Release(&db);
-        PyBuffer_Release(&eb);
-        return NULL;
-    }
     if (get_buffer(a_obj, &ab, "I", 4, "after") < 0) {
-        PyBuffer_Release(&db);
-        PyBuffer_Release(&eb);
-        PyBuffer_Release(&bb);
+        release_table_buffers(&db, &eb, &bb);
         return NULL;
     }
     PyObject *result = NULL;
@@ -418,9 +421,7 @@ static PyObject *patch_ids(PyObject *self, PyObject *args)
 #undef PATCH_LOOP
     result = PyLong_FromSsize_t(written);
 done:
-    PyBuffer_Release(&db);
-    PyBuffer_Release(&eb);
-    PyBuffer_Release(&bb);
+    release_table_buffers(&db, &eb, &bb);
     PyBuffer_Release(&ab);
     return result;
 }

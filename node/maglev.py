@@ -33,6 +33,7 @@ import sys
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -141,14 +142,7 @@ class StopGapTable(MaglevTable):
 
     def entry_keys(self) -> list[str]:
         keys = [None if k in self.gone else k for k in self.backends]
-        out = [keys[i] for i in self.entries]
-        nxt = next((k for k in out if k is not None), None)
-        for j in range(len(out) - 1, -1, -1):
-            if out[j] is None:
-                out[j] = nxt
-            else:
-                nxt = out[j]
-        return out
+        return fill_gone([keys[i] for i in self.entries])
 
     def lookup(self, hash_value: int) -> str | None:
         keys = self.entry_keys()
@@ -170,6 +164,19 @@ class StopGapTable(MaglevTable):
         for key in sorted(self.gone):
             h.update(key.encode("utf-8") + b"\0")
         return h.hexdigest()[:16]
+
+
+def fill_gone(out: list, gone: Any = None) -> list:
+    """The stop-gap rule, in place: each entry equal to ``gone`` (a backend that left) takes
+    the value of the next entry (cyclically) that is not, so the result is a pure function of
+    the old table. node._maglev.write_ids applies the same rule to backend ids in C."""
+    nxt = next((x for x in out if x != gone), gone)
+    for j in range(len(out) - 1, -1, -1):
+        if out[j] == gone:
+            out[j] = nxt
+        else:
+            nxt = out[j]
+    return out
 
 
 def entries_bytes(entries: Sequence[int]) -> bytes:

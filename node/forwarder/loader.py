@@ -47,6 +47,7 @@ from node.config import ForwarderConfig, auto_table_capacity, tables_needed
 from node.forwarder import build, libbpf, maps, model, packets
 from node.forwarder.maps import Stat
 from node.forwarder.tablespace import NoRoom, TableSpace
+from node.maglev import fill_gone
 
 try:  # writes a table's ids straight into the mapped region; a Python loop otherwise
     from node import _maglev as _ext
@@ -111,14 +112,7 @@ class VipSpec:
         if not keys:
             return []
         live = [None if k in self.table_gone else k for k in keys]
-        out = [live[i] for i in entries]
-        nxt = next((k for k in out if k is not None), None)
-        for j in range(len(out) - 1, -1, -1):
-            if out[j] is None:
-                out[j] = nxt
-            else:
-                nxt = out[j]
-        return out
+        return fill_gone([live[i] for i in entries])
 
 
 @dataclass(frozen=True)
@@ -144,14 +138,7 @@ def write_ids(dest, entries: Sequence[int], idmap: array, live) -> bool:
     the next remaining entry's id). Returns whether dest differs from live (None: True)."""
     if _ext is not None:
         return _ext.write_ids(dest, entries, idmap, live)
-    out = [idmap[i] for i in entries]
-    nxt = next((x for x in out if x), 0)
-    for j in range(len(out) - 1, -1, -1):
-        if out[j] == 0:
-            out[j] = nxt
-        else:
-            nxt = out[j]
-    raw = array("I", out).tobytes()
+    raw = array("I", fill_gone([idmap[i] for i in entries], 0)).tobytes()
     dest[:] = raw
     return live is None or bytes(live) != raw
 

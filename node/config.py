@@ -759,6 +759,28 @@ def vip_files(directory: str | Path) -> list[Path]:
     return scan_vip_dir(directory)[0]
 
 
+def vip_dir_signature(directory: str | Path) -> tuple:
+    """What the directory watcher compares once a second to notice an edit: each VIP file's
+    name, inode, size and times. One scandir and one stat per file, names compared as
+    strings (the Path-based scan cost ~10 ms a second at 100 files, most of a quiet node's
+    CPU). () when the directory cannot be listed; an entry that cannot be stat'ed is listed
+    with None, so its appearance or repair is noticed too."""
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted((e for e in it if e.name.endswith(VIP_FILE_SUFFIXES) and not e.name.startswith(".")),
+                             key=lambda e: e.name)
+            for e in entries:
+                try:
+                    st = e.stat()
+                    out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                except OSError:
+                    out.append((e.name, None))
+    except OSError:
+        return ()
+    return tuple(out)
+
+
 def scan_vip_dir(directory: str | Path) -> tuple[list[Path], list[ConfigProblem]]:
     """The directory's VIP files, and warnings an operator should see: entries that look like VIP
     files but are skipped (a directory named x.yaml, a symlink loop or a dangling link, a fifo,

@@ -27,8 +27,8 @@ from node.config import (
     NodeConfig,
     VipConfig,
     tables_needed,
+    vip_dir_signature,
     vip_dir_warnings,
-    vip_files,
 )
 from node.decision_log import DecisionLog
 from node.dirs import node_dirs
@@ -442,10 +442,7 @@ class Controller:
         self._reload_wanted.set()
 
     def _dir_signature(self) -> tuple:
-        try:
-            return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in vip_files(self.vip_dir))
-        except OSError:
-            return ()
+        return vip_dir_signature(self.vip_dir)
 
     # ------------------------------------------------------------------ config
 

@@ -209,3 +209,23 @@ def test_skipped_entries_and_unsafe_modes_are_reported(tmp_path):
     assert sorted(load_vip_dir(d)) == ["open", "web"]  # skipping keeps the valid set loading
     d.chmod(0o777)
     assert any("VIP directory is world-writable" in w.message for w in scan_vip_dir(d)[1])
+
+
+def test_vip_dir_signature_sees_edits_of_vip_files_only(tmp_path):
+    import os
+
+    from node.config import vip_dir_signature
+
+    a = tmp_path / "a.yaml"
+    a.write_text("vips: []\n")
+    first = vip_dir_signature(tmp_path)
+    assert [e[0] for e in first] == ["a.yaml"]
+    (tmp_path / ".a.yaml.swp").write_text("x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert vip_dir_signature(tmp_path) == first
+    a.write_text("vips: {}\n")  # same size, rewritten
+    os.utime(a, ns=(first[0][3] + 10**9, first[0][3] + 10**9))
+    assert vip_dir_signature(tmp_path) != first
+    (tmp_path / "b.yml").symlink_to(tmp_path / "missing.yaml")
+    assert vip_dir_signature(tmp_path)[-1] == ("b.yml", None)
+    assert vip_dir_signature(tmp_path / "gone") == ()

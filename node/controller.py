@@ -43,6 +43,7 @@ from node.maglev import StopGapTable
 from node.reconcile import AdminState, Desired, Health, Inputs, TableCache, VipDecision, decide
 from node.self_test import SelfTest, SelfTester
 from node.supervisor import Supervisor
+from node.transitions import transition_events
 from node.vip_reader import VipReader
 from node import views
 
@@ -214,18 +215,11 @@ class Controller:
         owners = self._owners.get(transition.target, [])
         self._mark_vips(vip for vip, _ in owners)
         new = health_of(transition.new)
+        self.mark_dirty()  # first: the reconcile is due whatever the events below cost
+        for e in transition_events(owners, new.value, transition.reason, getattr(transition, "dampened", False)):
+            self.events.emit(e.name, e.message, level=e.level, **e.fields)
         for vip, key in owners:
             self.metrics.transitions[(vip, key, new.value)] = self.metrics.transitions.get((vip, key, new.value), 0) + 1
-            self.events.emit(
-                "backend_" + new.value,
-                f"backend {key} of VIP {vip} is {new.value.upper()}: {transition.reason}"
-                + (" (held down: flapping)" if getattr(transition, "dampened", False) else ""),
-                level="warning" if new is Health.DOWN else "info",
-                vip=vip,
-                backend=key,
-                reason=transition.reason,
-            )
-        self.mark_dirty()
 
     def _self_test_changed(self, vips: set[str] | None) -> None:
         self._mark_vips(vips)
@@ -499,12 +493,12 @@ class Controller:
             source,
             added=sorted(set(new) - set(old)),
             removed=sorted(set(old) - set(new)),
-            changed=sorted(n for n in set(new) & set(old) if new[n] != old[n]),
+            changed=sorted(n for n in set(new) & set(old) if new[n] is not old[n] and new[n] != old[n]),
             warnings=self._dir_warnings(),
         )
-        targets = health_targets(new)
+        targets = health_targets(new, old, self.targets)
         # Kept backends keep their verdict, whatever changed about their check (node.handover).
-        inherit = handover(self.targets, self._health_map(), targets, self.health.snapshot())
+        inherit = handover(self.targets, self._health_view(), targets, self.health.snapshot())
         self.health.update(set(targets.values()), inherit)
         self.vips = new
         self.vip_sources = {name: path for name, (path, _) in sources.items()}

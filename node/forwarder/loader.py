@@ -270,6 +270,10 @@ class Forwarder:
         self._runner: libbpf.TestRun | None = None
         self._filter: list[int] = []  # vip_addrs words as written
         self._frag_keys: dict[tuple[int, bytes, int], int] = {}  # fragment keys in vips
+        # What the pre-filter and fragment keys were last made from (VIP keys written so far,
+        # the VIP ids): a sync that changed no VIP key skips the O(VIPs) recomputation.
+        self._keys_written = 0
+        self._addresses_from: tuple | None = None
         self._lock = threading.RLock()  # see _one_at_a_time
 
     # ---- open / close ----------------------------------------------------------------------
@@ -694,12 +698,14 @@ class Forwarder:
             libbpf.delete(self.fds["vips"], m.key)  # the VIP's address/protocol/port changed
         libbpf.update(self.fds["vips"], key, maps.VipValue(vip_id=vid))
         C.memmove(C.addressof(m.key), C.addressof(key), C.sizeof(key))
+        self._keys_written += 1
 
     # ---- address pre-filter and fragment keys (maglev.h) ---------------------------------
 
     def _load_addresses(self) -> None:
         """Read back the pre-filter words and the fragment keys the maps hold now."""
         self._filter.clear()
+        self._addresses_from = None
         w = C.c_uint64()
         for i in range(maps.VIP_FILTER_WORDS):
             libbpf.lookup(self.fds["vip_addrs"], C.c_uint32(i), w)
@@ -715,6 +721,10 @@ class Forwarder:
         written). Run before removed VIPs' keys go, so no fragment key names a removed VIP;
         a filter bit set late or cleared early only sends that address's packets to the
         kernel, as if the VIP did not exist yet or any more."""
+        vids = list(vids)
+        signature = (self._keys_written, vids)
+        if signature == self._addresses_from:
+            return  # the same VIPs with the same keys as last time: the words are right
         keys = []
         for vid in vids:
             k = self._meta(vid).key
@@ -739,6 +749,7 @@ class Forwarder:
         for k in [k for k in self._frag_keys if k not in want]:
             libbpf.delete(self.fds["vips"], self._frag_key(*k))
             del self._frag_keys[k]
+        self._addresses_from = signature
 
     @staticmethod
     def _frag_key(fam: int, addr: bytes, proto: int) -> maps.VipKey:

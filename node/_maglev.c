@@ -173,6 +173,28 @@ static int get_entries(PyObject *obj, Py_buffer *view)
     return 0;
 }
 
+/* Integer loops the compiler may vectorize (gcc does so only at -O3; there is no floating
+ * point in them, so the table's rounding rules are not affected). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define VECTORIZE __attribute__((optimize("O3")))
+#else
+#define VECTORIZE
+#endif
+
+/* The largest entry, to check every entry indexes the id maps. */
+#define MAX_OF(T)                                                          \
+    static VECTORIZE uint32_t max_##T(const T *ent, Py_ssize_t n)          \
+    {                                                                      \
+        T m = 0;                                                           \
+        for (Py_ssize_t j = 0; j < n; j++)                                 \
+            m = ent[j] > m ? ent[j] : m;                                   \
+        return m;                                                          \
+    }
+MAX_OF(uint8_t)
+MAX_OF(uint16_t)
+MAX_OF(uint32_t)
+#undef MAX_OF
+
 /* The three buffers write_ids and patch_ids both take first: dest (writable, the mapped
  * table), the builder's compact entries, and an id map of uint32 (named in the error). On
  * failure nothing stays acquired. */
@@ -304,10 +326,14 @@ static PyObject *write_ids(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "idmap marks every backend as gone");
         goto done;
     }
-    for (Py_ssize_t j = 0; j < n; j++) {
-        if (entry_at(&eb, j) >= (uint32_t)nmap) {
-            PyErr_Format(PyExc_ValueError, "entry %zd names backend index %u of %zd", j, entry_at(&eb, j), nmap);
-            goto done;
+    uint32_t top = eb.itemsize == 1 ? max_uint8_t(eb.buf, n)
+                 : eb.itemsize == 2 ? max_uint16_t(eb.buf, n) : max_uint32_t(eb.buf, n);
+    if (n && top >= (uint32_t)nmap) {
+        for (Py_ssize_t j = 0; j < n; j++) { /* name the first bad entry */
+            if (entry_at(&eb, j) >= (uint32_t)nmap) {
+                PyErr_Format(PyExc_ValueError, "entry %zd names backend index %u of %zd", j, entry_at(&eb, j), nmap);
+                goto done;
+            }
         }
     }
     int differs = !have_live;
@@ -347,6 +373,82 @@ done:
  *   entry), so a stop-gap over a live table reads none of it and writes only the moved
  *   entries, each one aligned 32-bit store: a packet meets the entry's old or new backend.
  *   Returns the number of entries written. */
+#define SPARSE_GONE 8
+#define SPARSE_BLOCK 4096
+
+/* flags[j] = 1 where ent[j] is one of the gone indexes (a vectorizable compare per index). */
+static VECTORIZE void mark_gone(const uint8_t *ent, Py_ssize_t n, const unsigned char *gone, int ngone,
+                                uint8_t *flags)
+{
+    for (Py_ssize_t j = 0; j < n; j++)
+        flags[j] = ent[j] == gone[0];
+    for (int g = 1; g < ngone; g++)
+        for (Py_ssize_t j = 0; j < n; j++)
+            flags[j] |= ent[j] == gone[g];
+}
+
+/* patch_ids' fast path, for the forwarder's case: ``after`` only marks more backends gone
+ * (every index it keeps has the same id in ``before``), the entries are 1 byte and at most
+ * SPARSE_GONE backends are gone. Only entries of gone backends can change then: they are
+ * flagged a block at a time and visited eight flags per word, instead of carrying ids
+ * through every entry one by one. A run of gone entries takes, under either map, ids carried
+ * back from the first kept entry after it (cyclically), so each run is walked once,
+ * backwards from its last entry. Writes what the full pass would and returns the count, or
+ * -1 (nothing written) when it does not apply. The caller checked that every entry indexes
+ * the maps and that some entry is kept. */
+static Py_ssize_t patch_sparse(const Py_buffer *eb, Py_ssize_t n, const uint32_t *before,
+                               const uint32_t *after, Py_ssize_t nmap, uint32_t *out)
+{
+    if (eb->itemsize != 1 || n == 0 || nmap > 256)
+        return -1;
+    unsigned char gone[SPARSE_GONE], is_gone[256] = {0};
+    int ngone = 0;
+    for (Py_ssize_t i = 0; i < nmap; i++) {
+        if (after[i] == 0) {
+            if (ngone == SPARSE_GONE)
+                return -1;
+            gone[ngone++] = (unsigned char)i;
+            is_gone[i] = 1;
+        } else if (after[i] != before[i]) {
+            return -1;
+        }
+    }
+    const uint8_t *ent = eb->buf;
+    Py_ssize_t written = 0;
+    uint8_t flags[SPARSE_BLOCK + 8];
+    for (Py_ssize_t base = 0; ngone && base < n; base += SPARSE_BLOCK) {
+        Py_ssize_t len = n - base < SPARSE_BLOCK ? n - base : SPARSE_BLOCK;
+        mark_gone(ent + base, len, gone, ngone, flags);
+        memset(flags + len, 0, 8);
+        for (Py_ssize_t w = 0; w < len; w += 8) {
+            uint64_t word;
+            memcpy(&word, flags + w, 8);
+            while (word) {
+                Py_ssize_t j = base + w + __builtin_ctzll(word) / 8;
+                word &= word - 1;
+                Py_ssize_t k = j + 1 == n ? 0 : j + 1;
+                if (is_gone[ent[k]])
+                    continue; /* not the last entry of its run: the run is walked from its last */
+                uint32_t ca = after[ent[k]], cb = before[ent[k]];
+                for (Py_ssize_t i = j;;) {
+                    uint32_t vb = before[ent[i]];
+                    cb = vb ? vb : cb;
+                    if (cb != ca) {
+                        out[i] = ca;
+                        written++;
+                    }
+                    Py_ssize_t prev = i == 0 ? n - 1 : i - 1;
+                    if (!is_gone[ent[prev]])
+                        break;
+                    i = prev;
+                }
+            }
+        }
+    }
+    return written;
+}
+
+
 static PyObject *patch_ids(PyObject *self, PyObject *args)
 {
     PyObject *d_obj, *e_obj, *b_obj, *a_obj;
@@ -368,21 +470,12 @@ static PyObject *patch_ids(PyObject *self, PyObject *args)
         goto done;
     }
     uint32_t cb = 0, ca = 0, top = 0;
-#define MAX_LOOP(T)                                                    \
-    do {                                                               \
-        const T *ent = eb.buf;                                         \
-        T m = 0;                                                       \
-        for (Py_ssize_t j = 0; j < n; j++)                             \
-            m = ent[j] > m ? ent[j] : m;                               \
-        top = m;                                                       \
-    } while (0)
     if (eb.itemsize == 1)
-        MAX_LOOP(uint8_t);
+        top = max_uint8_t(eb.buf, n);
     else if (eb.itemsize == 2)
-        MAX_LOOP(uint16_t);
+        top = max_uint16_t(eb.buf, n);
     else
-        MAX_LOOP(uint32_t);
-#undef MAX_LOOP
+        top = max_uint32_t(eb.buf, n);
     if (n && top >= (uint32_t)nmap) {
         PyErr_Format(PyExc_ValueError, "an entry names backend index %u of %zd", top, nmap);
         goto done;
@@ -396,6 +489,11 @@ static PyObject *patch_ids(PyObject *self, PyObject *args)
     }
     if (n && (!cb || !ca)) {
         PyErr_SetString(PyExc_ValueError, "before or after marks every backend as gone");
+        goto done;
+    }
+    Py_ssize_t sparse = patch_sparse(&eb, n, before, after, nmap, out);
+    if (sparse >= 0) {
+        result = PyLong_FromSsize_t(sparse);
         goto done;
     }
     /* One loop per entry width, so the compiler keeps each tight. */

@@ -128,3 +128,31 @@ def test_self_test_sample_rotates_over_every_vip():
         seen |= set(got)
     assert seen == set(names)
     assert SelfTestSample(20).next(names) == names
+
+
+def test_patch_ids_in_c_matches_python_on_every_path():
+    """The sparse path (few gone backends, 1-byte entries) and the full pass (ids that change,
+    many gone, wide entries) write the same entries as the Python fallback, and count them."""
+    if loader._ext is None:
+        pytest.skip("C extension not built")
+    rng = random.Random(5)
+    for nkeys, size in [(5, 251), (12, 1009), (20, 4099), (300, 4099)]:
+        keys = [f"k{i}" for i in range(nkeys)]
+        exact = build_table({k: rng.choice([1, 2]) for k in keys}, size)
+        for _ in range(10):
+            ids = array("I", [100 + i for i in range(nkeys)])
+            before = array("I", [0 if rng.random() < 0.2 else x for x in ids])
+            after = array("I", [0 if rng.random() < 0.3 else x for x in before])
+            if rng.random() < 0.3:
+                after[rng.randrange(nkeys)] = 7  # an id that changed: the full pass
+            if not any(before) or not any(after):
+                continue
+            live = _ids(exact.entries, before)
+            fast, slow = bytearray(bytes(live)), bytearray(bytes(live))
+            n_fast = loader._ext.patch_ids(fast, exact.entries, before, after)
+            saved, loader._ext = loader._ext, None
+            try:
+                n_slow = loader.patch_ids(slow, exact.entries, before, after)
+            finally:
+                loader._ext = saved
+            assert (fast, n_fast) == (slow, n_slow), (nkeys, size)

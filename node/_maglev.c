@@ -358,6 +358,9 @@ static PyObject *write_ids(PyObject *self, PyObject *args)
     }
     if (have_live)
         differs = memcmp(out, lb.buf, (size_t)db.len) != 0;
+    /* The table's stores complete before any later store (the slot flip that publishes it),
+     * on weakly ordered CPUs too: the mapping may stay open across the flip. */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     result = PyBool_FromLong(differs);
 done:
     release_table_buffers(&db, &eb, &mb);
@@ -519,6 +522,7 @@ static PyObject *patch_ids(PyObject *self, PyObject *args)
 #undef PATCH_LOOP
     result = PyLong_FromSsize_t(written);
 done:
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* as in write_ids */
     release_table_buffers(&db, &eb, &bb);
     PyBuffer_Release(&ab);
     return result;

@@ -218,6 +218,52 @@ def _read_percpu(fd: int, key: int, ctype, ncpu: int) -> list:
     return [ctype.from_buffer_copy(raw[i * stride:i * stride + C.sizeof(ctype)]) for i in range(ncpu)]
 
 
+class _Windows:
+    """Mappings of the tables array, WINDOW bytes each, reused while a region fits in one;
+    at most KEEP idle ones stay mapped (a mapping a caller still reads is never closed)."""
+
+    WINDOW = 4 << 20
+    KEEP = 3
+
+    def __init__(self, fd: int, total: int) -> None:
+        page = mmap.PAGESIZE
+        self.fd, self.total = fd, -(-total // page) * page
+        self.open: list[list] = []  # [base, length, mmap, memoryview, readers]
+
+    @contextmanager
+    def view(self, start: int, end: int):
+        win = next((w for w in self.open if w[0] <= start and end <= w[0] + w[1]), None)
+        if win is None:
+            win = self._map(start, end)
+        win[4] += 1
+        try:
+            with win[3][start - win[0]:end - win[0]] as view:
+                yield view
+        finally:
+            win[4] -= 1
+
+    def _map(self, start: int, end: int) -> list:
+        page = mmap.PAGESIZE
+        base = start // page * page
+        length = min(max(-(-(end - base) // page) * page, self.WINDOW), self.total - base)
+        mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        win = [base, length, mm, memoryview(mm), 0]
+        idle = [w for w in self.open if not w[4]]
+        while len(idle) >= self.KEEP:
+            self._unmap(idle.pop(0))
+        self.open.append(win)
+        return win
+
+    def _unmap(self, win: list) -> None:
+        self.open.remove(win)
+        win[3].release()
+        win[2].close()
+
+    def close(self) -> None:
+        for win in list(self.open):
+            self._unmap(win)
+
+
 def _one_at_a_time(method):
     """Runs the method under the forwarder's lock. A test run uses the one preallocated buffer
     pair, and a self-test compares the program with a model read from the maps: two overlapping
@@ -274,6 +320,7 @@ class Forwarder:
         # the VIP ids): a sync that changed no VIP key skips the O(VIPs) recomputation.
         self._keys_written = 0
         self._addresses_from: tuple | None = None
+        self._windows: _Windows | None = None  # during a sync: shared table mappings
         self._lock = threading.RLock()  # see _one_at_a_time
 
     # ---- open / close ----------------------------------------------------------------------
@@ -578,6 +625,10 @@ class Forwarder:
         in the maps as last written, so the work is proportional to the change. Order matters
         for packets in flight: backends gain service before tables flip, lose it after."""
         self._require_open()
+        with self._batched_windows():
+            self._sync(vips, changed)
+
+    def _sync(self, vips: Sequence[VipSpec], changed: Iterable[str] | None) -> None:
         wanted = {v.name: v for v in vips}
         todo = list(vips) if changed is None else [wanted[n] for n in sorted(set(changed)) if n in wanted]
         self._validate(vips, todo)
@@ -840,9 +891,13 @@ class Forwarder:
     @contextmanager
     def _table_window(self, offset: int, size: int):
         """A writable view of entries [offset, offset + size) of the tables array, mapped for
-        the duration of the block only."""
+        the duration of the block only (or, during a sync, taken from its shared windows)."""
         page = mmap.PAGESIZE
         start, end = offset * 4, (offset + size) * 4
+        if self._windows is not None:
+            with self._windows.view(start, end) as view:
+                yield view
+            return
         base = start // page * page
         length = -(-(end - base) // page) * page
         mm = mmap.mmap(self.fds["tables"], length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
@@ -852,6 +907,19 @@ class Forwarder:
                 yield view
         finally:
             mm.close()
+
+    @contextmanager
+    def _batched_windows(self):
+        """For one sync: the tables array is mapped a few MiB at a time, each mapping reused
+        by the regions that fall inside it, instead of one mmap and munmap per table (a
+        backend shared by 1000 VIPs going down made 1000 of each). Few are open at once, so
+        RSS stays near what per-table mappings cost."""
+        self._windows = _Windows(self.fds["tables"], self.table_capacity * 4)
+        try:
+            yield
+        finally:
+            self._windows.close()
+            self._windows = None
 
     def table_ids(self, vid: int) -> list[int]:
         """The active table of a VIP as backend ids (read back from the map)."""

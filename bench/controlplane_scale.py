@@ -18,6 +18,12 @@ shared by the VIPs (the monitor probes each distinct target once).
 
     sudo .venv/bin/python bench/controlplane_scale.py [--scales 1000x10,100x100] [--runs 3]
         [--table-capacity N]   (old code: its table_capacity had to be raised by hand)
+        [--baseline DIR]       (another checkout, e.g. `git archive main`: its node runs in
+                                the same namespaces, interleaved with this one run by run, so
+                                both tables come from the same invocation and the same load)
+
+The node runs from this checkout (or DIR) with this interpreter; a C extension not built in
+DIR makes its node fall back to the pure-Python loops, so build it there first.
 """
 
 from __future__ import annotations
@@ -278,7 +284,7 @@ class Bench:
         return http_get(self.n.name, "127.0.0.1", 9180, path, method=method, body=b"" if method == "POST" else None,
                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 
-    def run_once(self) -> dict:
+    def run_once(self, code: Path = ROOT) -> dict:
         for pin in self.bpffs.iterdir():  # a cold start: the previous run's pins go
             if pin.is_file() and not pin.name.endswith(".debug"):
                 pin.unlink()
@@ -291,7 +297,7 @@ class Bench:
         t0 = time.monotonic()
         profile = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
         self.node = self.n.popen([sys.executable, *profile, "-m", "node.cli", "node", "--config", str(node_file)],
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=code)
         pid = self.node.pid
 
         def pinned() -> bool:
@@ -402,38 +408,7 @@ def fmt_s(v: float) -> str:
     return f"{v:.2f} s" if v >= 1 else f"{v * 1000:.0f} ms"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scales", default="1000x10,100x100")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--table-capacity", type=int, default=None,
-                    help="forwarder.table_capacity (default: the node's default)")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (namespaces, XDP)", file=sys.stderr)
-        return 2
-    rows = []
-    for scale in args.scales.split(","):
-        nv, nb = (int(x) for x in scale.split("x"))
-        cap = args.table_capacity
-        if cap == -1:  # old code: size the flat tables map by hand, as its error message asked
-            cap = -(-2 * TABLE_SIZE * nv // 8) * 8
-        bench = Bench(nv, nb, cap)
-        runs = []
-        try:
-            bench.build()
-            for i in range(args.runs):
-                try:
-                    r = bench.run_once()
-                except Exception as exc:  # report and go on: the old code refuses big configs
-                    print(f"{scale} run {i + 1}: FAILED: {exc}", flush=True)
-                    break
-                print(f"{scale} run {i + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
-                runs.append(r)
-        finally:
-            bench.teardown()
-        rows.append((scale, runs))
-    print()
+def print_table(rows: list) -> None:
     print("| VIPs x backends | start -> programmed | idle CPU | RSS (peak) | 1-backend reload -> live "
           "| shared backend down -> live (controller) | API drain answer / live |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -447,6 +422,53 @@ def main() -> int:
         print(f"| {scale} | {fmt_s(med('start'))} | {med('idle_cpu'):.1f} % | {med('rss'):.0f} MB "
               f"({max(r['rss_peak'] for r in runs):.0f}) | {fmt_s(med('reload'))} | {fmt_s(med('shared_down'))} "
               f"| {fmt_s(med('drain_answer'))} / {fmt_s(med('drain_live'))} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", default="1000x10,100x100")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--table-capacity", type=int, default=None,
+                    help="forwarder.table_capacity (default: the node's default)")
+    ap.add_argument("--baseline", default=None, help="another checkout whose node runs interleaved with this one")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (namespaces, XDP)", file=sys.stderr)
+        return 2
+    codes = [("this checkout", ROOT)]
+    if args.baseline:
+        codes.insert(0, ("baseline " + str(args.baseline), Path(args.baseline).resolve()))
+    rows: dict[str, list] = {label: [] for label, _ in codes}
+    for scale in args.scales.split(","):
+        nv, nb = (int(x) for x in scale.split("x"))
+        cap = args.table_capacity
+        if cap == -1:  # old code: size the flat tables map by hand, as its error message asked
+            cap = -(-2 * TABLE_SIZE * nv // 8) * 8
+        bench = Bench(nv, nb, cap)
+        runs: dict[str, list] = {label: [] for label, _ in codes}
+        failed: set[str] = set()
+        try:
+            bench.build()
+            for i in range(args.runs):
+                for label, code in codes:  # interleaved: both see the same load, run by run
+                    if label in failed:
+                        continue
+                    try:
+                        r = bench.run_once(code)
+                    except Exception as exc:  # report and go on: the old code refuses big configs
+                        print(f"{scale} [{label}] run {i + 1}: FAILED: {exc}", flush=True)
+                        failed.add(label)
+                        continue
+                    print(f"{scale} [{label}] run {i + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()),
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                    runs[label].append(r)
+        finally:
+            bench.teardown()
+        for label, _ in codes:
+            rows[label].append((scale, runs[label]))
+    for label, _ in codes:
+        print(f"\n{label}:")
+        print_table(rows[label])
     print(f"\nmedians of {args.runs} run(s) per scale; peak RSS is the max over runs")
     return 0
 

@@ -179,11 +179,19 @@ class TableCache:
             self._last = {v: x for v, x in self._last.items() if v in vips}
 
 
-def decide_vip(vip: VipConfig, inputs: Inputs, tables: TableCache) -> VipDecision:
+def decide_vip(vip: VipConfig, inputs: Inputs, tables: TableCache,
+               previous: VipDecision | None = None) -> VipDecision:
+    """``previous``: this VIP's last decision, from the same config object; a backend whose
+    admin state and health are unchanged keeps its decision object (a backend shared by every
+    VIP going down re-decides one backend per VIP, not all of them)."""
     backends = []
-    for b in vip.backends:
+    old = previous.backends if previous is not None and previous.vip is vip else ()
+    for i, b in enumerate(vip.backends):
         admin = admin_state(vip, b, inputs.overrides)
         health = inputs.health.get((vip.name, b.key), Health.UNKNOWN)
+        if old and old[i].admin == admin and old[i].health is health:
+            backends.append(old[i])
+            continue
         state = data_state(admin, health)
         backends.append(
             BackendDecision(b.key, b.address, b.weight, admin, health, state, state == "active")
@@ -216,11 +224,13 @@ def decide(inputs: Inputs, tables: TableCache | None = None, previous: Desired |
     that nothing else about them changed (their config object, health, overrides, and the
     node-wide inputs), so a reconcile costs what changed, not the number of VIPs."""
     tables = tables or TableCache()
-    keep = previous.vips if previous is not None and only is not None else {}
+    before = previous.vips if previous is not None else {}
+    keep = before if only is not None else {}
     decisions = {}
     for name, vip in sorted(inputs.vips.items()):
         old = keep.get(name) if name not in (only or ()) else None
-        decisions[name] = old if old is not None and old.vip is vip else decide_vip(vip, inputs, tables)
+        decisions[name] = (old if old is not None and old.vip is vip
+                           else decide_vip(vip, inputs, tables, before.get(name)))
     if only is None or only:  # nothing decided again: nothing to forget either
         tables.retain([d.table for d in decisions.values() if d.table is not None], set(decisions))
     return Desired(decisions)

@@ -156,3 +156,20 @@ def test_patch_ids_in_c_matches_python_on_every_path():
             finally:
                 loader._ext = saved
             assert (fast, n_fast) == (slow, n_slow), (nkeys, size)
+
+
+def test_deciding_again_keeps_the_decisions_of_backends_that_did_not_change():
+    from node.config import parse_vip_object
+    from node.reconcile import Health, Inputs, TableCache, decide
+
+    vip = parse_vip_object({"name": "web", "address": "10.100.0.1", "port": 80,
+                            "backends": [{"address": f"10.0.1.{i}"} for i in range(1, 5)]})
+    health = {("web", b.key): Health.UP for b in vip.backends}
+    tables = TableCache(defer=True)
+    first = decide(Inputs(vips={"web": vip}, health=health), tables)
+    health[("web", "10.0.1.2")] = Health.DOWN
+    second = decide(Inputs(vips={"web": vip}, health=health), tables, first, {"web"})
+    kept = [a is b for a, b in zip(first.vips["web"].backends, second.vips["web"].backends)]
+    assert kept == [True, False, True, True]
+    assert second.vips["web"].serving == ["10.0.1.1", "10.0.1.3", "10.0.1.4"]
+    assert second.vips["web"].backends[1].data_state == "down"

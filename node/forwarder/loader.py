@@ -321,6 +321,11 @@ class Forwarder:
         self._keys_written = 0
         self._addresses_from: tuple | None = None
         self._windows: _Windows | None = None  # during a sync: shared table mappings
+        # What this process last wrote, from which spec: a sync skips the backends and VIP
+        # keys whose spec is equal (a backend shared by every VIP going down changes one
+        # backend per VIP; the other nine were converted and compared again each time).
+        self._be_specs: dict[tuple[str, str], BackendSpec] = {}
+        self._keys_from: dict[int, tuple] = {}
         self._lock = threading.RLock()  # see _one_at_a_time
 
     # ---- open / close ----------------------------------------------------------------------
@@ -493,6 +498,8 @@ class Forwarder:
         self._be_mirror.clear()
         self._live_from.clear()
         self._named.clear()
+        self._be_specs.clear()
+        self._keys_from.clear()
         self.space = TableSpace(self.table_capacity)
         names = maps.Name()
         for vid in range(maps.MAX_VIPS):
@@ -626,7 +633,12 @@ class Forwarder:
         for packets in flight: backends gain service before tables flip, lose it after."""
         self._require_open()
         with self._batched_windows():
-            self._sync(vips, changed)
+            try:
+                self._sync(vips, changed)
+            except BaseException:
+                self._be_specs.clear()  # unsure what was written: convert everything again
+                self._keys_from.clear()
+                raise
 
     def _sync(self, vips: Sequence[VipSpec], changed: Iterable[str] | None) -> None:
         wanted = {v.name: v for v in vips}
@@ -638,8 +650,13 @@ class Forwarder:
             vid = self._vip_id(v.name)
             ids = {}
             for b in v.backends:
+                pair = (v.name, b.key)
+                if self._be_specs.get(pair) == b:  # written from an equal spec: nothing to do
+                    ids[b.key] = self.backend_ids[pair]
+                    continue
                 bid, deferred = self._put_backend(v.name, vid, b)
                 ids[b.key] = bid
+                self._be_specs[pair] = b  # final once `later` is applied, below
                 if deferred is not None:
                     later.append((bid, deferred))
             self._write_spec_table(vid, v, ids)
@@ -741,15 +758,20 @@ class Forwarder:
         return vid
 
     def _put_vip_key(self, vid: int, v: VipSpec) -> None:
+        ident = (v.name, v.address, v.protocol, v.port)
+        if self._keys_from.get(vid) == ident:
+            return  # written from the same identity by this process
         key = maps.vip_key(v.address, v.protocol, v.port)
         m = self._meta(vid)
         if m.in_use and bytes(m.key) == bytes(key) and self._named.get(vid) == v.name:
+            self._keys_from[vid] = ident
             return  # written by this process already (the self-test proves it is there)
         if m.in_use and bytes(m.key) != bytes(key):
             libbpf.delete(self.fds["vips"], m.key)  # the VIP's address/protocol/port changed
         libbpf.update(self.fds["vips"], key, maps.VipValue(vip_id=vid))
         C.memmove(C.addressof(m.key), C.addressof(key), C.sizeof(key))
         self._keys_written += 1
+        self._keys_from[vid] = ident
 
     # ---- address pre-filter and fragment keys (maglev.h) ---------------------------------
 
@@ -864,6 +886,7 @@ class Forwarder:
         raise ForwarderError(f"no free backend id (limit {n}, MAX_BACKENDS in maglev.h)")
 
     def _free_backend(self, vip: str, key: str, bid: int) -> None:
+        self._be_specs.pop((vip, key), None)
         libbpf.update(self.fds["backends"], C.c_uint32(bid), maps.Backend())
         libbpf.update(self.fds["be_names"], C.c_uint32(bid), maps.Name())
         self._be_mirror.pop(bid, None)
@@ -876,6 +899,7 @@ class Forwarder:
 
     def _remove_vip(self, name: str) -> None:
         vid = self.vip_ids.pop(name)
+        self._keys_from.pop(vid, None)
         m = self._meta(vid)
         libbpf.delete(self.fds["vips"], m.key)
         m.in_use = 0

@@ -218,6 +218,32 @@ def _read_percpu(fd: int, key: int, ctype, ncpu: int) -> list:
     return [ctype.from_buffer_copy(raw[i * stride:i * stride + C.sizeof(ctype)]) for i in range(ncpu)]
 
 
+class _BackendsOnDemand(dict):
+    """The model's backends map for a self-test sample, read from the backends map entry by
+    entry as the model asks: a VIP's check meets one backend, and reading all hundred of each
+    sampled VIP's backends every round was a good part of a quiet node's CPU. Only the sampled
+    VIPs' backends exist in it, as when they were all read up front."""
+
+    def __init__(self, allowed: set[int], read) -> None:
+        super().__init__()
+        self._allowed, self._read = allowed, read
+
+    def __missing__(self, bid: int):
+        if bid not in self._allowed:
+            raise KeyError(bid)
+        self[bid] = value = self._read(bid)
+        return value
+
+    def get(self, bid, default=None):
+        try:
+            return self[bid]
+        except KeyError:
+            return default
+
+    def __contains__(self, bid) -> bool:
+        return bid in self._allowed
+
+
 class _Windows:
     """Mappings of the tables array, WINDOW bytes each, reused while a region fits in one;
     at most KEEP idle ones stay mapped (a mapping a caller still reads is never closed)."""
@@ -1086,10 +1112,11 @@ class Forwarder:
                     continue
                 st.vips[(key.family, bytes(key.addr), port, key.proto)] = val.vip_id
                 st.tables[val.vip_id] = self._live_table(val.vip_id)
-        be = maps.Backend()
-        for bid in bids:
-            libbpf.lookup(self.fds["backends"], C.c_uint32(bid), be)
-            st.backends[bid] = model.ModelBackend(be.family, bytes(be.addr), be.state, be.vip_id)
+        if vips is None:
+            for bid in bids:
+                st.backends[bid] = self._model_backend(bid)
+        else:  # a sample's check reads the one backend its packet meets, not all of them
+            st.backends = _BackendsOnDemand(set(bids), self._model_backend)
         if with_conntrack:
             for k, v in self._ct_items():
                 f = model.Flow(k.family, bytes(k.src), bytes(k.dst),
@@ -1097,6 +1124,11 @@ class Forwarder:
                                int.from_bytes(bytes(k.dport_be), "big"), k.proto)
                 st.ct_put(f, (v.backend_id, v.last_seen_ns, v.vip_id))
         return st
+
+    def _model_backend(self, bid: int) -> model.ModelBackend:
+        be = maps.Backend()
+        libbpf.lookup(self.fds["backends"], C.c_uint32(bid), be)
+        return model.ModelBackend(be.family, bytes(be.addr), be.state, be.vip_id)
 
     def _ct_items(self) -> list[tuple[maps.FlowKey, maps.CtValue]]:
         """Every tracked flow and its value, in either design."""

@@ -9,9 +9,16 @@ from typing import Any
 from node.reconcile import Desired, VipDecision
 
 
-def forwarder_spec(d: VipDecision) -> Any:
+def forwarder_spec(d: VipDecision, previous: tuple[VipDecision, Any] | None = None) -> Any:
+    """``previous``: this VIP's last (decision, spec); a backend whose decision object is
+    unchanged keeps its BackendSpec (a backend shared by every VIP going down changes one
+    backend per VIP; making the other nine again was most of the spec's cost)."""
     from node.forwarder.loader import BackendSpec, VipSpec
 
+    old = previous[1].backends if previous is not None and previous[0].vip is d.vip else ()
+    backends = tuple(old[i] if old and previous[0].backends[i] is b
+                     else BackendSpec(key=b.key, address=b.address, state=b.data_state)
+                     for i, b in enumerate(d.backends))
     # The table goes as the builder made it: backend keys and an array of indexes into them.
     keys = d.table.backends if d.table is not None else ()
     return VipSpec(
@@ -19,7 +26,7 @@ def forwarder_spec(d: VipDecision) -> Any:
         address=d.vip.address,
         protocol=d.vip.protocol,
         port=d.vip.port,
-        backends=tuple(BackendSpec(key=b.key, address=b.address, state=b.data_state) for b in d.backends),
+        backends=backends,
         table_keys=keys,
         table_entries=d.table.entries if keys else (),
         table_gone=getattr(d.table, "gone", frozenset()) if keys else frozenset(),

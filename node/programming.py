@@ -11,6 +11,7 @@ Pure bookkeeping: no I/O, no clock.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from node.reconcile import Desired, VipDecision
@@ -24,8 +25,12 @@ def apply_key(d: VipDecision) -> tuple:
 
 
 class SpecCache:
-    def __init__(self, build: Callable[[VipDecision], Any]) -> None:
+    def __init__(self, build: Callable[..., Any]) -> None:
         self.build = build
+        # A builder that takes ``previous`` (the VIP's last decision and spec) reuses what did
+        # not change (effects.forwarder_spec); a plain one is called with the decision only.
+        self._incremental = "previous" in inspect.signature(build).parameters
+        self._decided: dict[str, VipDecision] = {}  # vip -> the decision its cached spec is of
         self.applied: dict[str, tuple] = {}  # vip -> apply_key last programmed
         self._applied_specs: dict[str, Any] = {}  # vip -> the spec last programmed
         self._specs: dict[str, tuple[tuple, Any]] = {}
@@ -46,7 +51,10 @@ class SpecCache:
             key = apply_key(d)
             cached = self._specs.get(name)
             if cached is None or cached[0] != key:
-                self._specs[name] = (key, self.build(d))
+                prior = (self._decided[name], cached[1]) if cached is not None and name in self._decided else None
+                spec = self.build(d, previous=prior) if self._incremental else self.build(d)
+                self._specs[name] = (key, spec)
+            self._decided[name] = d
             if self.applied.get(name) != key:
                 if self._applied_specs.get(name) == self._specs[name][1]:
                     # Only what the maps do not hold changed (a health check, say): the
@@ -56,6 +64,7 @@ class SpecCache:
                     changed.append(name)
         for name in self._specs.keys() - desired.vips.keys():
             del self._specs[name]
+            self._decided.pop(name, None)
         removed = sorted(self.applied.keys() - desired.vips.keys())
         specs = [self._specs[n][1] for n in desired.vips]
         return specs, changed, removed

@@ -173,3 +173,24 @@ def test_deciding_again_keeps_the_decisions_of_backends_that_did_not_change():
     assert kept == [True, False, True, True]
     assert second.vips["web"].serving == ["10.0.1.1", "10.0.1.3", "10.0.1.4"]
     assert second.vips["web"].backends[1].data_state == "down"
+
+
+def test_a_spec_built_again_keeps_the_backend_specs_of_unchanged_backends():
+    from node.config import parse_vip_object
+    from node.effects import forwarder_spec
+    from node.programming import SpecCache
+    from node.reconcile import Health, Inputs, TableCache, decide
+
+    vip = parse_vip_object({"name": "web", "address": "10.100.0.1", "port": 80,
+                            "backends": [{"address": f"10.0.1.{i}"} for i in range(1, 4)]})
+    health = {("web", b.key): Health.UP for b in vip.backends}
+    tables, specs = TableCache(defer=True), SpecCache(forwarder_spec)
+    first = decide(Inputs(vips={"web": vip}, health=health), tables)
+    (a,), changed, removed = specs.changes(first)
+    specs.programmed(first, changed, removed)
+    health[("web", "10.0.1.3")] = Health.DOWN
+    second = decide(Inputs(vips={"web": vip}, health=health), tables, first, {"web"})
+    (b,), changed, _ = specs.changes(second, {"web"})
+    assert changed == ["web"]
+    assert [x is y for x, y in zip(a.backends, b.backends)] == [True, True, False]
+    assert b == forwarder_spec(second.vips["web"])  # the same spec as one made afresh

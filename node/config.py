@@ -871,6 +871,11 @@ class ParsedFiles:
         self.misses += 1
         return None
 
+    def last(self, path: str) -> list[VipConfig]:
+        """What the file parsed to last time it parsed cleanly (any digest)."""
+        entry = self._by_path.get(path)
+        return entry[1] if entry is not None else []
+
     def put(self, path: str, digest: bytes, vips: list[VipConfig]) -> None:
         self._by_path[path] = (digest, vips)
 
@@ -950,6 +955,10 @@ def _parse_vip_text(text: str, source: str, deadline: Deadline | None,
     vips = files.get(source, digest)
     if vips is None:
         vips = parse_vip_file_object(parse_yaml(text, source, deadline), source, deadline)
+        # The VIPs of the changed file that are equal to what it held before stay the same
+        # objects too: editing one VIP of a file of ten re-decides one VIP, not ten.
+        before = {v.name: v for v in files.last(source)}
+        vips = [before[v.name] if before.get(v.name) == v else v for v in vips]
         files.put(source, digest, vips)
     return vips
 

@@ -188,7 +188,7 @@ def test_a_reload_parses_again_only_the_files_that_changed(tmp_path):
     assert (files.hits, files.misses) == (2, 4)
     # The same objects for the unchanged files (the controller compares VIPs by identity).
     assert all(second[n][1] is first[n][1] for n in ("web00", "web01", "web20", "web21"))
-    assert second["web11"][1] == first["web11"][1]  # its file was parsed again
+    assert second["web11"][1] is first["web11"][1]  # parsed again, equal: the same object
     assert second["web10"][1] is not first["web10"][1]
     assert str(second["web10"][1].backends[0].address) == "10.0.1.9"
 

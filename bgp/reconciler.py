@@ -301,6 +301,8 @@ class Reconciler:
         """Earliest clock time at which a deferred change or a retry becomes due."""
         now = self.clock()
         self._due(now)
+        if self._ready_as:
+            return now  # a command became due since the last step: step again now
         while self._later:
             at, key = self._later[0]
             if self._later_at.get(key) == at:

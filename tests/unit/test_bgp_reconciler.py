@@ -323,3 +323,17 @@ async def test_work_per_command_is_proportional_to_what_changed():
     assert await drain(rec, fake) == ["withdraw route 10.78.0.0/32"]
     assert rec.judged < 10
     assert rec.announced_version > 0 and len(rec.announced()) == 999
+
+
+async def test_a_retry_that_falls_due_is_a_wakeup_now():
+    clock, fake = Clock(), FakeExabgp()
+    rec = make(clock, retry_initial=0.5)
+    fake.fail.add("announce route 10.77.100.1/32 next-hop self")
+    rec.set_desired([A])
+    await drain(rec, fake)
+    assert rec.next_wakeup() == clock.now + 0.5
+    clock.advance(1)  # the retry is due, nothing stepped yet
+    assert rec.next_wakeup() == clock.now
+    fake.fail.clear()
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
+    assert rec.next_wakeup() is None

@@ -17,6 +17,19 @@ Per program:
 - SYN, same:   the same SYN every call: the insert replaces the previous entry (warm memory);
                shown because a bench that does not vary the flow measures this
 - non-VIP:     a TCP frame to an address with no VIP (the address pre-filter says no: XDP_PASS)
+Second chance (issue 17), on a second VIP (SC_VIP) whose table just gained an 11th backend
+(about 1 entry in 11 moved) with its window open, current programs only:
+- sc established: a conntrack hit on that VIP (second chance is never consulted)
+- sc new flow:    distinct SYNs on that VIP (the table path looks the VIP's window up; a SYN
+                  is never hinted)
+- sc new ACK:     distinct ACKs without conntrack entries (a flow arriving from a dead node):
+                  the whole hint lookup; ~1 in 11 lands on a moved entry and is hinted
+- sc hinted:      the same ACK on a moved entry every call: table path, previous owner
+                  looked up, 28-byte keyed GRE, no conntrack insert
+These run on "lru+sc" / "direct+sc" (the same objects on maps of their own, so their inserts do
+not fill the conntrack of the other cases); each is compared with its case on the VIP without
+second chance of the same program and run ("x no-sc"). `--reference main` compares the plain
+programs (the bench VIP only) with main's on the same maps.
 Programs: the two designs (forwarder.conntrack "lru", the default, and "direct"; bpf/maglev.h
 explains the trade), "lru/percpu" (the same program with per-CPU LRU lists,
 BPF_F_NO_COMMON_LRU: the previous design, to show the choice), and with --reference REV the
@@ -55,15 +68,30 @@ from node.forwarder.loader import BackendSpec, Forwarder, VipSpec  # noqa: E402
 from node.forwarder.testing import make_config, temp_bpffs  # noqa: E402
 
 VIP = "10.1.1.1"
+SC_VIP = "10.1.1.2"  # second chance, window open, 1 entry in 11 moved
 REPO = Path(__file__).resolve().parent.parent
 VIP_CASES = ("established", "new flow", "SYN, same")
 
 
-def vips() -> list[VipSpec]:
-    backends = tuple(BackendSpec(f"b{i}", ip_address(f"10.2.0.{i}"), "active") for i in range(1, 11))
-    keys = [b.key for b in backends]
+def vips(sc_added: bool = False) -> list[VipSpec]:
+    """The bench VIP, and SC_VIP with second chance: sync with sc_added False, then True
+    (an 11th backend takes every 11th entry: those name their previous owner)."""
+    backends = tuple(BackendSpec(f"b{i}", ip_address(f"10.2.0.{i}"), "active") for i in range(1, 12))
+    keys = [b.key for b in backends[:10]]
     table = [keys[i % len(keys)] for i in range(65537)]
-    return [VipSpec("bench", ip_address(VIP), "tcp", 80, backends, table)]
+    sc_table = [("b11" if sc_added and i % 11 == 0 else k) for i, k in enumerate(table)]
+    return [VipSpec("bench", ip_address(VIP), "tcp", 80, backends[:10], table),
+            VipSpec("bench-sc", ip_address(SC_VIP), "tcp", 80, backends, sc_table, second_chance_window=3600.0)]
+
+
+def moved_sport() -> int:
+    """A source port whose flow to SC_VIP hashes to a moved entry (i % 11 == 0)."""
+    from node.forwarder import model
+    for sport in range(40000, 65536):
+        h = model.flow_hash(model.Flow.of("192.0.2.1", SC_VIP, sport, 80, "tcp"))
+        if model.table_index(h, 65537) % 11 == 0:
+            return sport
+    raise AssertionError("no moved entry found")
 
 
 class Case:
@@ -212,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     est = packets.flow_packet("192.0.2.1", VIP, 40000, 80, tcp_flags=0x10, size=60)
     syn = packets.flow_packet("198.18.0.0", VIP, 1, 80, tcp_flags=0x02, size=60)
     other = packets.flow_packet("192.0.2.1", "10.9.9.9", 40000, 80, size=60)
+    sc_est = packets.flow_packet("192.0.2.1", SC_VIP, 40000, 80, tcp_flags=0x10, size=60)
+    sc_syn = packets.flow_packet("198.18.0.0", SC_VIP, 1, 80, tcp_flags=0x02, size=60)
+    sc_ack = packets.flow_packet("198.20.0.0", SC_VIP, 1, 80, tcp_flags=0x10, size=60)
+    ack = packets.flow_packet("198.20.0.0", VIP, 1, 80, tcp_flags=0x10, size=60)
+    hinted = packets.flow_packet("192.0.2.1", SC_VIP, moved_sport(), 80, tcp_flags=0x10, size=60)
     assert len(est) == len(syn) == len(other) == 60
     assert maps.vip_filter_bit(4, ip_address("10.9.9.9").packed + bytes(12)) != \
         maps.vip_filter_bit(4, ip_address(VIP).packed + bytes(12)), "non-VIP frame must miss the pre-filter"
@@ -220,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_obj.set_max_entries("lru_probe_percpu", ct_size)
     floor_obj.load()
     counters: dict[str, dict] = {}
+    hints: dict[str, int] = {}
     kept: dict[str, tuple[int, int]] = {}
     refs: list[libbpf.BpfObject] = []
     try:
@@ -231,14 +265,21 @@ def main(argv: list[str] | None = None) -> int:
             cases = [tx, px]
             fwds: dict[str, Forwarder] = {}
             programs = [("lru", "lru", None), ("direct", "direct", None),
-                        ("lru/percpu", "lru", build.build("xdp_lb_percpu_lru"))]
+                        ("lru/percpu", "lru", build.build("xdp_lb_percpu_lru")),
+                        # the same programs on maps of their own with SC_VIP too: its cases fill
+                        # conntrack, which must not slow the others down (nor flatter main's)
+                        ("lru+sc", "lru", None), ("direct+sc", "direct", None)]
             for label, design, obj_path in programs:
                 fwd = Forwarder(make_config(root / label.replace("/", "-"), conntrack_size=ct_size,
-                                            conntrack=design), obj_path=obj_path, table_capacity=1 << 18)
+                                            conntrack=design), obj_path=obj_path, table_capacity=1 << 19)
                 fwd.open()
                 stack.callback(fwd.remove_pins)
                 stack.callback(fwd.close)
-                fwd.sync(vips())
+                if label.endswith("+sc"):
+                    fwd.sync(vips())
+                    fwd.sync(vips(sc_added=True))
+                else:
+                    fwd.sync(vips()[:1])
                 fwds[label] = fwd
             progs: list[tuple[str, int]] = [(label, f.prog_fd) for label, f in fwds.items()]
             if args.reference:
@@ -252,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
                           Case("new flow", fd, syn, vary=True, prog=label, floor=tx),
                           Case("SYN, same", fd, syn, prog=label, floor=tx),
                           Case("non-VIP", fd, other, prog=label, floor=px)]
+                if label.endswith("+sc"):  # second chance: the current programs only
+                    libbpf.TestRun(fd, 512).run(sc_est)
+                    cases += [Case("sc established", fd, sc_est, prog=label, floor=tx),
+                              Case("sc new flow", fd, sc_syn, vary=True, prog=label, floor=tx),
+                              Case("sc new ACK", fd, sc_ack, vary=True, prog=label, floor=tx),
+                              Case("new ACK", fd, ack, vary=True, prog=label, floor=tx),
+                              Case("sc hinted", fd, hinted, prog=label, floor=tx)]
             cases.append(Case("LRU insert", floor_obj.prog_fd("xdp_lru_insert"), syn, vary=True, floor=tx))
             cases.append(Case("LRU insert/percpu", floor_obj.prog_fd("xdp_lru_insert_percpu"), syn,
                               vary=True, floor=tx))
@@ -262,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in cases:
                     c.round(per_round)
             counters = {m: f.counters()["vips"]["bench"] for m, f in fwds.items()}
+            hints = {m: f.counters()["events"]["second_chance_hinted"] for m, f in fwds.items() if m.endswith("+sc")}
             if args.displacement_flows:
                 for label in ("lru", "lru/percpu"):
                     kept[label] = (displacement(fwds[label], args.displacement_flows), fwds[label].ct_entries)
@@ -286,8 +335,22 @@ def main(argv: list[str] | None = None) -> int:
             vs = f" {c.versus(base):10.2f}" if base is not None and base is not c else f" {'':>10}"
         print(f"{c.prog or '-':<14} {c.name:<18} {c.ns:8.1f} {c.above_ns:12.1f} {c.ratio:8.2f}{vs} "
               f"{c.wall:13.1f}  {verdict}")
+    pairs = {"sc established": "established", "sc new flow": "new flow", "sc new ACK": "new ACK"}
+    print("second chance against the VIP without it (median of per-round ratios of ns above the floor):")
+    for c in cases:
+        if c.name in pairs:
+            base = next(x for x in cases if x.prog == c.prog and x.name == pairs[c.name])
+            print(f"  {c.prog:<12} {c.name:<16} x no-sc {c.versus(base):6.2f}  "
+                  f"({c.above_ns:.1f} vs {base.above_ns:.1f} ns above the floor)")
+    for c in cases:
+        if c.name == "sc hinted":
+            base = next(x for x in cases if x.prog == c.prog and x.name == "SYN, same")
+            print(f"  {c.prog:<12} {c.name:<16} {c.above_ns:.1f} ns above the floor "
+                  f"(a SYN through the table with its insert: {base.above_ns:.1f} ns)")
     for label, cnt in counters.items():
         print(f"VIP counters ({label}): {cnt['ct_hits']} conntrack hits, {cnt['new_flows']} new flows")
+    for label, f in hints.items():
+        print(f"second chance ({label}): {f} packets hinted")
     for label, (n, entries) in kept.items():
         print(f"displacement ({label}): {args.displacement_flows} flows on one CPU of a {entries}-entry map: "
               f"{n} still tracked ({args.displacement_flows - n} displaced)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -407,6 +408,21 @@ class Lab:
         if proc.returncode != 0:
             raise LabError(f"maglev backend setup failed in {h.ns} ({proc.returncode}):\n"
                            f"{(proc.stderr or proc.stdout).strip()}")
+
+    def backend_decap_counters(self, index: int) -> dict[str, int]:
+        """Packets per outcome of backend J's decap program (`maglev backend status
+        --metrics`, the operator's scrape)."""
+        d = self.plan.backend_dir(index)
+        argv = maglev_argv("backend", "status", "--metrics", "--interface", "eth0",
+                           "--bpffs", str(d / "bpffs"), "--state-dir", str(d / "state"))
+        proc = Netns(self.plan.backend(index).ns).run(*argv, check=False, timeout=30)
+        if proc.returncode != 0:
+            raise LabError(f"maglev backend status failed in backend-{index}: {proc.stderr.strip()}")
+        out = {}
+        for m in re.finditer(r'^maglev_decap_packets_total\{[^}]*outcome="([a-z0-9_]+)"\} (\d+)$',
+                             proc.stdout, re.M):
+            out[m.group(1)] = int(m.group(2))
+        return out
 
     def start_backend(self, index: int) -> int:
         h = self.plan.backend(index)

@@ -249,6 +249,25 @@ class AnnouncePolicy(Strict):
         return v
 
 
+class SecondChance(Strict):
+    """Second chance (README: "Second chance"): after a table change, each moved entry names
+    its previous owner for ``window`` seconds, so a flow that meets the new owner without a
+    socket there is handed to the backend that has it. Every backend of the VIP should run
+    maglev's tc decap program (`maglev backend setup --decap bpf`): kernel GRE devices do not
+    implement it (README: "Second chance")."""
+
+    window: float = Field(..., description="seconds after a table change during which moved "
+                          "entries name their previous owner")
+
+    @field_validator("window")
+    @classmethod
+    def _window_range(cls, v: float) -> float:
+        if not 1 <= v <= 86400:
+            raise ValueError(f"window {v} must be 1-86400 seconds (longer than the connections "
+                             "it should save; a day at most)")
+        return v
+
+
 class VipConfig(Strict):
     name: str
     address: IPAddress
@@ -258,6 +277,7 @@ class VipConfig(Strict):
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_VIP)
     health_check: HealthCheck | None = None
     announce: AnnouncePolicy = Field(default_factory=AnnouncePolicy)
+    second_chance: SecondChance | None = None
 
     @field_validator("name")
     @classmethod
@@ -304,6 +324,11 @@ class VipConfig(Strict):
             if b.key in keys:
                 raise ValueError(f"backends[{i}] hash key {b.key!r} is used by another backend")
             keys.add(b.key)
+        if self.second_chance is not None and self.address.version != 4:
+            raise ValueError(
+                f"second_chance needs an IPv4 VIP: the GRE key that names the previous owner "
+                f"holds an IPv4 address, and {self.address} is IPv6"
+            )
         if len(self.backends) > self.table_size:
             raise ValueError(
                 f"{len(self.backends)} backends do not fit a table of {self.table_size} entries"
@@ -968,6 +993,12 @@ FORWARDER_MAX_VIPS = 4096
 FORWARDER_MAX_BACKENDS = 65536
 
 
+def table_regions(vips) -> list[int]:
+    """The regions each VIP keeps in the forwarder's tables array: its table, and with
+    second_chance a region of the same size for its entries' previous owners."""
+    return [n for v in vips for n in ((v.table_size,) * (2 if v.second_chance else 1))]
+
+
 def tables_needed(sizes) -> int:
     """Entries the forwarder's tables array needs for these table sizes: every live table, plus
     room to rebuild the largest next to it (several rebuilds reuse that room in turn)."""
@@ -1011,14 +1042,14 @@ def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source
                                       f"{pairs} VIP backends in all exceed the forwarder's limit of "
                                       f"{FORWARDER_MAX_BACKENDS} VIP-backend pairs (MAX_BACKENDS in maglev.h)"))
     capacity = fwd.table_capacity if capacity is None else capacity
-    need = tables_needed(v.table_size for v in vips.values())
+    need = tables_needed(table_regions(vips.values()))
     if capacity is not None and need > capacity:
         biggest = sorted(vips.values(), key=lambda v: -v.table_size)[:3]
         where = ("forwarder.table_capacity is" if fwd.table_capacity is not None else
                  "the tables map (sized from the VIPs at start) holds")
         problems.append(ConfigProblem(
             source, None, "table_size",
-            f"the VIPs' tables need {need} entries (every table_size, plus the largest once to "
+            f"the VIPs' tables need {need} entries (every table_size, twice with second_chance, plus the largest once to "
             "rebuild in; largest: " + ", ".join(f"{v.name} {v.table_size}" for v in biggest)
             + f") but {where} {capacity}: raise forwarder.table_capacity in the node file (or, "
             "unset, restart the node: it sizes the map from the VIPs again), or use smaller tables"))

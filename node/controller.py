@@ -26,6 +26,7 @@ from node.config import (
     ConfigError,
     NodeConfig,
     VipConfig,
+    table_regions,
     tables_needed,
     vip_dir_signature,
     vip_dir_warnings,
@@ -151,7 +152,7 @@ class Controller:
         self._watch_signature = self._dir_signature()
         size_tables = getattr(self.forwarder, "size_tables", None)
         if size_tables is not None:  # an unset table_capacity is sized from the VIPs
-            size_tables(tables_needed(v.table_size for v in self.vips.values()))
+            size_tables(tables_needed(table_regions(self.vips.values())))
         await asyncio.to_thread(self.forwarder.open)
         self._forwarder_open = True
         self.attach_mode = await asyncio.to_thread(self.forwarder.attach)

@@ -30,6 +30,7 @@ def forwarder_spec(d: VipDecision, previous: tuple[VipDecision, Any] | None = No
         table_keys=keys,
         table_entries=d.table.entries if keys else (),
         table_gone=getattr(d.table, "gone", frozenset()) if keys else frozenset(),
+        second_chance_window=d.vip.second_chance.window if d.vip.second_chance else 0.0,
     )
 
 

@@ -17,6 +17,7 @@ from node.forwarder.backend import (
     DEFAULT_STATE_DIR,
     BackendOptions,
     BackendSetupError,
+    decap_metrics,
     setup,
     status,
     teardown,
@@ -56,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     st = bsub.add_parser("status", help="show the decap program, its VIPs and counters")
     _common(st)
+    st.add_argument("--metrics", action="store_true",
+                    help="print the counters in the Prometheus text format instead")
     st.set_defaults(func=run_status)
 
 
@@ -97,6 +100,9 @@ def run_status(args: argparse.Namespace) -> int:
         st = status(args.interface, bpffs=args.bpffs)
     except (BackendSetupError, tc.BpfError, BuildError) as exc:
         return _fail(exc)
+    if args.metrics:
+        print(decap_metrics(args.interface, st), end="")
+        return 0
     attached = f"program id {st.prog_id}" if st.prog_id is not None else "not attached"
     print(f"{args.interface}: decap {attached}; VIPs: {', '.join(map(str, st.vips)) or 'none'}")
     for name, (packets, nbytes) in st.counters.items():

@@ -496,3 +496,22 @@ def status(interface: str, bpffs: Path = DEFAULT_BPFFS) -> tc.DecapStatus:
             return tc.DecapStatus(prog_id, maps.vips(), maps.counters())
     except tc.BpfError:
         return tc.DecapStatus(prog_id, [], {})
+
+
+def decap_metrics(interface: str, st: tc.DecapStatus) -> str:
+    """The decap counters in the Prometheus text format (for node_exporter's textfile collector
+    or a scrape through `maglev backend status --metrics`): every outcome of every packet,
+    second chance included (sc_local, sc_redirected, sc_accepted, sc_dropped)."""
+    lines = []
+    for metric, col, what in (("maglev_decap_packets_total", 0, "Packets"),
+                              ("maglev_decap_bytes_total", 1, "Bytes")):
+        lines.append(f"# HELP {metric} {what} the backend's GRE decap program saw, by outcome")
+        lines.append(f"# TYPE {metric} counter")
+        for name in tc.DECAP_COUNTERS:
+            value = st.counters.get(name, (0, 0))[col]
+            lines.append(f'{metric}{{interface="{interface}",outcome="{name}"}} {value}')
+    attached = 1 if st.prog_id is not None else 0
+    lines += ["# HELP maglev_decap_attached 1 when the decap program is attached to the interface",
+              "# TYPE maglev_decap_attached gauge", f'maglev_decap_attached{{interface="{interface}"}} {attached}']
+    return "\n".join(lines) + "\n"
+

@@ -45,6 +45,7 @@ from typing import Literal
 
 from node.config import ForwarderConfig, auto_table_capacity, tables_needed
 from node.forwarder import build, libbpf, maps, model, packets
+from node.forwarder import second_chance
 from node.forwarder.maps import Stat
 from node.forwarder.tablespace import NoRoom, TableSpace
 from node.maglev import fill_gone
@@ -91,6 +92,9 @@ class VipSpec:
     table_keys: tuple[str, ...] = ()
     table_entries: Sequence[int] = ()
     table_gone: frozenset[str] = frozenset()
+    # second chance (node/forwarder/second_chance.py): seconds a table change keeps naming
+    # each moved entry's previous owner; 0 = off
+    second_chance_window: float = 0.0
 
     def compact(self) -> tuple[tuple[str, ...], Sequence[int]]:
         """(keys, entries as indexes into keys)."""
@@ -304,6 +308,11 @@ def _one_at_a_time(method):
     return locked
 
 
+def _prev_owner(vid: int, slot: int) -> tuple[int, str, int]:
+    """The allocator's owner key of a slot's previous-owner region (second chance)."""
+    return (vid, "prev", slot)
+
+
 class Forwarder:
     """The XDP forwarder on this node's interfaces (one instance per controller)."""
 
@@ -323,6 +332,7 @@ class Forwarder:
         self.prog_fd = -1
         self._own_fds: list[int] = []
         self._meta_mm: mmap.mmap | None = None
+        self._sc_mm: mmap.mmap | None = None  # sc_meta (second chance)
         self._ct_mm: mmap.mmap | None = None  # "direct" only (an LRU hash cannot be mmapped)
         self.conntrack = config.conntrack
         self._ncpu = libbpf.num_possible_cpus()
@@ -486,6 +496,8 @@ class Forwarder:
         meta_len = (maps.MAX_VIPS * C.sizeof(maps.VipMeta) + page - 1) // page * page
         self._meta_mm = mmap.mmap(self.fds["vip_meta"], meta_len, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        sc_len = (maps.MAX_VIPS * C.sizeof(maps.ScMeta) + page - 1) // page * page
+        self._sc_mm = mmap.mmap(self.fds["sc_meta"], sc_len, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # The tables array is mapped only around the region being read or written
         # (_table_window): a mapping of all of it would count every table in this process's RSS.
         if self.conntrack == "direct":
@@ -515,6 +527,9 @@ class Forwarder:
     def _meta(self, vid: int) -> maps.VipMeta:
         return maps.VipMeta.from_buffer(self._meta_mm, vid * C.sizeof(maps.VipMeta))
 
+    def _sc(self, vid: int) -> maps.ScMeta:
+        return maps.ScMeta.from_buffer(self._sc_mm, vid * C.sizeof(maps.ScMeta))
+
     def _read_back(self) -> None:
         """Rebuild the name -> id maps from the pinned maps (a restarted controller)."""
         self.vip_ids.clear()
@@ -536,6 +551,9 @@ class Forwarder:
                 live = m.slot[m.active & 1]  # the other slot is a released (or staged) region
                 if live.size:
                     self.space.take((vid, m.active & 1), live.offset, live.size)
+                sc = self._sc(vid)
+                if live.size and sc.prev[m.active & 1]:
+                    self.space.take(_prev_owner(vid, m.active & 1), sc.prev[m.active & 1] - 1, live.size)
         be = maps.Backend()
         top = 0
         for bid in range(1, maps.MAX_BACKENDS):
@@ -556,10 +574,10 @@ class Forwarder:
     def close(self) -> None:
         """Release this process's handles; pins and any attachment stay (restart-safe)."""
         self._runner = None
-        for mm in (self._meta_mm, self._ct_mm):
+        for mm in (self._meta_mm, self._sc_mm, self._ct_mm):
             if mm is not None:
                 mm.close()
-        self._meta_mm = self._ct_mm = None
+        self._meta_mm = self._sc_mm = self._ct_mm = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -667,6 +685,7 @@ class Forwarder:
                 raise
 
     def _sync(self, vips: Sequence[VipSpec], changed: Iterable[str] | None) -> None:
+        self.expire_second_chance()
         wanted = {v.name: v for v in vips}
         todo = list(vips) if changed is None else [wanted[n] for n in sorted(set(changed)) if n in wanted]
         self._validate(vips, todo)
@@ -727,10 +746,11 @@ class Forwarder:
         if nbackends > maps.MAX_BACKENDS - 1:
             raise ForwarderError(f"{nbackends} VIP backends exceed the data path's limit of "
                                  f"{maps.MAX_BACKENDS - 1} (MAX_BACKENDS in maglev.h)")
-        need = tables_needed(v.table_len for v in vips)
+        # with second chance, a VIP also keeps its entries' previous owners (a region as large)
+        need = tables_needed([n for v in vips for n in (v.table_len,) * (2 if v.second_chance_window else 1)])
         if need > self.table_capacity:
             raise ForwarderError(
-                f"tables need {need} entries (every VIP's table plus room to rebuild the largest) "
+                f"tables need {need} entries (every VIP's table, twice with second chance, plus room to rebuild the largest) "
                 f"but the tables map holds {self.table_capacity}; use smaller table sizes or a "
                 "larger table_capacity")
 
@@ -779,6 +799,9 @@ class Forwarder:
         m = self._meta(vid)
         m.active = 0
         m.slot[0].offset = m.slot[0].size = m.slot[1].offset = m.slot[1].size = 0
+        sc = self._sc(vid)
+        sc.prev[0] = sc.prev[1] = 0
+        sc.until_ns = 0
         _zero_percpu(self.fds["vip_stats"], vid, C.sizeof(maps.FlowStats), self._ncpu)
         self.vip_ids[name] = vid
         return vid
@@ -932,8 +955,12 @@ class Forwarder:
         m.slot[0].size = m.slot[1].size = 0
         self._live_from.pop(vid, None)
         self._named.pop(vid, None)
+        sc = self._sc(vid)
+        sc.prev[0] = sc.prev[1] = 0
         self.space.release((vid, 0))
         self.space.release((vid, 1))
+        self.space.release(_prev_owner(vid, 0))
+        self.space.release(_prev_owner(vid, 1))
         libbpf.update(self.fds["vip_names"], C.c_uint32(vid), maps.Name())
 
     # ---- tables ---------------------------------------------------------------------------
@@ -993,8 +1020,76 @@ class Forwarder:
         self._live_from[vid] = (entries, idmap)
         if spare is None:
             return False
+        self._stage_previous_owners(vid, spare, v.second_chance_window)
         self.flip_table(vid, spare)
         return True
+
+    # ---- second chance (node/forwarder/second_chance.py, bpf/second_chance.h) ---------------
+
+    def _stage_previous_owners(self, vid: int, spare: int, window: float) -> None:
+        """Write the previous owners of the staged table's entries in a region of their own and
+        record it in the spare slot (published by the flip with the table). Never refuses the
+        table change: without room, the VIP goes without second chance and a warning says so."""
+        m, sc = self._meta(vid), self._sc(vid)
+        active = spare ^ 1
+        sc.prev[spare] = 0
+        self.space.release(_prev_owner(vid, spare), quarantine=False)
+        cur, new = m.slot[active], m.slot[spare]
+        if window <= 0 or not cur.size or cur.size != new.size:
+            return
+        now = time.monotonic_ns()
+        old, fresh = self._read_ids(cur.offset, cur.size), self._read_ids(new.offset, new.size)
+        carried = None
+        if sc.prev[active] and now < sc.until_ns:
+            carried = self._read_ids(sc.prev[active] - 1, cur.size)
+        prev = second_chance.previous_owners(old, fresh, carried)
+        if not any(prev):
+            return
+        try:
+            off = self.space.alloc(_prev_owner(vid, spare), len(prev))
+        except NoRoom:
+            log.warning("VIP %s: no room in the tables map for its previous owners; this table "
+                        "change goes without second chance (raise table_capacity)", self._named.get(vid, vid))
+            return
+        with self._table_window(off, len(prev)) as dest:
+            dest[:] = prev.tobytes()
+        sc.prev[spare] = off + 1
+        sc.until_ns = now + second_chance.window_ns(window)
+
+    def _read_ids(self, offset: int, size: int) -> array:
+        a = array("I")
+        with self._table_window(offset, size) as view:
+            a.frombytes(view)
+        return a
+
+    def expire_second_chance(self, now_ns: int | None = None) -> int:
+        """Give back the previous-owner regions whose window closed (the data path already
+        ignores them: this only frees room). Returns how many were released."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        released = 0
+        for vid in list(self.vip_ids.values()):
+            active = self._meta(vid).active & 1
+            sc = self._sc(vid)
+            if sc.prev[active] and now >= sc.until_ns:
+                sc.prev[active] = 0
+                self.space.release(_prev_owner(vid, active))
+                released += 1
+        return released
+
+    def _drop_all_previous_owners(self) -> bool:
+        """Make room for a table: second chance yields to the tables themselves."""
+        dropped = False
+        for vid in list(self.vip_ids.values()):
+            sc = self._sc(vid)
+            for slot in (0, 1):
+                if sc.prev[slot]:
+                    sc.prev[slot] = 0
+                    self.space.release(_prev_owner(vid, slot))
+                    dropped = True
+        if dropped:
+            log.warning("tables map full: previous owners of every VIP dropped (second chance "
+                        "off until the next change); raise table_capacity")
+        return dropped
 
     def _patch_in_place(self, vid: int, entries: Sequence[int], idmap: array) -> bool:
         """A stop-gap over the table that is live: only the entries of the backends that left
@@ -1046,12 +1141,19 @@ class Forwarder:
         cur = m.slot[active]
         m.slot[spare].size = 0
         self.space.release((vid, spare), quarantine=False)  # staged earlier, never published
+        self._sc(vid).prev[spare] = 0  # a stale region must not be published with this table
+        self.space.release(_prev_owner(vid, spare), quarantine=False)
         if not size:
             return None if not cur.size else spare
         try:
             off = self.space.alloc((vid, spare), size)
         except NoRoom as exc:
-            raise ForwarderError(f"{exc} in the tables map; raise table_capacity") from None
+            if not self._drop_all_previous_owners():
+                raise ForwarderError(f"{exc} in the tables map; raise table_capacity") from None
+            try:
+                off = self.space.alloc((vid, spare), size)
+            except NoRoom as exc2:
+                raise ForwarderError(f"{exc2} in the tables map; raise table_capacity") from None
         with self._table_window(off, size) as dest:
             if cur.size == size:
                 with self._table_window(cur.offset, cur.size) as live:
@@ -1074,6 +1176,7 @@ class Forwarder:
         # The old slot keeps its {offset, size} (a packet may be between reading the index
         # and the slot); only the allocator forgets the region.
         self.space.release((vid, slot ^ 1))
+        self.space.release(_prev_owner(vid, slot ^ 1))
 
     # ---- reading state --------------------------------------------------------------------
 
@@ -1112,6 +1215,12 @@ class Forwarder:
                     continue
                 st.vips[(key.family, bytes(key.addr), port, key.proto)] = val.vip_id
                 st.tables[val.vip_id] = self._live_table(val.vip_id)
+                m = self._meta(val.vip_id)
+                s = m.slot[m.active & 1]
+                sc = self._sc(val.vip_id)
+                if s.size and sc.prev[m.active & 1]:
+                    st.prev_tables[val.vip_id] = (self._read_ids(sc.prev[m.active & 1] - 1, s.size).tolist(),
+                                                  sc.until_ns)
         if vips is None:
             for bid in bids:
                 st.backends[bid] = self._model_backend(bid)
@@ -1237,6 +1346,8 @@ class Forwarder:
                 out["drops"][rest.lower()] = n
             else:
                 out["events"][reason.name.lower()] = n
+        for idx, name in enumerate(maps.SC_STAT_NAMES):  # second chance's own counters
+            out["events"][name] = sum(v.value for v in _read_percpu(self.fds["sc_stats"], idx, C.c_uint64, self._ncpu))
         return out
 
     # ---- self-test ------------------------------------------------------------------------

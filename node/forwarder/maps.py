@@ -35,6 +35,9 @@ CFG_F_HAVE_SRC_V6 = 4
 
 GRE_V4_OVERHEAD = 24
 GRE_V6_OVERHEAD = 44
+GRE_F_KEY = 0x2000  # second chance: the GRE key names the entry's previous owner (maglev.h)
+GRE_KEY_LEN = 4
+SC_KEY_SPENT = 0
 OUTER_TTL = 64
 FLOW_HASH_SEED = 0x4D414756
 FH_C1 = 0xCC9E2D51
@@ -44,7 +47,7 @@ IPPROTO = {"tcp": 6, "udp": 17}
 
 # Map names as in xdp_lb.c (also the pin file names under the bpffs directory).
 MAP_NAMES = ("vips", "vip_meta", "tables", "backends", "vip_names", "be_names", "conntrack",
-             "config", "rate", "vip_stats", "be_stats", "stats", "vip_addrs")
+             "config", "rate", "vip_stats", "be_stats", "stats", "vip_addrs", "sc_meta", "sc_stats")
 
 # Fragment keys in `vips` and the address pre-filter `vip_addrs` (maglev.h).
 VIP_KEY_FRAG = 0x80
@@ -91,6 +94,18 @@ class TableSlot(C.Structure):
 class VipMeta(C.Structure):
     _fields_ = [("active", C.c_uint32), ("in_use", C.c_uint32), ("slot", TableSlot * 2),
                 ("key", VipKey), ("pad", C.c_uint32)]
+
+
+class ScMeta(C.Structure):
+    """struct sc_meta (second chance): per slot 1 + the offset of its previous-owner region
+    (0 = none), and the CLOCK_MONOTONIC ns at which the VIP's window closes."""
+
+    _fields_ = [("prev", C.c_uint32 * 2), ("until_ns", C.c_uint64)]
+
+
+SC_HINTED = 0  # enum sc_stat_reason
+SC_STAT_MAX = 1
+SC_STAT_NAMES = ("second_chance_hinted",)  # as the forwarder's counters report them (events)
 
 
 class TableChunk(C.Structure):
@@ -170,7 +185,7 @@ LAYOUTS: dict[str, type[C.Structure]] = {
     "vip_key": VipKey, "vip_value": VipValue, "table_slot": TableSlot, "vip_meta": VipMeta,
     "table_chunk": TableChunk,
     "backend": Backend, "name": Name, "flow_key": FlowKey, "ct_value": CtValue, "ct_entry": CtEntry,
-    "config": Config, "rate_state": RateState, "flow_stats": FlowStats,
+    "config": Config, "rate_state": RateState, "flow_stats": FlowStats, "sc_meta": ScMeta,
 }
 
 
@@ -185,7 +200,7 @@ MAP_SHAPES: dict[str, tuple[int, int]] = {
     "tables": (4, _sz(TableChunk)), "backends": (4, _sz(Backend)), "vip_names": (4, _sz(Name)),
     "be_names": (4, _sz(Name)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
-    "stats": (4, 8), "vip_addrs": (4, 8),
+    "stats": (4, 8), "vip_addrs": (4, 8), "sc_meta": (4, _sz(ScMeta)), "sc_stats": (4, 8),
 }
 CT_SHAPES: dict[str, tuple[int, int]] = {"lru": (_sz(FlowKey), _sz(CtValue)), "direct": (4, _sz(CtEntry))}
 

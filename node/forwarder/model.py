@@ -27,6 +27,7 @@ from node.forwarder.maps import (
     FH_C1,
     FH_C2,
     FLOW_HASH_SEED,
+    GRE_F_KEY,
     GRE_V4_OVERHEAD,
     GRE_V6_OVERHEAD,
     OUTER_TTL,
@@ -145,6 +146,10 @@ class ModelState:
     # fragment keys (maglev.h): (family, addr16, proto) -> the one port VIP fragments follow
     frag_vips: dict[tuple[int, bytes, int], int] = field(default_factory=dict)
     tables: dict[int, list[int]] = field(default_factory=dict)  # vip id -> backend ids
+    # second chance (second_chance.h): vip id -> (previous owner id per entry, 0 = unchanged;
+    # the monotonic ns at which the window closes)
+    prev_tables: dict[int, tuple[list[int], int]] = field(default_factory=dict)
+    sc_hinted: int = 0  # sc_stats[SC_HINTED]
     backends: dict[int, ModelBackend] = field(default_factory=dict)
     # flow -> (backend id, last seen ns, vip id); write it through ct_put, which keeps the
     # program's design ("direct": one flow per slot, see maglev.h)
@@ -369,11 +374,13 @@ def _eth(b: bytes, l2: int, dmac: bytes, smac: bytes, ethertype: int) -> bytes:
     return dmac + smac + vlan + ethertype.to_bytes(2, "big")
 
 
-def _encap(b: bytes, l2: int, p: _Parsed, be: ModelBackend, cfg: ModelConfig, h: int) -> bytes:
+def _encap(b: bytes, l2: int, p: _Parsed, be: ModelBackend, cfg: ModelConfig, h: int,
+           key: bytes = b"") -> bytes:
+    """key: the previous owner's IPv4 address (second chance, IPv4 outer only) or b""."""
     inner_type = 0x0800 if p.flow.family == FAM_V4 else 0x86DD
-    gre = b"\0\0" + inner_type.to_bytes(2, "big")
+    gre = (GRE_F_KEY if key else 0).to_bytes(2, "big") + inner_type.to_bytes(2, "big") + key
     if be.family == FAM_V4:
-        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, p.tos, p.l3_len + GRE_V4_OVERHEAD, 0, 0x4000,
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, p.tos, p.l3_len + GRE_V4_OVERHEAD + len(key), 0, 0x4000,
                           OUTER_TTL, GRE, 0, cfg.src_v4, be.addr[:4])
         hdr = hdr[:10] + checksum(hdr).to_bytes(2, "big") + hdr[12:]
         eth = _eth(b, l2, cfg.next_hop_mac, b[0:6], 0x0800)
@@ -500,6 +507,7 @@ def _ct_usable(st: ModelState, ct: tuple[int, int, int], p: _Parsed, now: int, s
 def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bool) -> Result:
     cfg, f = st.config, p.flow
     hit = inserted = False
+    key = b""
     be_id: int | None = None
     be: ModelBackend | None = None
     h = flow_hash(f)
@@ -516,11 +524,13 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
         table = st.tables.get(vid) or []
         if not table:
             return _drop(st, b, Stat.DROP_NO_BACKEND)
-        be_id = table[table_index(h, len(table))]
+        rel = table_index(h, len(table))
+        be_id = table[rel]
         be = st.backends.get(be_id)
         if be is None or be.vip_id != vid or be.state != BE_STATE_ACTIVE:
             return _drop(st, b, Stat.DROP_BAD_BACKEND, be_id)
-        if not p.is_frag and not p.is_icmp_err and not selftest and not p.rst:
+        key = b"" if selftest else _sc_hint(st, vid, rel, be, p, now)
+        if not p.is_frag and not p.is_icmp_err and not selftest and not p.rst and not key:
             if _rate_allows(st, now):
                 st.ct_put(f, (be_id, now if f.proto == UDP else 0, vid))
                 inserted = True
@@ -530,7 +540,7 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
     src = cfg.src_v4 if be.family == FAM_V4 else cfg.src_v6
     if src is None:
         return _drop(st, b, Stat.DROP_NO_ENCAP_SOURCE, be_id)
-    overhead = GRE_V4_OVERHEAD if be.family == FAM_V4 else GRE_V6_OVERHEAD
+    overhead = (GRE_V4_OVERHEAD if be.family == FAM_V4 else GRE_V6_OVERHEAD) + len(key)
     if p.l3_len + overhead > cfg.mtu:
         if p.is_icmp_err or (f.family == FAM_V4 and not p.df):
             return _drop(st, b, Stat.DROP_TOO_BIG, be_id)
@@ -538,7 +548,7 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
         make = _too_big_v4 if f.family == FAM_V4 else _too_big_v6
         return Result(XDP_TX, make(b, l2, p, cfg.mtu - overhead), be_id, hit, inserted,
                       Stat.ICMP_TOO_BIG_SENT)
-    out = _encap(b, l2, p, be, cfg, h)
+    out = _encap(b, l2, p, be, cfg, h, key)
     if selftest:
         st.count(Stat.SELF_TEST_PACKETS)
     else:
@@ -548,7 +558,26 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
             st.count(Stat.FRAG_FORWARDED)
         if p.is_icmp_err:
             st.count(Stat.ICMP_STEERED)
+        if key:
+            st.sc_hinted += 1
     return Result(XDP_TX, out, be_id, hit, inserted)
+
+
+def _sc_hint(st: ModelState, vid: int, rel: int, be: ModelBackend, p: _Parsed, now: int) -> bytes:
+    """second_chance.h: sc_hint. The previous owner's IPv4 address (the GRE key) for a packet
+    steered by entry ``rel`` of VIP ``vid``'s table, or b"" for no hint."""
+    prev = st.prev_tables.get(vid)
+    if prev is None or p.syn or p.is_frag or p.is_icmp_err or be.family != FAM_V4:
+        return b""
+    ids, until = prev
+    if now >= until or not ids[rel]:
+        return b""
+    pb = st.backends.get(ids[rel])
+    if (pb is None or pb.vip_id != vid or pb.family != FAM_V4
+            or pb.state not in (BE_STATE_ACTIVE, BE_STATE_DRAIN)
+            or pb.addr[:4] == be.addr[:4] or pb.addr[:4] == bytes(4)):
+        return b""
+    return pb.addr[:4]
 
 
 def pick(st: ModelState, flow: Flow) -> int | None:

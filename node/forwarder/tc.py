@@ -51,10 +51,16 @@ DECAP_COUNTERS = (
     "pass_fragment",
     "pass_truncated",
     "drop_adjust",
+    # second chance (bpf/sc_decap.h)
+    "sc_local",
+    "sc_redirected",
+    "sc_accepted",
+    "sc_dropped",
 )
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
 
 T = TypeVar("T")
 

@@ -88,7 +88,7 @@ def fully_converged(lab: Lab) -> bool:
 def lab() -> Lab:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
-    the_lab = Lab(P.LabPlan(nodes=3, backends=3), progress=lambda m: print(f"[lab] {m}", flush=True))
+    the_lab = Lab(P.LabPlan(nodes=3, backends=5), progress=lambda m: print(f"[lab] {m}", flush=True))
     the_lab.up(timeout=90)
     try:
         yield the_lab

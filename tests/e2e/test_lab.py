@@ -1,5 +1,5 @@
 """End to end: the whole cluster in namespaces (real FRR router with ECMP, three `maglev node`s
-with XDP forwarders and ExaBGP, three backends with GRE decap and DSR), driven from the client.
+with XDP forwarders and ExaBGP, five backends with GRE decap and DSR), driven from the client.
 
 The tests run in file order; the last one takes the lab down and checks nothing is left."""
 

@@ -174,14 +174,21 @@ def test_vip_removed_from_map_is_no_longer_decapsulated(prog):
     assert_untouched(prog, over4(inner4(), ETH_IP), "pass_not_vip")
 
 
+# A key alone over IPv4 is second chance (tests/integration/test_decap_second_chance.py).
 @pytest.mark.parametrize("flags,extra", [
-    pytest.param(0x2000, b"\0\0\0\x01", id="key"),
+    pytest.param(0x3000, b"\0\0\0\x01\0\0\0\x01", id="key-and-sequence"),
     pytest.param(0x1000, b"\0\0\0\x01", id="sequence"),
     pytest.param(0x8000, b"\0\0\0\0", id="checksum"),
     pytest.param(0x0001, b"", id="version-1"),
 ])
 def test_gre_with_options_passes_untouched(prog, flags, extra):
     frame = eth(ETH_IP) + ipv4(NODE4, BACKEND4, GRE, gre(ETH_IP, inner4(), flags, extra))
+    assert_untouched(prog, frame, "pass_gre_flags")
+
+
+def test_keyed_gre_over_ipv6_passes_untouched(prog):
+    """The forwarder names a previous owner over IPv4 only; a keyed IPv6 tunnel is not ours."""
+    frame = eth(ETH_IP6) + ipv6(NODE6, BACKEND6, GRE, gre(ETH_IP6, inner6(), 0x2000, b"\n\1\0\3"))
     assert_untouched(prog, frame, "pass_gre_flags")
 
 

@@ -164,6 +164,18 @@ class Frames:
         return frame
 
 
+def _second_chance_change(vips: list[VipSpec]) -> list[VipSpec]:
+    """t80 gains backend "p" (every third entry moves to it), with a window far longer than
+    the test: its moved entries name their previous owner (a, b or the draining c)."""
+    t80 = vips[0]
+    assert t80.name == "t80"
+    backends = (*t80.backends, BackendSpec("p", ip_address("10.2.0.9"), "active"))
+    table = ["p" if i % 3 == 0 else k for i, k in enumerate(t80.table)]
+    vips[0] = VipSpec(t80.name, t80.address, t80.protocol, t80.port, backends, table,
+                      second_chance_window=3600.0)
+    return vips
+
+
 def _first_fragment(dst: str, proto: str, dport: int) -> bytes:
     """A first fragment to a port VIP: rare at random, so always among the examples."""
     a = ip_address(dst)
@@ -224,7 +236,10 @@ COLLIDING = _colliding_flows(CT_SIZES["direct"])
 def test_program_and_model_agree_on_random_frames(mode: str) -> None:
     with temp_forwarder(table_capacity=1 << 18, conntrack_size=CT_SIZES[mode], conntrack=mode) as fwd:
         fwd.sync(_vips())
+        fwd.sync(_second_chance_change(_vips()))  # t80's moved entries name their previous owner
         state = fwd.model_state()
+        assert state.prev_tables, "no previous-owner table to compare"
+
         assert state.config.conntrack == mode
         seen_verdicts: dict[int, int] = {}
         gen = Frames(SEED)
@@ -249,6 +264,7 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
         bpf = {**{f"DROP_{k.upper()}": v for k, v in c["drops"].items()},
                **{k.upper(): v for k, v in c["events"].items()}}
         model = {r.name: state.stats.get(r, 0) for r in Stat}
+        assert bpf.pop("SECOND_CHANCE_HINTED") == state.sc_hinted > 0, "second chance never exercised"
         assert bpf == model
         assert sum(v["ct_hits"] for v in c["vips"].values()) > 0, "no conntrack hit exercised"
         assert sum(v["new_flows"] for v in c["vips"].values()) > 0

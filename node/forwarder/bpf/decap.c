@@ -20,8 +20,9 @@
 #include "maglev.h"
 
 #define GRE_HLEN 4
-/* Ethernet + IPv4 with the largest options + GRE + inner IPv6: the most this program reads. */
-#define MAX_PARSE (ETH_HLEN + 60 + GRE_HLEN + 40)
+/* Ethernet + IPv4 with the largest options + keyed GRE + inner IPv4 with the largest options
+ * + TCP up to its flags: the most this program reads. */
+#define MAX_PARSE (ETH_HLEN + 60 + GRE_HLEN + GRE_KEY_LEN + 60 + 14)
 #define IP_FRAG_MASK 0x3fff /* MF flag and fragment offset */
 
 struct {
@@ -54,6 +55,8 @@ static __always_inline void count(__u32 idx, __u32 len)
 	}
 }
 
+#include "sc_decap.h"
+
 static __always_inline int pass(struct __sk_buff *skb, __u32 idx, __u32 len)
 {
 	count(idx, len);
@@ -85,12 +88,14 @@ int mlb_decap(struct __sk_buff *skb)
 
 	/* Headers of a non-linear skb may sit outside the directly readable area. */
 	if (data + MAX_PARSE > data_end && skb->len > (__u32)(data_end - data)) {
+		/* a keyed (second chance) packet may need up to MAX_PARSE bytes */
 		bpf_skb_pull_data(skb, skb->len < MAX_PARSE ? skb->len : MAX_PARSE);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
 
 	struct ethhdr *eth = data;
+	struct iphdr *outer4 = 0;
 	if ((void *)(eth + 1) > data_end)
 		return pass(skb, DECAP_PASS_TRUNCATED, len);
 
@@ -112,6 +117,7 @@ int mlb_decap(struct __sk_buff *skb)
 		if (iph->frag_off & bpf_htons(IP_FRAG_MASK))
 			return pass(skb, DECAP_PASS_FRAGMENT, len);
 		outer_len = iph->ihl * 4;
+		outer4 = iph;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = outer;
 
@@ -128,13 +134,28 @@ int mlb_decap(struct __sk_buff *skb)
 	gre = outer + outer_len;
 	if ((void *)(gre + 1) > data_end)
 		return pass(skb, DECAP_PASS_TRUNCATED, len);
-	/* Only the plain 4-byte header: any flag (C, R, K, S, s, recursion) or a non-zero
-	 * version means a header this program does not strip, so leave the packet alone. */
-	if (gre->flags != 0)
+	/* The plain 4-byte header, or (IPv4 outer) with a key only: second chance (sc_decap.h).
+	 * Any other flag (C, R, S, s, recursion) or a non-zero version means a header this
+	 * program does not strip, so leave the packet alone. */
+	__u32 key_off = 0;
+	__be32 key = 0;
+
+	if (gre->flags == bpf_htons(GRE_F_KEY) && outer4) {
+		__be32 *k = (void *)(gre + 1);
+
+		if ((void *)(k + 1) > data_end)
+			return pass(skb, DECAP_PASS_TRUNCATED, len);
+		key = *k;
+		key_off = (void *)k - data;
+		outer_len += GRE_KEY_LEN;
+	} else if (gre->flags != 0) {
 		return pass(skb, DECAP_PASS_GRE_FLAGS, len);
+	}
 	outer_len += GRE_HLEN;
 
-	void *inner = gre + 1;
+	void *inner = outer + outer_len;
+	void *l4 = 0;
+	__u8 l4_proto = 0;
 	__u64 flags;
 	__be16 inner_proto = gre->proto;
 
@@ -146,6 +167,8 @@ int mlb_decap(struct __sk_buff *skb)
 		if (in4->version != 4 || !is_vip4(in4->daddr))
 			return pass(skb, DECAP_PASS_NOT_VIP, len);
 		flags = BPF_F_ADJ_ROOM_DECAP_L3_IPV4;
+		l4 = inner + in4->ihl * 4;
+		l4_proto = in4->protocol;
 	} else if (inner_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *in6 = inner;
 
@@ -154,8 +177,20 @@ int mlb_decap(struct __sk_buff *skb)
 		if (in6->version != 6 || !is_vip6(&in6->daddr))
 			return pass(skb, DECAP_PASS_NOT_VIP, len);
 		flags = BPF_F_ADJ_ROOM_DECAP_L3_IPV6;
+		l4 = in6 + 1;
+		l4_proto = in6->nexthdr;
 	} else {
 		return pass(skb, DECAP_PASS_GRE_PROTO, len);
+	}
+
+	if (key_off) {
+		int v = sc_decide(skb, outer4, key, key_off, inner, l4, data_end,
+				  flags == BPF_F_ADJ_ROOM_DECAP_L3_IPV6, l4_proto, len);
+
+		if (v == SC_REDIRECT)
+			return TC_ACT_REDIRECT;
+		if (v != SC_KEEP)
+			return TC_ACT_SHOT;
 	}
 
 	/* Pop outer IP + GRE right after the Ethernet header. The DECAP_L3 flag makes the kernel
@@ -178,7 +213,8 @@ int mlb_decap(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 
-	count(flags == BPF_F_ADJ_ROOM_DECAP_L3_IPV4 ? DECAP_OK_V4 : DECAP_OK_V6, len);
+	if (!key_off) /* a keyed packet was counted by sc_decide */
+		count(flags == BPF_F_ADJ_ROOM_DECAP_L3_IPV4 ? DECAP_OK_V4 : DECAP_OK_V6, len);
 	return TC_ACT_OK;
 }
 

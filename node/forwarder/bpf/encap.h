@@ -20,13 +20,15 @@
 #define IPPROTO_GRE_ 47
 
 /* Prepend Ethernet (+ the original VLAN tag) + outer IP + GRE. l2 is a constant (14 or 18) at
- * each call site so every offset below is constant for the verifier. */
+ * each call site so every offset below is constant for the verifier. key != 0 (IPv4 outer
+ * only): a GRE key naming the entry's previous owner (second_chance.h). */
 static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct parsed *p,
 				 const struct backend *be, const struct config *cfg,
-				 const __u8 *dmac, __u32 hash)
+				 const __u8 *dmac, __u32 hash, __u32 key)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	__u32 overhead = be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD;
+	__u32 extra = key ? GRE_KEY_LEN : 0;
+	__u32 overhead = (be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD) + extra;
 	__u16 inner_type = p->fk.family == FAM_V4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
 	__u8 smac[6], tag[2];
 
@@ -56,7 +58,7 @@ static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct pars
 		o->version = 4;
 		o->ihl = 5;
 		o->tos = p->tos;
-		o->tot_len = bpf_htons(p->l3_len + GRE_V4_OVERHEAD);
+		o->tot_len = bpf_htons(p->l3_len + GRE_V4_OVERHEAD + extra);
 		o->id = 0;
 		o->frag_off = bpf_htons(0x4000);
 		o->ttl = OUTER_TTL;
@@ -65,7 +67,14 @@ static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct pars
 		o->saddr = cfg->src_v4;
 		o->daddr = be->addr[0];
 		o->check = iph_csum(o);
-		*(__u32 *)(o + 1) = (__u32)inner_type << 16;
+		if (key) {
+			__u32 *gre = (__u32 *)(o + 1);
+
+			gre[0] = ((__u32)inner_type << 16) | bpf_htons(GRE_F_KEY);
+			gre[1] = key;
+		} else {
+			*(__u32 *)(o + 1) = (__u32)inner_type << 16;
+		}
 	} else {
 		struct ipv6hdr *o = data + l2;
 		__u32 *w = (__u32 *)o;

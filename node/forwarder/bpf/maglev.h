@@ -85,6 +85,24 @@ struct vip_meta {
 	__u32 pad;             /* 48 bytes: an mmapable array's element stride is 8-aligned */
 };
 
+/* ---- second chance: sc_meta (array, mmapable) indexed by vip id (second_chance.h) ---------
+ * A map of its own, so VIPs, tables and programs without second chance keep their layouts.
+ * prev[s]: 1 + the offset in `tables` of the region holding, for each entry of slot s's
+ * table, the backend id it pointed to before the last change (0 = unchanged); 0 = slot s
+ * has none. Written before the slot flip that publishes it, like the table itself.
+ * until_ns: bpf_ktime_get_ns() (CLOCK_MONOTONIC) at which the VIP's window closes. */
+struct sc_meta {
+	__u32 prev[2];
+	__u64 until_ns;
+};
+
+/* sc_stats: per-CPU array of __u64 indexed by these. */
+enum sc_stat_reason {
+	SC_HINTED = 0,             /* sent to an entry's new owner with its previous owner named in
+	                            * the GRE key; such packets are not tracked in conntrack */
+	SC_STAT_MAX,
+};
+
 /* ---- tables (array, mmapable): every VIP's two slots live in this one flat array --------
  * Entry i (a backend id) is chunk[i / TABLE_CHUNK].ids[i % TABLE_CHUNK]: an array element is
  * 8-byte aligned in the kernel, so one u32 per element would leave holes in the mmap; chunks
@@ -226,6 +244,12 @@ enum stat_reason {
  * configured next-hop MAC (or the fib lookup result). A VLAN tag, if any, is kept. */
 #define GRE_V4_OVERHEAD 24
 #define GRE_V6_OVERHEAD 44
+/* Second chance (second_chance.h) adds the GRE key (K flag, RFC 2890): 4 more bytes, IPv4
+ * outer only. Key = the previous owner's IPv4 address as on the wire; key 0 = "this packet
+ * already had its second chance" (set by the backend that re-encapsulates it). */
+#define GRE_F_KEY 0x2000
+#define GRE_KEY_LEN 4
+#define SC_KEY_SPENT 0
 #define OUTER_TTL 64
 
 /* ---- flow hash (identical in model.py: flow_hash) -------------------------------------------
@@ -281,8 +305,16 @@ enum decap_counter_index {
 	DECAP_PASS_NOT_VIP = 6,   /* GRE whose inner destination is not a configured VIP */
 	DECAP_PASS_FRAGMENT = 7,  /* outer IPv4 fragment or IPv6 extension headers: not ours */
 	DECAP_PASS_TRUNCATED = 8, /* too short to hold the headers it claims */
-	DECAP_DROP_ADJUST = 9,    /* for a VIP but bpf_skb_adjust_room refused: dropped */
-	DECAP_COUNTER_MAX = 10,
+	DECAP_DROP_ADJUST = 9,    /* for a VIP but bpf_skb_adjust_room (or the re-encapsulation
+	                           * of a second chance) refused: dropped */
+	/* Second chance (GRE with a key, see GRE_F_KEY): */
+	DECAP_SC_LOCAL = 10,      /* names a previous owner, but it is a SYN or a local socket owns
+	                           * the flow: decapsulated here */
+	DECAP_SC_REDIRECTED = 11, /* names a previous owner and no local socket owns the flow:
+	                           * re-encapsulated to the previous owner (key spent) */
+	DECAP_SC_ACCEPTED = 12,   /* second chance spent, a local socket owns the flow: decapsulated */
+	DECAP_SC_DROPPED = 13,    /* second chance spent, no local socket either: dropped */
+	DECAP_COUNTER_MAX = 14,
 };
 
 struct decap_counter {

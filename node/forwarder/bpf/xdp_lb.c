@@ -29,6 +29,9 @@
  *   entry is removed (a RST that misses inserts none). A FIN changes nothing: the forwarder
  *   sees only the client's half of the connection, and after the client's FIN the server may
  *   still send for as long as it likes, each of the client's ACKs needing the same backend.
+ * - Second chance (second_chance.h): a non-SYN packet steered by the table whose entry moved
+ *   within the VIP's window goes to the new owner with the previous owner in a GRE key, and
+ *   inserts no conntrack entry (the next packet needs the hint too).
  * - ICMP errors (v4 type 3/11, v6 type 1/2/3) quoting a packet from a VIP flow are steered to
  *   the backend that owns the flow (conntrack, else table; no insert).
  * - Over the MTU after encapsulation: ICMP frag-needed (IPv4 with DF) / packet-too-big (IPv6)
@@ -120,6 +123,7 @@ struct {
 #include "icmp.h"
 #include "encap.h"
 #include "conntrack.h"
+#include "second_chance.h"
 
 /* ---- steering --------------------------------------------------------------------------- */
 
@@ -181,7 +185,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	struct config *cfg;
 	struct backend *be = 0;
 	struct ct_value *ct = 0, cv;
-	__u32 zero = 0, vip_id, be_id = 0, hash, active;
+	__u32 zero = 0, vip_id, be_id = 0, hash, active, hint = 0;
 	__u8 dmac[6];
 	int hit = 0, inserted = 0, rc;
 
@@ -234,7 +238,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	{
 		struct table_slot slot;
 		struct table_chunk *c;
-		__u32 idx, chunk;
+		__u32 idx, chunk, rel;
 
 		active = *(volatile __u32 *)&meta->active & 1;
 		slot = meta->slot[active];
@@ -242,7 +246,8 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 			count(DROP_NO_BACKEND);
 			return XDP_DROP;
 		}
-		idx = slot.offset + (__u32)(((__u64)flow_hash_of(p) * slot.size) >> 32);
+		rel = (__u32)(((__u64)flow_hash_of(p) * slot.size) >> 32);
+		idx = slot.offset + rel;
 		chunk = idx / TABLE_CHUNK;
 		c = bpf_map_lookup_elem(&tables, &chunk);
 		if (!c)
@@ -251,7 +256,10 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 		be = bpf_map_lookup_elem(&backends, &be_id);
 		if (!be || be->vip_id != vip_id || be->state != BE_STATE_ACTIVE)
 			goto bad_backend;
-		if (!p->is_frag && !p->is_icmp_err && !selftest && !p->rst) {
+		/* self-test packets are never hinted: their expected output must not depend on
+		 * which side of a window's deadline the check ran */
+		hint = selftest ? 0 : sc_hint(vip_id, active, rel, be, p);
+		if (!p->is_frag && !p->is_icmp_err && !selftest && !p->rst && !hint) {
 			/* last_seen matters for UDP expiry only: TCP entries store 0 and save
 			 * the clock read unless the rate limiter needs it. */
 			__u64 now = 0;
@@ -277,7 +285,8 @@ chosen:
 		return XDP_DROP;
 	}
 	{
-		__u32 overhead = be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD;
+		__u32 overhead = (be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD) +
+				 (hint ? GRE_KEY_LEN : 0);
 
 		if (p->l3_len + overhead > cfg->mtu) {
 			if (p->is_icmp_err || (p->fk.family == FAM_V4 && !p->df)) {
@@ -299,7 +308,7 @@ chosen:
 		if (be->family == FAM_V4) {
 			fib.family = AF_INET;
 			fib.tos = p->tos;
-			fib.tot_len = p->l3_len + GRE_V4_OVERHEAD;
+			fib.tot_len = p->l3_len + GRE_V4_OVERHEAD + (hint ? GRE_KEY_LEN : 0);
 			fib.ipv4_src = cfg->src_v4;
 			fib.ipv4_dst = be->addr[0];
 		} else {
@@ -315,7 +324,7 @@ chosen:
 			return XDP_DROP;
 		}
 		__builtin_memcpy(dmac, fib.dmac, 6);
-		rc = encap(ctx, l2, p, be, cfg, dmac, hash);
+		rc = encap(ctx, l2, p, be, cfg, dmac, hash, hint);
 		if (rc == XDP_TX) {
 			void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
 
@@ -326,7 +335,7 @@ chosen:
 				rc = bpf_redirect(fib.ifindex, 0);
 		}
 	} else {
-		rc = encap(ctx, l2, p, be, cfg, cfg->next_hop_mac, hash);
+		rc = encap(ctx, l2, p, be, cfg, cfg->next_hop_mac, hash, hint);
 	}
 	if (rc == XDP_DROP)
 		return rc;
@@ -339,6 +348,8 @@ chosen:
 			count(FRAG_FORWARDED);
 		if (p->is_icmp_err)
 			count(ICMP_STEERED);
+		if (hint)
+			sc_count(SC_HINTED);
 		add_stats(&vip_stats, vip_id, p->l3_len, hit, inserted);
 		add_stats(&be_stats, be_id, p->l3_len, hit, inserted);
 	}

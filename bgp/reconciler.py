@@ -11,19 +11,20 @@ tested with a fake clock and a fake speaker:
   previous one is answered. ``error`` is retried with a growing back-off.
 - **resend**: when a session comes up or ExaBGP restarts, everything announced is sent again
   (not a state change: no rate limit applies).
-- **rate limit**: a prefix's announced/withdrawn state changes at most once per
-  ``min_change_interval``; a change asked for sooner waits.
-- **flap hold-down**: a prefix whose desired state keeps flipping (``flap_threshold`` losses
-  within ``flap_window``) is held withdrawn for a hold-down that doubles with every repeat, up to
-  ``flap_hold_down_max``; it resets after ``flap_hold_down_max`` quiet seconds past the last
-  flap and hold-down. Holding it withdrawn is
-  the safe side: the other nodes still carry the VIP.
-- **stop**: ``withdraw_all()`` withdraws everything at once, ignoring rate limit and hold-down.
+- **rate limit, announcements only**: a prefix is announced at most once per
+  ``min_change_interval`` after its last announce or withdraw; an announcement asked for sooner
+  waits. A withdrawal never waits (a VIP that must go is more urgent than one that may come),
+  nor does a change of attributes (announced <-> de-preferred).
+- **no dampening here**: flap dampening is the announce policy's (node.announce_policy), which
+  holds a flapping VIP de-preferred rather than withdrawn; a hold that withdrew would act on
+  every node at once.
+- **prepends**: a route's ``prepend`` is rendered with ``local_as`` (None: left out).
+- **stop**: ``withdraw_all()`` withdraws everything at once.
 
 Work per command is O(log N) in the number of prefixes, not O(N) (issue 12: a thousand routes
 took 4.6 s of scans): every input marks the prefixes it touched, marked prefixes wait in a heap
 ordered like the commands go out (withdraws first, then by prefix), and prefixes that must wait
-(a retry back-off, the rate limit, a hold-down) sit in a second heap keyed by the time they are
+(a retry back-off, the rate limit) sit in a second heap keyed by the time they are
 due. An entry is only a hint: it is judged again when it comes out of either heap.
 """
 
@@ -32,8 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
 from bgp.routes import IPNetwork, NextHop, Route, announce_command, withdraw_command
@@ -57,14 +57,10 @@ class Command:
 @dataclass
 class _Prefix:
     net: IPNetwork
-    hold_len: float
     desired: Route | None = None
     sent: Route | None = None  # acknowledged by ExaBGP
     dirty: bool = False  # ExaBGP lost `sent` (restart) or a session came up: send it again
     last_change: float = -math.inf
-    flaps: deque = field(default_factory=deque)
-    last_flap: float = -math.inf
-    hold_until: float = -math.inf
     retry_at: float = -math.inf
     errors: int = 0
     last_error: str | None = None
@@ -77,20 +73,14 @@ class Reconciler:
         clock: Clock = time.monotonic,
         next_hop: NextHop = "self",
         min_change_interval: float = 1.0,
-        flap_hold_down: float = 5.0,
-        flap_hold_down_max: float = 120.0,
-        flap_threshold: int = 3,
-        flap_window: float = 60.0,
+        local_as: int | None = None,
         retry_initial: float = 0.5,
         retry_max: float = 10.0,
     ):
         self.clock = clock
         self.next_hop = next_hop
         self.min_change_interval = min_change_interval
-        self.flap_hold_down = flap_hold_down
-        self.flap_hold_down_max = max(flap_hold_down_max, flap_hold_down)
-        self.flap_threshold = max(1, flap_threshold)
-        self.flap_window = flap_window
+        self.local_as = local_as
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.extra_communities: tuple[str, ...] = ()
@@ -162,18 +152,16 @@ class Reconciler:
             wanted[r.key] = r
         for key, route in wanted.items():
             if key not in self._p:
-                self._p[key] = _Prefix(route.prefix, hold_len=self.flap_hold_down)
+                self._p[key] = _Prefix(route.prefix)
         for key, p in self._p.items():
             new = wanted.get(key)
-            if p.desired is not None and new is None:
-                self._record_flap(p, now)
             if new != p.desired:
                 p.desired = new
                 self._mark(key, now)
         self._forget_idle(now)
 
     def withdraw_all(self) -> None:
-        """Stop phase: withdraw everything now (no rate limit, no hold-down)."""
+        """Stop phase: withdraw everything now."""
         self.stopping = True
         self._mark_all()
 
@@ -207,14 +195,11 @@ class Reconciler:
         if self.stopping:
             return None, None
         want = self._want(p)
-        deferred = None
-        if want is not None and now < p.hold_until:
-            want, deferred = None, p.hold_until
-        if (want is None) != (p.sent is None):
+        if want is not None and p.sent is None:  # an announcement: rate limited
             earliest = p.last_change + self.min_change_interval
             if now < earliest:
-                return p.sent, earliest
-        return want, deferred
+                return None, earliest
+        return want, None
 
     def next_command(self) -> Command | None:
         """The next command to send, or None (idle, waiting, or one already in flight)."""
@@ -234,7 +219,7 @@ class Reconciler:
                 continue
             target, _ = self._target(p, now)
             resend = target == p.sent
-            text = announce_command(target, self.next_hop) if target is not None else withdraw_command(p.net)
+            text = announce_command(target, self.next_hop, self.local_as) if target is not None else withdraw_command(p.net)
             self.in_flight = Command(key, target, text, resend, self.generation)
             return self.in_flight
         return None
@@ -270,26 +255,12 @@ class Reconciler:
         self.on_result(cmd, ok, error)
         return cmd
 
-    # -- flap dampening ------------------------------------------------------------------------
-
-    def _record_flap(self, p: _Prefix, now: float) -> None:
-        if self.flap_hold_down <= 0:
-            return
-        if now - max(p.last_flap, p.hold_until) > self.flap_hold_down_max:
-            p.hold_len = self.flap_hold_down  # quiet long after the last hold-down: forgive
-        p.last_flap = now
-        p.flaps.append(now)
-        while p.flaps and p.flaps[0] < now - self.flap_window:
-            p.flaps.popleft()
-        if len(p.flaps) >= self.flap_threshold:
-            p.hold_until = now + p.hold_len
-            p.hold_len = min(p.hold_len * 2, self.flap_hold_down_max)
-            p.flaps.clear()
+    # -- housekeeping ----------------------------------------------------------------------
 
     def _forget_idle(self, now: float) -> None:
         for key in [k for k, p in self._p.items()
-                    if p.desired is None and p.sent is None and not p.dirty and now >= p.hold_until
-                    and now - max(p.last_flap, p.hold_until) > self.flap_hold_down_max
+                    if p.desired is None and p.sent is None and not p.dirty
+                    and now - p.last_change > self.min_change_interval
                     and (self.in_flight is None or self.in_flight.prefix != k)]:
             del self._p[key]
             self._ready_as.pop(key, None)
@@ -314,7 +285,7 @@ class Reconciler:
         return set(self._announced)
 
     def _want(self, p: _Prefix) -> Route | None:
-        """The final intent for p, ignoring rate limit and hold-down."""
+        """The final intent for p, ignoring the rate limit."""
         if self.stopping or p.desired is None:
             return None
         return p.desired.with_communities(self.extra_communities)
@@ -335,9 +306,7 @@ class Reconciler:
             if want == p.sent and not (p.dirty and p.sent is not None):
                 continue
             what = "withdraw" if want is None else ("resend" if want == p.sent else "announce")
-            if now < p.hold_until and p.desired is not None and not self.stopping:
-                why = f"held down for flapping, {p.hold_until - now:.1f} s left"
-            elif deferred is not None:
+            if deferred is not None:
                 why = f"rate limited, {deferred - now:.1f} s left"
             elif now < p.retry_at:
                 why = f"retry in {p.retry_at - now:.1f} s after: {p.last_error}"
@@ -345,7 +314,3 @@ class Reconciler:
                 why = "in flight" if self.in_flight and self.in_flight.prefix == k else "queued"
             out[k] = f"{what} ({why})"
         return out
-
-    def hold_downs(self) -> dict[str, float]:
-        now = self.clock()
-        return {k: round(p.hold_until - now, 3) for k, p in sorted(self._p.items()) if p.hold_until > now}

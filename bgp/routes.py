@@ -8,7 +8,12 @@ Command syntax accepted by ExaBGP 5.0.15 (one line each, answered by ``done`` or
 
     announce route 10.77.100.1/32 next-hop self
     announce route fd77:100::1/128 next-hop self med 100 community [65000:100 65535:0]
+    announce route 10.77.100.1/32 next-hop self med 1000 as-path [65101 65101 65101 65101]
     withdraw route 10.77.100.1/32
+
+ExaBGP sends an ``as-path`` as given (it adds the local ASN only when there is none), so a
+de-preferred route's path is the node's ASN 1 + ``prepend`` times: an eBGP router checks that
+the path starts with its peer's ASN.
 
 Without a ``neighbor X`` selector a route goes to every session of its address family.
 """
@@ -25,6 +30,8 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 GRACEFUL_SHUTDOWN = "65535:0"  # RFC 8326 well-known community
 MAX_MED = 2**32 - 1
+MAX_PREPEND = 16
+MAX_ASN = 2**32 - 1
 _COMMUNITY_RE = re.compile(r"(\d{1,5}):(\d{1,5})")
 
 
@@ -42,11 +49,13 @@ def parse_community(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Route:
-    """One VIP announcement: a host prefix (/32 or /128) with optional MED and communities."""
+    """One VIP announcement: a host prefix (/32 or /128) with optional MED, communities and
+    AS-path prepends (a de-preferred VIP)."""
 
     prefix: IPNetwork
     med: int | None = None
     communities: tuple[str, ...] = ()
+    prepend: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -56,15 +65,17 @@ class Route:
         if self.med is not None and (isinstance(self.med, bool) or not isinstance(self.med, int)
                                      or not 0 <= self.med <= MAX_MED):
             raise RouteError(f"route {self.prefix}: med {self.med!r} must be an int 0-{MAX_MED}")
+        if isinstance(self.prepend, bool) or not isinstance(self.prepend, int) or not 0 <= self.prepend <= MAX_PREPEND:
+            raise RouteError(f"route {self.prefix}: prepend {self.prepend!r} must be an int 0-{MAX_PREPEND}")
         # Canonical form (sorted, no duplicates) so equal intent compares equal.
         canon = tuple(f"{a}:{v}" for a, v in sorted({parse_community(c) for c in self.communities}))
         object.__setattr__(self, "communities", canon)
 
     @classmethod
     def for_address(cls, address: IPAddress | str, med: int | None = None,
-                    communities: tuple[str, ...] | list[str] = ()) -> "Route":
+                    communities: tuple[str, ...] | list[str] = (), prepend: int = 0) -> "Route":
         addr = ipaddress.ip_address(address) if isinstance(address, str) else address
-        return cls(ipaddress.ip_network(addr), med, tuple(communities))
+        return cls(ipaddress.ip_network(addr), med, tuple(communities), prepend)
 
     @property
     def key(self) -> str:
@@ -73,7 +84,7 @@ class Route:
     def with_communities(self, extra: tuple[str, ...]) -> "Route":
         if not extra:
             return self
-        return Route(self.prefix, self.med, self.communities + tuple(extra))
+        return Route(self.prefix, self.med, self.communities + tuple(extra), self.prepend)
 
 
 NextHop = Union[Literal["self"], IPAddress]
@@ -88,10 +99,16 @@ def next_hop_for(route: Route, configured: NextHop) -> str:
     return str(configured)
 
 
-def announce_command(route: Route, next_hop: NextHop = "self") -> str:
+def announce_command(route: Route, next_hop: NextHop = "self", local_as: int | None = None) -> str:
+    """``local_as`` None: prepends are left out (a node with an iBGP peer, which would drop a
+    path holding its own ASN)."""
     parts = ["announce", "route", route.prefix.with_prefixlen, "next-hop", next_hop_for(route, next_hop)]
     if route.med is not None:
         parts += ["med", str(int(route.med))]
+    if route.prepend and local_as is not None:
+        if isinstance(local_as, bool) or not isinstance(local_as, int) or not 1 <= local_as <= MAX_ASN:
+            raise RouteError(f"local_as {local_as!r} must be an ASN 1-{MAX_ASN}")
+        parts += ["as-path", "[" + " ".join([str(local_as)] * (1 + int(route.prepend))) + "]"]
     if route.communities:
         comms = " ".join(f"{a}:{v}" for a, v in (parse_community(c) for c in route.communities))
         parts += ["community", f"[{comms}]"]

@@ -88,8 +88,7 @@ class BgpSpeaker(Supervised):
 
     Call its methods from the event loop it was started on (not thread-safe). ``announced()``
     and ``status()`` name prefixes as 'ADDRESS/32' or 'ADDRESS/128'; ``SessionInfo.since`` is
-    wall-clock time. ``flap_threshold``/``flap_window`` tune the hold-down trigger (losses of a
-    VIP within the window); the hold-down lengths come from the config.
+    wall-clock time. AS-path prepends (de-preferred VIPs) are sent only when no peer is iBGP.
     """
 
     def __init__(
@@ -100,8 +99,6 @@ class BgpSpeaker(Supervised):
         on_change: Callable[[], None] | None = None,
         exabgp_argv: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        flap_threshold: int = 3,
-        flap_window: float = 60.0,
         bfd_dir: Path | None = None,
         bfdd_wrapper: Sequence[str] = (),
         log_dir: Path | None = None,
@@ -112,10 +109,10 @@ class BgpSpeaker(Supervised):
         # The config path is appended; a wrapper (e.g. `ip netns exec NS`) must exec, not fork.
         self.exabgp_argv = list(exabgp_argv) if exabgp_argv else [sys.executable, "-m", "exabgp", "server"]
         self.clock = clock
+        ibgp = any(p.peer_as == config.local_as for p in config.peers)
         self.reconciler = Reconciler(
             clock=clock, next_hop=config.next_hop, min_change_interval=config.min_change_interval,
-            flap_hold_down=config.flap_hold_down, flap_hold_down_max=config.flap_hold_down_max,
-            flap_threshold=flap_threshold, flap_window=flap_window,
+            local_as=None if ibgp else config.local_as,
         )
         now = time.time()
         self._sessions = {str(p.address): SessionInfo(str(p.address), "idle", now, None) for p in config.peers}
@@ -433,7 +430,6 @@ class BgpSpeaker(Supervised):
             "sessions": {k: asdict(v) for k, v in self._sessions.items()},
             "announced": sorted(self.reconciler.announced()),
             "pending": self.reconciler.pending(),
-            "hold_downs": self.reconciler.hold_downs(),
             "restarts": self.restarts,
             "last_error": self.last_error or self.reconciler.last_error,
             "bfd": self.bfd.status() if self.bfd is not None else {"enabled": False},

@@ -234,19 +234,73 @@ def backend_key(address: IPAddress, port: int | None) -> str:
     return f"{host}:{port}" if port else host
 
 
-class AnnouncePolicy(Strict):
-    min_healthy: int = Field(1, ge=1, description="announce only with at least this many healthy backends")
-    med: int | None = Field(None, ge=0, le=4294967295)
-    communities: list[str] = Field(default_factory=list)
+def _check_communities(v: list[str]) -> list[str]:
+    for c in v:
+        m = re.fullmatch(r"(\d+):(\d+)", c)
+        if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
+            raise ValueError(f"community {c!r} must be ASN:VALUE with both parts 0-65535")
+    return v
+
+
+DEPREFER_MED_STEP = 1000  # default MED penalty of a de-preferred route
+MAX_PREPEND = 16  # AS-path prepends of a de-preferred route; more only bloats every router's table
+
+
+class DepreferAttributes(Strict):
+    """The route of a de-preferred VIP: still announced, so routers reach it when every node is
+    degraded alike, but worse than a healthy node's on MED and AS-path length (ExaBGP
+    healthcheck's --down-metric). Prepends work across ASNs; MED needs
+    `bgp always-compare-med` on the router (or one ASN for every node)."""
+
+    med: int | None = Field(None, ge=0, le=4294967295,
+                            description="MED while de-preferred; unset: the VIP's med + 1000")
+    prepend: int = Field(3, ge=0, le=MAX_PREPEND, description="extra copies of local_as in the AS path")
+    communities: list[str] = Field(default_factory=list, description="added while de-preferred")
 
     @field_validator("communities")
     @classmethod
     def _community_format(cls, v: list[str]) -> list[str]:
-        for c in v:
-            m = re.fullmatch(r"(\d+):(\d+)", c)
-            if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
-                raise ValueError(f"community {c!r} must be ASN:VALUE with both parts 0-65535")
-        return v
+        return _check_communities(v)
+
+
+class AnnouncePolicy(Strict):
+    min_healthy: int = Field(1, ge=1, description="below this many serving backends the pool is unhealthy")
+    min_healthy_to_announce: int | None = Field(
+        None, ge=1, description="serving backends needed to count as healthy again (hysteresis; "
+        ">= min_healthy); unset: min_healthy")
+    on_unhealthy: Literal["withdraw", "deprefer"] = Field(
+        "withdraw", description="what an unhealthy pool does to the route")
+    med: int | None = Field(None, ge=0, le=4294967295)
+    communities: list[str] = Field(default_factory=list)
+    deprefer: DepreferAttributes = Field(default_factory=DepreferAttributes)
+
+    @field_validator("communities")
+    @classmethod
+    def _community_format(cls, v: list[str]) -> list[str]:
+        return _check_communities(v)
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> "AnnouncePolicy":
+        if self.min_healthy_to_announce is not None and self.min_healthy_to_announce < self.min_healthy:
+            raise ValueError(
+                f"min_healthy_to_announce ({self.min_healthy_to_announce}) must be at least "
+                f"min_healthy ({self.min_healthy}): a pool must not count as healthy again with fewer "
+                "backends than make it unhealthy")
+        if self.deprefer.med is not None and self.med is not None and self.deprefer.med <= self.med:
+            raise ValueError(
+                f"deprefer.med ({self.deprefer.med}) must be above med ({self.med}): a lower MED is "
+                "preferred, so the de-preferred route would win")
+        return self
+
+    @property
+    def healthy_again(self) -> int:
+        return self.min_healthy_to_announce or self.min_healthy
+
+    @property
+    def deprefer_med(self) -> int:
+        if self.deprefer.med is not None:
+            return self.deprefer.med
+        return min((self.med or 0) + DEPREFER_MED_STEP, 4294967295)
 
 
 class SecondChance(Strict):
@@ -275,6 +329,9 @@ class VipConfig(Strict):
     port: int | Literal["all"] = Field(..., description="a port 1-65535, or 'all'")
     table_size: int = DEFAULT_TABLE_SIZE
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_VIP)
+    # Used only while the primary pool is below announce.min_healthy (a "sorry server"), with a
+    # table of their own; checked by the same health_check.
+    fallback_backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_VIP)
     health_check: HealthCheck | None = None
     announce: AnnouncePolicy = Field(default_factory=AnnouncePolicy)
     second_chance: SecondChance | None = None
@@ -311,19 +368,25 @@ class VipConfig(Strict):
     def _backends_consistent(self) -> "VipConfig":
         keys: set[str] = set()
         addrs: set[tuple[str, int | None]] = set()
-        for i, b in enumerate(self.backends):
-            if b.address.version != self.address.version:
-                raise ValueError(
-                    f"backends[{i}].address {b.address} is IPv{b.address.version} but the VIP "
-                    f"address {self.address} is IPv{self.address.version}; a VIP's backends must "
-                    "use the VIP's address family"
-                )
-            if (str(b.address), b.port) in addrs:
-                raise ValueError(f"backends[{i}] {b.key} is listed twice")
-            addrs.add((str(b.address), b.port))
-            if b.key in keys:
-                raise ValueError(f"backends[{i}] hash key {b.key!r} is used by another backend")
-            keys.add(b.key)
+        for field_name in ("backends", "fallback_backends"):
+            for i, b in enumerate(getattr(self, field_name)):
+                where = f"{field_name}[{i}]"
+                if b.address.version != self.address.version:
+                    raise ValueError(
+                        f"{where}.address {b.address} is IPv{b.address.version} but the VIP "
+                        f"address {self.address} is IPv{self.address.version}; a VIP's backends must "
+                        "use the VIP's address family"
+                    )
+                if (str(b.address), b.port) in addrs:
+                    raise ValueError(f"{where} {b.key} is listed twice (a fallback backend must not "
+                                     "also be a primary one)")
+                addrs.add((str(b.address), b.port))
+                if b.key in keys:
+                    raise ValueError(f"{where} hash key {b.key!r} is used by another backend")
+                keys.add(b.key)
+        if len(self.all_backends) > MAX_BACKENDS_PER_VIP:
+            raise ValueError(f"{len(self.all_backends)} backends and fallback backends exceed the "
+                             f"limit of {MAX_BACKENDS_PER_VIP} per VIP")
         if self.second_chance is not None and self.address.version != 4:
             raise ValueError(
                 f"second_chance needs an IPv4 VIP: the GRE key that names the previous owner "
@@ -334,6 +397,11 @@ class VipConfig(Strict):
                 f"{len(self.backends)} backends do not fit a table of {self.table_size} entries"
             )
         return self
+
+    @property
+    def all_backends(self) -> list[Backend]:
+        """The primary pool, then the fallback pool: every backend the node checks and programs."""
+        return self.backends + self.fallback_backends if self.fallback_backends else self.backends
 
     @property
     def identity(self) -> tuple[str, str, int | str]:
@@ -389,6 +457,9 @@ class BgpConfig(Strict):
     min_change_interval: float = Field(1.0, ge=0, description="a VIP's route changes at most this often")
     flap_hold_down: float = Field(5.0, ge=0, description="initial hold-down for a flapping VIP route")
     flap_hold_down_max: float = Field(120.0, ge=0)
+    flap_threshold: int = Field(3, ge=1, le=100, description="losses of a VIP's healthy verdict within "
+                                "flap_window that start its hold-down (de-preferred, never withdrawn)")
+    flap_window: float = Field(60.0, gt=0)
     bfd: BfdConfig = Field(default_factory=BfdConfig)
 
     @field_validator("hold_time")
@@ -488,6 +559,14 @@ class ApiConfig(Strict):
         return v
 
 
+class DisableSwitch(Strict):
+    """The maintenance switch: while the file exists, every VIP of the node is de-preferred (or
+    withdrawn), as ExaBGP healthcheck's --disable does. Flipped with touch/rm, no API needed."""
+
+    path: Path | None = Field(None, description="default: run_dir/disable")
+    action: Literal["deprefer", "withdraw"] = "deprefer"
+
+
 class NodeConfig(Strict):
     node_id: str
     vip_dir: Path
@@ -498,6 +577,7 @@ class NodeConfig(Strict):
     bgp: BgpConfig
     forwarder: ForwarderConfig
     api: ApiConfig = Field(default_factory=ApiConfig)
+    disable: DisableSwitch = Field(default_factory=DisableSwitch)
     warmup: float = Field(10.0, ge=0, description="seconds to wait for every backend's first verdict")
     log_format: Literal["text", "json"] = "text"
 
@@ -1024,6 +1104,11 @@ def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source
     peer_families = {p.address.version for p in node.bgp.peers}
     for vip in vips.values():
         fam = vip.address.version
+        if "prepend" in vip.announce.deprefer.model_fields_set and vip.announce.deprefer.prepend and any(p.peer_as == node.bgp.local_as for p in node.bgp.peers):
+            problems.append(ConfigProblem(source, vip.name, "announce.deprefer.prepend",
+                                          "AS-path prepends cannot go to an iBGP peer (it drops routes with "
+                                          "its own ASN in the path; a node with an iBGP peer sends none); "
+                                          "set prepend: 0 and rely on med"))
         if fam == 6 and fwd.encap_source_v6 is None and vip.backends:
             problems.append(ConfigProblem(source, vip.name, "backends",
                                           "IPv6 backends need forwarder.encap_source_v6 in the node file (the GRE outer source)"))
@@ -1036,7 +1121,7 @@ def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source
     if len(vips) > FORWARDER_MAX_VIPS:
         problems.append(ConfigProblem(source, None, None, f"{len(vips)} VIPs exceed the forwarder's limit of "
                                       f"{FORWARDER_MAX_VIPS} (MAX_VIPS in maglev.h)"))
-    pairs = sum(len(v.backends) for v in vips.values())
+    pairs = sum(len(v.all_backends) for v in vips.values())
     if pairs > FORWARDER_MAX_BACKENDS:
         problems.append(ConfigProblem(source, None, None,
                                       f"{pairs} VIP backends in all exceed the forwarder's limit of "

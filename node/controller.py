@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.admin_state import AdminStore
+from node.announce_policy import DampingParams
 from node.config import (
     ConfigError,
     NodeConfig,
@@ -33,10 +34,11 @@ from node.config import (
 )
 from node.decision_log import DecisionLog
 from node.dirs import node_dirs
+from node.disable_switch import DisableSwitch
 from node.effects import forwarder_spec, routes_for
 from node.events import EventLog
 from node.handover import handover
-from node.health_view import HealthView, health_of, health_targets, owners_of
+from node.health_view import HealthView, held_until, health_of, health_targets, owners_of
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
 from node.programming import SpecCache
@@ -90,6 +92,10 @@ class Controller:
         self.vip_dir = _resolve(config.vip_dir, base_dir)
         self.run_dir = _resolve(config.run_dir, base_dir)
         self.state_file = node_dirs(config, base_dir).state / "state.json"
+        self.disable = DisableSwitch(_resolve(config.disable.path, base_dir) if config.disable.path
+                                     else self.run_dir / "disable", config.disable.action)
+        self.damping = DampingParams(config.bgp.flap_hold_down, config.bgp.flap_hold_down_max,
+                                     config.bgp.flap_threshold, config.bgp.flap_window)
 
         self.vips: dict[str, VipConfig] = {}
         self.vip_sources: dict[str, Path] = {}
@@ -173,6 +179,7 @@ class Controller:
         self.supervisor.spawn("vip-dir-watch", self._watch_loop)
         self.supervisor.spawn("warmup", self._warmup_timer, once=True)
         self.supervisor.spawn("table-builds", self._table_build_loop)
+        self.supervisor.spawn("disable-watch", lambda: self.disable.watch(self.events, self.mark_dirty))
         self.mark_dirty()
 
     async def stop(self) -> None:
@@ -230,10 +237,11 @@ class Controller:
         view = self._health_view()
         return {pair: view[pair] for pair in view}
 
-    def _health_view(self) -> HealthView:
+    def _health_view(self, snapshot: dict | None = None) -> HealthView:
         # One verdict per distinct target (many VIPs share backends), looked up per (VIP,
         # backend) only for the VIPs being decided.
-        verdict = {t: health_of(st.state) for t, st in self.health.snapshot().items()}
+        snapshot = self.health.snapshot() if snapshot is None else snapshot
+        verdict = {t: health_of(st.state) for t, st in snapshot.items()}
         return HealthView(verdict, self.targets, self._static_pairs)
 
     def _mark_health_changes(self, view: HealthView) -> None:
@@ -250,15 +258,21 @@ class Controller:
     def _inputs(self) -> Inputs:
         forwarder_ok = self.self_test.ok and self.forwarder_error is None
         reason = self.forwarder_error or self.self_test.reason
+        snapshot = self.health.snapshot()  # one read for the verdicts and the hold-downs
         return Inputs(
             vips=self.vips,
-            health=self._health_view(),
+            health=self._health_view(snapshot),
             overrides=self.overrides,
             forwarder_ok=forwarder_ok,
             forwarder_reason=reason,
             vip_faults=dict(self.self_tester.faults),
             warmup_over=self.warmup_over,
             node_drained=self.node_drained,
+            node_disabled=self.disable.action if self.disable.state.active else None,
+            disable_path=str(self.disable.path),
+            held=held_until(snapshot, self._owners),
+            now=self.clock(),
+            damping=self.damping,
         )
 
     def _check_warmup(self, health: dict[tuple[str, str], Health]) -> None:
@@ -275,7 +289,7 @@ class Controller:
 
     async def _reconcile_loop(self) -> None:
         while True:
-            await self._dirty.wait()
+            await self._wait_dirty()
             await asyncio.sleep(RECONCILE_DEBOUNCE)  # coalesce bursts (a reload, many transitions)
             self._dirty.clear()
             try:
@@ -285,6 +299,21 @@ class Controller:
                 self.events.emit("reconcile_failed", f"reconcile failed: {exc!r}; retrying in 1 s", level="error")
                 await asyncio.sleep(1)
                 self.mark_dirty()
+
+    async def _wait_dirty(self) -> None:
+        """Wait for an input change, or for the first announce-policy hold-down to end (a
+        decision that changes with time alone): its VIPs are then decided again."""
+        wakeups = self.desired.wakeups() if self.desired is not None else {}
+        if not wakeups:
+            await self._dirty.wait()
+            return
+        try:
+            await asyncio.wait_for(self._dirty.wait(), max(0.0, min(wakeups.values()) - self.clock()) + 0.01)
+        except TimeoutError:
+            pass
+        # However the wait ended: a busy node must not keep an ended hold-down forever.
+        now = self.clock()
+        self._mark_vips(name for name, at in wakeups.items() if at <= now)
 
     async def reconcile(self) -> Desired:
         # One at a time: the API's actions reconcile directly, next to the loop's.
@@ -297,7 +326,7 @@ class Controller:
         # The forwarder's reason only shows in decisions while it is unhealthy ("3 VIP(s)
         # checked" changing with the sample size must not re-decide every VIP).
         reason = "" if inputs.forwarder_ok else inputs.forwarder_reason
-        flags = (inputs.forwarder_ok, reason, inputs.warmup_over, inputs.node_drained)
+        flags = (inputs.forwarder_ok, reason, inputs.warmup_over, inputs.node_drained, inputs.node_disabled)
         self._mark_health_changes(inputs.health)
         only, self._dirty_vips = self._dirty_vips, set()
         if flags != self._decided_globals or self.desired is None:
@@ -390,12 +419,12 @@ class Controller:
             self.mark_dirty()
 
     def _apply_routes(self, desired: Desired) -> None:
-        announced = tuple((d.vip, d.announce) for d in desired.vips.values())
+        announced = tuple((d.vip, d.policy.attributes) for d in desired.vips.values())
         if announced == self._routes_from:
             return
         self._routes_from = announced
         routes = routes_for(desired)
-        key = tuple(sorted((str(r.prefix), r.med, r.communities) for r in routes))
+        key = tuple(sorted((str(r.prefix), r.med, r.communities, r.prepend) for r in routes))
         if key != self._applied_routes:
             self.speaker.set_desired(routes)
             self._applied_routes = key
@@ -507,8 +536,8 @@ class Controller:
         self._owners = owners_of(targets)  # target -> (vip, backend key)
         self._mark_vips(result.added + result.changed)
         # Backends of VIPs without a health check: a static pool, always UP.
-        self._static_pairs = {(v.name, b.key) for v in new.values() if v.health_check is None for b in v.backends}
-        keys = {(v.name, b.key) for v in new.values() for b in v.backends}
+        self._static_pairs = {(v.name, b.key) for v in new.values() if v.health_check is None for b in v.all_backends}
+        keys = {(v.name, b.key) for v in new.values() for b in v.all_backends}
         self.admin.forget_missing(keys)
         self.last_reload = result
         self.metrics.reloads[True] = self.metrics.reloads.get(True, 0) + 1
@@ -527,8 +556,8 @@ class Controller:
         drained backend stays drained across a controller restart."""
         if vip not in self.vips:
             raise KeyError(f"no VIP named {vip!r}")
-        if not any(b.key == backend for b in self.vips[vip].backends):
-            keys = ", ".join(b.key for b in self.vips[vip].backends)
+        if not any(b.key == backend for b in self.vips[vip].all_backends):
+            keys = ", ".join(b.key for b in self.vips[vip].all_backends)
             raise KeyError(f"VIP {vip!r} has no backend {backend!r} (backends: {keys})")
         if state is None:
             self.overrides.pop((vip, backend), None)

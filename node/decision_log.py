@@ -1,4 +1,4 @@
-"""Events for what the operator must hear about decisions: a VIP announced or withdrawn, a
+"""Events for what the operator must hear about decisions: a VIP announced, de-preferred or withdrawn, a
 table rebuilt (with its digest and shares). Logged on change only, and summarised when a
 burst rebuilds many tables at once (one backend shared by every VIP going down)."""
 
@@ -14,7 +14,7 @@ TABLE_EVENTS_MAX = 20  # more tables rebuilt at once: one summary event instead 
 class DecisionLog:
     def __init__(self, events: Any) -> None:
         self.events = events
-        self._vips: dict[str, tuple[bool, str]] = {}
+        self._vips: dict[str, tuple[str, str]] = {}
         self._tables: dict[str, str] = {}
 
     def tables(self, desired: Desired, names: list[str], sync_seconds: float) -> None:
@@ -50,15 +50,16 @@ class DecisionLog:
         names = desired.vips if touched is None else [n for n in touched if n in desired.vips]
         for name in names:
             d = desired.vips[name]
-            now = (d.announce, d.reason)
+            now = (d.state, d.reason)
             before = self._vips.get(name)
             if before is None or before[0] != now[0]:
-                verb = "announced" if d.announce else "withdrawn"
+                verb = d.state  # announced, depreferred or withdrawn
                 self.events.emit(
                     "vip_" + verb,
                     f"VIP {name} ({d.vip.prefix}) {verb}: {d.reason}",
-                    level="info" if d.announce else "warning",
+                    level="info" if verb == "announced" else "warning",
                     vip=name,
+                    reason=d.policy.code,
                 )
             self._vips[name] = now
         for name in self._vips.keys() - desired.vips.keys():

@@ -35,18 +35,21 @@ def forwarder_spec(d: VipDecision, previous: tuple[VipDecision, Any] | None = No
 
 
 def routes_for(desired: Desired) -> list[Any]:
-    """One route per announced VIP address. Several VIPs on one address share the /32: it is
-    announced when any of them is, with the attributes of the first (by name)."""
+    """One route per announced (or de-preferred) VIP address, with the attributes the announce
+    policy chose. Several VIPs on one address share the /32: it is announced when any of them
+    is, with the attributes of the best of them (announced before de-preferred), then by name."""
     from bgp.routes import Route
 
     by_prefix: dict[str, Any] = {}
-    for name in sorted(desired.vips):
+    for name in sorted(desired.vips, key=lambda n: (desired.vips[n].state != "announced", n)):
         d = desired.vips[name]
-        if not d.announce or d.vip.prefix in by_prefix:
+        attrs = d.policy.attributes
+        if attrs is None or d.vip.prefix in by_prefix:
             continue
         by_prefix[d.vip.prefix] = Route(
             prefix=ipaddress.ip_network(d.vip.prefix),
-            med=d.vip.announce.med,
-            communities=tuple(d.vip.announce.communities),
+            med=attrs.med,
+            communities=attrs.communities,
+            prepend=attrs.prepend,
         )
     return list(by_prefix.values())

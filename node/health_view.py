@@ -62,11 +62,22 @@ def health_targets(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConf
         if vip.health_check is None:
             continue
         same = previous.get(vip.name) is vip
-        for b in vip.backends:
+        for b in vip.all_backends:
             pair = (vip.name, b.key)
             target = previous_targets.get(pair) if same else None
             out[pair] = target if target is not None else Target(b.address, vip.backend_port(b), vip.health_check)
     return out
+
+
+def held_until(snapshot: dict[Any, Any], owners: dict[Any, list[tuple[str, str]]]) -> dict[tuple[str, str], float]:
+    """(vip, backend key) -> until when its check's flap dampening holds it DOWN (the
+    announce policy de-prefers rather than withdraws a VIP short only because of them)."""
+    held: dict[tuple[str, str], float] = {}
+    for target, st in snapshot.items():
+        until = getattr(st, "held_until", None)
+        if until is not None:
+            held.update((pair, until) for pair in owners.get(target, ()))
+    return held
 
 
 def owners_of(targets: dict[tuple[str, str], Any]) -> dict[Any, list[tuple[str, str]]]:

@@ -100,6 +100,7 @@ class Snapshot:
     node_id: str
     drained: bool
     warmup_over: bool
+    disabled: bool
     forwarder_ok: bool
     desired: Any
     self_tests: dict[bool, int]
@@ -131,6 +132,7 @@ def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None
         node_id=c.config.node_id,
         drained=c.node_drained,
         warmup_over=c.warmup_over,
+        disabled=bool(getattr(getattr(c, "disable", None), "state", None) and c.disable.state.active),
         forwarder_ok=c.self_test.ok and c.forwarder_error is None,
         desired=c.desired,
         self_tests=dict(c.metrics.self_tests),
@@ -183,6 +185,8 @@ class SnapshotCollector:
         yield info
         for name, doc, value in (
             ("maglev_node_drained", "1 when the operator drained the node", s.drained),
+            ("maglev_node_disabled", "1 while the node's disable file exists (every VIP de-preferred or withdrawn)",
+             s.disabled),
             ("maglev_warmup_over", "1 once warm-up is over", s.warmup_over),
             ("maglev_forwarder_up", "1 when the forwarder's last self-test passed", s.forwarder_ok),
             ("maglev_config_last_reload_successful", "1 when the last reload was applied", s.last_reload_ok),
@@ -255,6 +259,9 @@ class SnapshotCollector:
         announced = _gauge("maglev_vip_announced", "1 when this node decided to announce the VIP", ["vip", "address"])
         confirmed = _gauge("maglev_vip_route_confirmed",
                            "1 when ExaBGP acknowledged the VIP's route (compare maglev_vip_announced)", ["vip", "address"])
+        state = _gauge("maglev_vip_announce_state", "1 for the VIP's current announce state "
+                       "(announced, depreferred, withdrawn) and the short reason for it", ["vip", "state", "reason"])
+        fallback = _gauge("maglev_vip_fallback_in_use", "1 while the VIP's fallback pool serves it", ["vip"])
         serving = _gauge("maglev_vip_serving_backends", "Backends with table entries", ["vip"])
         digest = InfoMetricFamily("maglev_vip_table", "The VIP's Maglev table digest (same config: same digest on every node)",
                                   labels=["vip"])
@@ -266,6 +273,8 @@ class SnapshotCollector:
             addr = str(d.vip.address)
             announced.add_metric([name, addr], int(d.announce))
             confirmed.add_metric([name, addr], int(d.vip.prefix in s.announced))
+            state.add_metric([name, d.state, d.policy.code], 1)
+            fallback.add_metric([name], int(d.policy.use_fallback))
             serving.add_metric([name], len(d.serving))
             digest.add_metric([name], {"digest": d.table.digest() if d.table else ""})
             shares = d.table.shares() if d.table is not None and d.table.backends else {}
@@ -276,7 +285,7 @@ class SnapshotCollector:
                 bserving.add_metric([name, b.key], int(b.serving))
                 share.add_metric([name, b.key], shares.get(b.key, 0.0))
                 expected.add_metric([name, b.key], b.weight / total if b.serving and total else 0.0)
-        yield from (announced, confirmed, serving, digest, health, bserving, share, expected)
+        yield from (announced, state, fallback, confirmed, serving, digest, health, bserving, share, expected)
         t = _counter("maglev_backend_transitions", "Backend health transitions", ["vip", "backend", "to"])
         for (vip, key, to), n in sorted(s.transitions.items()):
             t.add_metric([vip, key, to], n)

@@ -9,20 +9,28 @@ Rules (issue 6):
 - A backend serves (gets table entries) when its admin state is active and its health is UP.
 - A draining backend that is healthy keeps its existing flows (forwarder state "drain") but gets
   no table entries; disabled or unhealthy backends get neither ("down").
-- A VIP is announced only when the forwarder's self-test passes, warm-up is over, the node is not
-  drained, and at least ``announce.min_healthy`` backends serve.
+- Whether a VIP is announced, de-preferred or withdrawn, and with which route attributes, is
+  the announce policy's (node.announce_policy, issue 14): hysteresis, the fallback pool,
+  dampening, the disable file. Its previous decision (hysteresis verdict, dampening history)
+  comes from ``previous``.
+- The fallback pool's backends serve only while the policy says so; a healthy backend of the
+  pool not in use is "drain" (its existing flows finish, it gets no new ones).
 - During warm-up nothing is programmed for a VIP, so a restarted controller never replaces a good
   table in the kernel with one built from "health unknown".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import ipaddress
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
+from node.announce_policy import AnnounceDecision, DampingParams, NodeState, PoolCounts, decide_announce
 from node.config import Backend, VipConfig
 from node.maglev import MaglevTable, StopGapTable, build_table
 
@@ -52,6 +60,18 @@ class Inputs:
     vip_faults: Mapping[str, str] = field(default_factory=dict)
     warmup_over: bool = True
     node_drained: bool = False
+    # The disable file's action while it exists (None: absent), and its path for the reason.
+    node_disabled: Literal["deprefer", "withdraw"] | None = None
+    disable_path: str = ""
+    # (vip, backend key) -> until when its check's flap dampening holds it DOWN (clock time).
+    held: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    now: float = 0.0  # the controller's clock, for dampening; the decision reads no clock itself
+    damping: DampingParams = field(default_factory=DampingParams)
+
+    @functools.cached_property  # once per decide, not once per VIP
+    def node_state(self) -> NodeState:
+        return NodeState(self.forwarder_ok, self.forwarder_reason, self.warmup_over, self.node_drained,
+                         self.node_disabled, self.disable_path)
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,7 @@ class BackendDecision:
     health: Health
     data_state: DataState
     serving: bool
+    fallback: bool = False  # a backend of the fallback pool
 
 
 @dataclass(frozen=True)
@@ -70,8 +91,19 @@ class VipDecision:
     vip: VipConfig
     backends: tuple[BackendDecision, ...]
     table: MaglevTable | None  # None: leave the forwarder's current table alone (warm-up)
-    announce: bool
-    reason: str
+    policy: AnnounceDecision
+
+    @property
+    def announce(self) -> bool:
+        return self.policy.announce
+
+    @property
+    def state(self) -> str:
+        return self.policy.state
+
+    @property
+    def reason(self) -> str:
+        return self.policy.reason
 
     @property
     def serving(self) -> list[str]:
@@ -85,6 +117,10 @@ class Desired:
     @property
     def announced(self) -> list[str]:
         return sorted(n for n, d in self.vips.items() if d.announce)
+
+    def wakeups(self) -> dict[str, float]:
+        """VIP -> when its decision changes with no new input (a hold-down ends)."""
+        return {n: d.policy.wakeup for n, d in self.vips.items() if d.policy.wakeup is not None}
 
 
 def admin_state(vip: VipConfig, backend: Backend, overrides: Mapping[tuple[str, str], AdminState]) -> AdminState:
@@ -181,40 +217,55 @@ class TableCache:
 
 def decide_vip(vip: VipConfig, inputs: Inputs, tables: TableCache,
                previous: VipDecision | None = None) -> VipDecision:
-    """``previous``: this VIP's last decision, from the same config object; a backend whose
+    """``previous``: this VIP's last decision. From the same config object, a backend whose
     admin state and health are unchanged keeps its decision object (a backend shared by every
-    VIP going down re-decides one backend per VIP, not all of them)."""
-    backends = []
+    VIP going down re-decides one backend per VIP, not all of them); from any config with the
+    same announce policy, the policy's history (hysteresis, dampening) carries on."""
     old = previous.backends if previous is not None and previous.vip is vip else ()
-    for i, b in enumerate(vip.backends):
-        admin = admin_state(vip, b, inputs.overrides)
-        health = inputs.health.get((vip.name, b.key), Health.UNKNOWN)
-        if old and old[i].admin == admin and old[i].health is health:
-            backends.append(old[i])
-            continue
-        state = data_state(admin, health)
-        backends.append(
-            BackendDecision(b.key, b.address, b.weight, admin, health, state, state == "active")
-        )
+    n_primary = len(vip.backends)
+    backends, serving = _backends(vip, vip.backends, inputs, False, old[:n_primary])
+    fallback_serving = 0
+    if vip.fallback_backends:
+        more, fallback_serving = _backends(vip, vip.fallback_backends, inputs, True, old[n_primary:])
+        backends += more
+    primary, fallback = backends[:n_primary], backends[n_primary:]
+    held = [t for t in (inputs.held.get((vip.name, b.key), -math.inf) for b in primary if b.health is Health.DOWN)
+            if t > inputs.now] if inputs.held else []
+    counts = PoolCounts(serving, fallback_serving, len(held))
+    # Same policy config (identity first: a pydantic comparison per VIP would cost a full decide
+    # at fleet scale): carry its history on; a changed policy starts afresh.
+    same = previous is not None and (previous.vip is vip or previous.vip.announce == vip.announce)
+    before = previous.policy if same else None
+    policy = decide_announce(vip.announce, counts, inputs.node_state, before, inputs.now, inputs.damping,
+                             inputs.vip_faults.get(vip.name) if inputs.vip_faults else None)
+    if held and policy.code == "backends_dampened":  # decide again when the first hold ends
+        policy = dataclasses.replace(policy, wakeup=min(held + [policy.wakeup or math.inf]))
+    # The pool not in use serves nothing; its healthy backends keep their existing flows.
+    idle = primary if policy.use_fallback else fallback
+    if idle and any(b.serving for b in idle):
+        backends = [dataclasses.replace(b, serving=False, data_state="drain") if b.serving and b.fallback
+                    is not policy.use_fallback else b for b in backends]
     weights = {b.key: b.weight for b in backends if b.serving}
     table = tables.get(weights, vip.table_size, vip.name) if inputs.warmup_over else None
-    announce, reason = _announce(vip, len(weights), inputs)
-    return VipDecision(vip, tuple(backends), table, announce, reason)
+    return VipDecision(vip, tuple(backends), table, policy)
 
 
-def _announce(vip: VipConfig, serving: int, inputs: Inputs) -> tuple[bool, str]:
-    if not inputs.forwarder_ok:
-        return False, f"forwarder unhealthy: {inputs.forwarder_reason or 'self-test failed'}"
-    if vip.name in inputs.vip_faults:
-        return False, f"forwarder self-test of this VIP failed: {inputs.vip_faults[vip.name]}"
-    if not inputs.warmup_over:
-        return False, "warming up: waiting for every backend's first health verdict"
-    if inputs.node_drained:
-        return False, "node drained by operator"
-    need = vip.announce.min_healthy
-    if serving < need:
-        return False, f"{serving} serving backend(s), fewer than min_healthy {need}"
-    return True, f"{serving} serving backend(s) (min_healthy {need})"
+def _backends(vip: VipConfig, pool: list[Backend], inputs: Inputs, fallback: bool,
+              old: tuple[BackendDecision, ...]) -> tuple[list[BackendDecision], int]:
+    """The pool's backend decisions and how many of them serve (``old``: the same pool's last
+    decisions, reused when unchanged; an idle pool's "drain" copy is not, its state differs)."""
+    out = []
+    serving = 0
+    for i, b in enumerate(pool):
+        admin = admin_state(vip, b, inputs.overrides)
+        health = inputs.health.get((vip.name, b.key), Health.UNKNOWN)
+        state = data_state(admin, health)
+        serving += state == "active"
+        if old and old[i].admin == admin and old[i].health is health and old[i].data_state == state:
+            out.append(old[i])
+            continue
+        out.append(BackendDecision(b.key, b.address, b.weight, admin, health, state, state == "active", fallback))
+    return out, serving
 
 
 def decide(inputs: Inputs, tables: TableCache | None = None, previous: Desired | None = None,
@@ -225,10 +276,9 @@ def decide(inputs: Inputs, tables: TableCache | None = None, previous: Desired |
     node-wide inputs), so a reconcile costs what changed, not the number of VIPs."""
     tables = tables or TableCache()
     before = previous.vips if previous is not None else {}
-    keep = before if only is not None else {}
     decisions = {}
     for name, vip in sorted(inputs.vips.items()):
-        old = keep.get(name) if name not in (only or ()) else None
+        old = before.get(name) if only is not None and name not in only else None
         decisions[name] = (old if old is not None and old.vip is vip
                            else decide_vip(vip, inputs, tables, before.get(name)))
     if only is None or only:  # nothing decided again: nothing to forget either

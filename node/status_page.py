@@ -46,6 +46,14 @@ def _badge(ok: bool | None, yes: str, no: str, unknown: str = "UNKNOWN") -> str:
     return f'<span class="badge {cls}">{_e(text)}</span>'
 
 
+def _announce_badge(v: dict[str, Any]) -> str:
+    """announced / de-preferred / withdrawn (node.announce_policy)."""
+    state = v.get("state") or ("announced" if v.get("announced") else "withdrawn")
+    cls = {"announced": "ok", "depreferred": "warn"}.get(state, "bad")
+    text = {"depreferred": "DE-PREFERRED"}.get(state, state.upper())
+    return f'<span class="badge {cls} announce-state">{_e(text)}</span>'
+
+
 def _bar(share: float, expected: float) -> str:
     """The table share as a bar, the expected share as a tick on the same scale."""
     width = max(0.0, min(1.0, share)) * 100
@@ -86,6 +94,7 @@ def _header(s: dict[str, Any], data: dict[str, Any]) -> str:
          f"{_e(f.get('error') or f['last_self_test']['reason'])}"),
         ("warm-up", "over" if s["warmup_over"] else "in progress (nothing announced yet)"),
         ("node", _badge(not s["node_drained"], "IN SERVICE", "DRAINED")),
+        ("disable file", _disable(s.get("disable") or {})),
         ("last reload", (_badge(reload.get("ok"), "OK", "FAILED") + " " + _e(reload.get("source", ""))
                          + (": " + _e("; ".join(reload.get("problems") or [])) if reload.get("problems") else ""))
          if reload else "none"),
@@ -100,6 +109,14 @@ def _header(s: dict[str, Any], data: dict[str, Any]) -> str:
     return (f'<header><h1>maglev node <span class="node">{_e(s["node_id"])}</span></h1>'
             f'<span class="uptime">up {_e(s["uptime"])} s</span></header>'
             f'<table class="summary" id="summary">{body}</table>')
+
+
+def _disable(d: dict[str, Any]) -> str:
+    if d.get("active"):
+        what = "every VIP de-preferred" if d.get("action") == "deprefer" else "every VIP withdrawn"
+        return (f'<span class="badge warn" id="disabled">DISABLED</span> {_e(d.get("path"))} present '
+                f'({_e(what)}; remove it to announce again)')
+    return f'absent ({_e(d.get("path"))})' + (f' · {_e(d["error"])}' if d.get("error") else "")
 
 
 def _sessions(bgp: dict[str, Any]) -> str:
@@ -125,7 +142,8 @@ def _sessions(bgp: dict[str, Any]) -> str:
 def _vip(v: dict[str, Any], rates: dict[str, Any]) -> str:
     c = v.get("counters") or {}
     head = (f'<h2 id="vip-{_e(v["name"])}">VIP {_e(v["name"])} '
-            f'{_badge(v["announced"], "ANNOUNCED", "WITHDRAWN")}</h2>'
+            f'{_announce_badge(v)}'
+            + (' <span class="badge warn">FALLBACK POOL</span>' if v.get("fallback_in_use") else "") + '</h2>'
             f'<p class="meta">{_e(v["protocol"])} {_e(v["address"])} port {_e(v["port"] or "all")} · '
             f'table {_e(v["table_size"])} digest <code>{_e(v["digest"])}</code> · {_e(v["reason"])}<br>'
             f'packets {_si(c.get("packets"))} ({_si(rates.get("packets"), "pps")}) · '
@@ -140,7 +158,7 @@ def _vip(v: dict[str, Any], rates: dict[str, Any]) -> str:
         health = b["health"]
         latency = b.get("last_latency")
         rows.append(
-            f'<tr class="backend {_e(health)}"><td>{_e(b["key"])}</td><td>{_e(b["state"])}</td>'
+            f'<tr class="backend {_e(health)}"><td>{_e(b["key"])}{" (fallback)" if b.get("fallback") else ""}</td><td>{_e(b["state"])}</td>'
             f'<td>{_badge(True if health == "up" else (None if health == "unknown" else False), "UP", "DOWN")}</td>'
             f'<td>{_e(b.get("last_reason") or "")}</td>'
             f'<td class="r">{"-" if latency is None else f"{latency * 1000:.1f} ms"}</td>'

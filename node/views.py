@@ -20,6 +20,7 @@ def node_status(c: "Controller") -> dict[str, Any]:
         "uptime": round(c.clock() - c.started_at, 1),
         "warmup_over": c.warmup_over,
         "node_drained": c.node_drained,
+        "disable": c.disable.status(),
         "forwarder": {
             "ok": st.ok and c.forwarder_error is None,
             "mode": c.attach_mode,
@@ -29,7 +30,9 @@ def node_status(c: "Controller") -> dict[str, Any]:
         },
         "bgp": c.speaker.status(),
         "vips": {
-            name: {"announced": d.announce, "reason": d.reason, "serving": len(d.serving),
+            name: {"announced": d.announce, "state": d.state, "reason": d.reason,
+                   "reason_code": d.policy.code, "fallback_in_use": d.policy.use_fallback,
+                   "serving": len(d.serving),
                    "backends": len(d.backends), "digest": d.table.digest() if d.table else None}
             for name, d in vips.items()
         },
@@ -50,7 +53,7 @@ def vip_view(c: "Controller", name: str, counters: dict[str, Any] | None = None)
     # Per (VIP, backend): a backend shared by several VIPs has figures of its own in each.
     backend_counters = (counters or {}).get("vip_backends", {}).get(name, {})
     backends = []
-    for b in vip.backends:
+    for b in vip.all_backends:
         bd = next((x for x in d.backends if x.key == b.key), None) if d else None
         target = c.targets.get((name, b.key))
         status = snapshot.get(target) if target is not None else None
@@ -65,6 +68,7 @@ def vip_view(c: "Controller", name: str, counters: dict[str, Any] | None = None)
             "health": bd.health.value if bd else "unknown",
             "data_state": bd.data_state if bd else None,
             "serving": bd.serving if bd else False,
+            "fallback": bd.fallback if bd else b in vip.fallback_backends,
             "last_reason": getattr(last, "reason", None) if target is not None else "no health check (static)",
             "last_latency": getattr(last, "latency", None),
             "table_share": table_shares.get(b.key, 0.0),
@@ -79,7 +83,10 @@ def vip_view(c: "Controller", name: str, counters: dict[str, Any] | None = None)
         "table_size": vip.table_size,
         "source": str(c.vip_sources.get(name, "")),
         "announced": d.announce if d else False,
+        "state": d.state if d else "withdrawn",
         "reason": d.reason if d else "not reconciled yet",
+        "reason_code": d.policy.code if d else None,
+        "fallback_in_use": d.policy.use_fallback if d else False,
         "digest": d.table.digest() if d and d.table else None,
         "backends": backends,
         "counters": vip_counters,

@@ -53,7 +53,7 @@ def top_rows(vips: list[dict[str, Any]], rates: dict[str, Any]) -> list[dict[str
     rows = []
     for v in vips:
         r = rates.get(v["name"], {})
-        rows.append({"vip": v["name"], "backend": None, "state": "announced" if v["announced"] else "withdrawn",
+        rows.append({"vip": v["name"], "backend": None, "state": v.get("state") or ("announced" if v["announced"] else "withdrawn"),
                      "share": None, "rates": {k: r.get(k) for k in ("packets", "bytes", "new_flows", "ct_hits")},
                      "counters": v.get("counters") or {}})
         for b in v["backends"]:

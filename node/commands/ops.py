@@ -88,6 +88,12 @@ def cmd_status(client: Client, args) -> int:
         f = s["forwarder"]
         print(f"node {s['node_id']}  up {s['uptime']} s  warm-up {'over' if s['warmup_over'] else 'in progress'}"
               f"{'  DRAINED' if s['node_drained'] else ''}")
+        d = s.get("disable") or {}
+        if d.get("active"):
+            print(f"DISABLED by {d['path']}: every VIP {'de-preferred' if d['action'] == 'deprefer' else 'withdrawn'} "
+                  "(remove the file to announce again)")
+        elif d.get("error"):
+            print(f"disable file: {d['error']}")
         print(f"forwarder: {'OK' if f['ok'] else 'FAILING'} ({f.get('mode')}) on {', '.join(f['interfaces'])}: "
               f"{f['error'] or f['last_self_test']['reason']}")
         sessions = (s.get("bgp") or {}).get("sessions", {})
@@ -100,9 +106,9 @@ def cmd_status(client: Client, args) -> int:
         else:
             rows = [[peer, i.get("state"), i.get("last_error") or ""] for peer, i in sorted(sessions.items())]
             print(table(rows, ["BGP PEER", "STATE", "LAST ERROR"]) if rows else "BGP: no sessions")
-        rows = [[n, "yes" if v["announced"] else "no", f"{v['serving']}/{v['backends']}", v["digest"], v["reason"]]
+        rows = [[n, _state(v), f"{v['serving']}/{v['backends']}", v["digest"], v["reason"]]
                 for n, v in sorted(s["vips"].items())]
-        print(table(rows, ["VIP", "ANNOUNCED", "SERVING", "DIGEST", "WHY"]))
+        print(table(rows, ["VIP", "ROUTE", "SERVING", "DIGEST", "WHY"]))
         r = s.get("last_reload")
         if r and not r["ok"]:
             print("last reload FAILED: " + "; ".join(r["problems"]))
@@ -111,13 +117,19 @@ def cmd_status(client: Client, args) -> int:
     return _out(args, data, human)
 
 
+def _state(v: dict[str, Any]) -> str:
+    """announced / depreferred / withdrawn, '+fallback' while the fallback pool serves."""
+    state = v.get("state") or ("announced" if v["announced"] else "withdrawn")
+    return state + ("+fallback" if v.get("fallback_in_use") else "")
+
+
 def _vip_human(v: dict[str, Any]) -> None:
     print(f"VIP {v['name']}  {v['protocol']} {v['address']} port {v['port']}  table {v['table_size']} "
-          f"digest {v['digest']}  {'ANNOUNCED' if v['announced'] else 'WITHDRAWN'}: {v['reason']}")
+          f"digest {v['digest']}  {_state(v).upper()}: {v['reason']}")
     rows = []
     for b in v["backends"]:
         c = b.get("counters") or {}
-        rows.append([b["key"], b["state"], b["health"], b["weight"], f"{b['table_share']:.1%}",
+        rows.append([b["key"] + (" (fallback)" if b.get("fallback") else ""), b["state"], b["health"], b["weight"], f"{b['table_share']:.1%}",
                      f"{b['expected_share']:.1%}", c.get("packets", ""), c.get("new_flows", ""),
                      b.get("last_reason") or ""])
     print(table(rows, ["BACKEND", "STATE", "HEALTH", "WEIGHT", "SHARE", "EXPECTED", "PACKETS", "NEW FLOWS", "LAST CHECK"]))

@@ -291,6 +291,42 @@ def test_node_drain_withdraws_everything(lab):
     wait_for(lambda: VIP in lab.routes(), 10, "the VIPs to come back")
 
 
+def test_disable_file_de_prefers_every_vip_at_the_router_without_the_api(lab):
+    """The maintenance switch (issue 14): `touch run_dir/disable` and the router sees the
+    node's routes de-preferred (longer AS path, worse MED); `rm` and they are plain again."""
+    disable = lab.dir / "run" / "disable"
+    cfg = str(lab.node_file)
+
+    def path() -> dict:
+        (p,) = lab.router.bgp_paths(f"{VIP}/32")
+        return p
+
+    assert path()["aspath"]["string"] == "65001"
+    disable.touch()
+    try:
+        wait_for(lambda: path()["aspath"]["string"] == "65001 65001 65001 65001", 10,
+                 "the router to see the node's route de-preferred")
+        assert path()["metric"] == 1000
+        assert VIP in lab.routes()  # still reachable: this is the only node
+        status = lab.client().get("/api/v1/status")
+        assert status["disable"]["active"] and status["disable"]["path"] == str(disable)
+        assert status["vips"]["web"]["state"] == "depreferred"
+        assert str(disable) in status["vips"]["web"]["reason"]
+        r = maglev(lab, "status", "--config", cfg)
+        assert f"DISABLED by {disable}: every VIP de-preferred" in r.stdout, r.stdout
+        assert "depreferred" in r.stdout
+        assert metric_samples(lab, "maglev_node_disabled") == {(): 1.0}
+        states = metric_samples(lab, "maglev_vip_announce_state")
+        assert states[(("reason", "disabled"), ("state", "depreferred"), ("vip", "web"))] == 1.0
+        assert 'id="disabled"' in lab.client().get("/")
+        assert "node_disabled: disable file" in lab.log_text()
+    finally:
+        disable.unlink(missing_ok=True)
+    wait_for(lambda: path()["aspath"]["string"] == "65001", 10, "plain routes once the file is gone")
+    assert lab.client().get("/api/v1/status")["vips"]["web"]["state"] == "announced"
+    assert metric_samples(lab, "maglev_node_disabled") == {(): 0.0}
+
+
 def maglev(lab, *args: str) -> subprocess.CompletedProcess:
     """The operator CLI, run inside the node's namespace as an operator would on the node."""
     return lab.n.run(sys.executable, "-m", "node.cli", *args, check=False)

@@ -46,7 +46,6 @@ class FakeExabgp:
 
 def make(clock: Clock, **kw) -> Reconciler:
     kw.setdefault("min_change_interval", 1.0)
-    kw.setdefault("flap_hold_down", 0)
     return Reconciler(clock=clock, **kw)
 
 
@@ -161,40 +160,45 @@ async def test_exabgp_restart_drops_in_flight_and_resends():
     assert rec.announced() == {"10.77.100.1/32", "10.77.100.2/32"}
 
 
-async def test_rate_limit_defers_a_quick_flip():
+async def test_a_withdrawal_never_waits_for_the_rate_limit():
+    """Issue 14: only announcements are rate limited; a VIP that must go goes now."""
     clock, fake = Clock(), FakeExabgp()
     rec = make(clock, min_change_interval=1.0)
     rec.set_desired([A])
     await drain(rec, fake)
-    announced_at = clock.now
     clock.advance(0.3)
     rec.set_desired([])
-    assert await drain(rec, fake) == []
-    assert rec.next_wakeup() == pytest.approx(announced_at + 1.0)
-    assert "rate limited" in rec.pending()["10.77.100.1/32"]
-    assert not rec.converged()
-    clock.advance(0.7)
     assert await drain(rec, fake) == ["withdraw route 10.77.100.1/32"]
-    # ... and the way back is limited from the withdraw on.
+    assert rec.converged()
+    withdrawn_at = clock.now
+    # ... but the way back is limited from the withdraw on.
     clock.advance(0.5)
     rec.set_desired([A])
     assert await drain(rec, fake) == []
+    assert rec.next_wakeup() == pytest.approx(withdrawn_at + 1.0)
+    assert "rate limited" in rec.pending()["10.77.100.1/32"]
+    assert not rec.converged()
     clock.advance(0.5)
     assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
 
 
-async def test_a_flip_back_within_the_interval_is_no_change_at_all():
+async def test_a_quick_flapper_is_withdrawn_at_once_and_announced_at_most_once_per_interval():
     clock, fake = Clock(), FakeExabgp()
     rec = make(clock, min_change_interval=1.0)
-    rec.set_desired([A])
-    await drain(rec, fake)
-    clock.advance(0.2)
-    rec.set_desired([])
-    clock.advance(0.2)
-    rec.set_desired([A])
-    clock.advance(1.0)
-    assert await drain(rec, fake) == []
-    assert rec.converged()
+    sent = []
+    for _ in range(10):  # flips every 0.25 s for 2.5 s
+        rec.set_desired([A])
+        sent += await drain(rec, fake)
+        clock.advance(0.125)
+        rec.set_desired([])
+        sent += await drain(rec, fake)
+        clock.advance(0.125)
+    announces = [line for line in sent if line.startswith("announce")]
+    # At 0 and 1.25 s (each at least 1 s after the withdraw before it), not 10 times; every
+    # withdrawal went out at once.
+    assert len(announces) == 2
+    assert len(sent) == 4
+    assert sent[-1] == "withdraw route 10.77.100.1/32" and rec.announced() == set()
 
 
 async def test_attribute_change_is_sent_without_waiting():
@@ -206,59 +210,17 @@ async def test_attribute_change_is_sent_without_waiting():
     assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self med 50 community [65000:7]"]
 
 
-async def test_flapping_prefix_is_held_down_with_growing_hold_down():
+async def test_prepend_is_rendered_with_the_local_asn_and_left_out_without_one():
     clock, fake = Clock(), FakeExabgp()
-    rec = make(clock, min_change_interval=0, flap_hold_down=5, flap_hold_down_max=20,
-               flap_threshold=3, flap_window=60)
-
-    async def flap(times: int) -> None:
-        for _ in range(times):
-            rec.set_desired([A])
-            await drain(rec, fake)
-            clock.advance(1)
-            rec.set_desired([])
-            await drain(rec, fake)
-            clock.advance(1)
-
-    await flap(3)
-    rec.set_desired([A])
-    assert await drain(rec, fake) == []  # held withdrawn
-    assert rec.hold_downs() == {"10.77.100.1/32": pytest.approx(4.0)}
-    assert "held down" in rec.pending()["10.77.100.1/32"]
-    assert rec.next_wakeup() == pytest.approx(clock.now + 4.0)
-    clock.advance(4.0)
-    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
-    # Flapping again doubles the hold-down (10 s), then it is capped at the maximum (20 s).
-    clock.advance(1)
-    rec.set_desired([])
-    await drain(rec, fake)
-    clock.advance(1)
-    await flap(2)
-    assert rec.hold_downs() == {"10.77.100.1/32": pytest.approx(9.0)}
-    clock.advance(9)
-    await flap(3)
-    assert list(rec.hold_downs().values()) == [pytest.approx(19.0)]
-    clock.advance(19)
-    await flap(3)
-    assert list(rec.hold_downs().values()) == [pytest.approx(19.0)]
-    # A quiet period longer than the maximum forgives the history.
-    clock.advance(60)
-    await flap(3)
-    assert list(rec.hold_downs().values()) == [pytest.approx(4.0)]
+    rec = make(clock, min_change_interval=0, local_as=65101)
+    rec.set_desired([Route(A.prefix, med=1000, prepend=2)])
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self med 1000 as-path [65101 65101 65101]"]
+    rec = make(clock, min_change_interval=0)  # an iBGP node: no local_as, no prepends
+    rec.set_desired([Route(A.prefix, med=1000, prepend=2)])
+    assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self med 1000"]
 
 
-async def test_flap_dampening_off_with_zero_hold_down():
-    clock, fake = Clock(), FakeExabgp()
-    rec = make(clock, min_change_interval=0, flap_hold_down=0)
-    for _ in range(10):
-        rec.set_desired([A])
-        assert await drain(rec, fake) == ["announce route 10.77.100.1/32 next-hop self"]
-        rec.set_desired([])
-        assert await drain(rec, fake) == ["withdraw route 10.77.100.1/32"]
-    assert rec.hold_downs() == {}
-
-
-async def test_withdraw_all_ignores_rate_limit_and_hold_down():
+async def test_withdraw_all_ignores_rate_limit():
     clock, fake = Clock(), FakeExabgp()
     rec = make(clock, min_change_interval=60)
     rec.set_desired([A, V6])
@@ -310,7 +272,7 @@ class CountingReconciler(Reconciler):
 
 async def test_work_per_command_is_proportional_to_what_changed():
     clock, fake = Clock(), FakeExabgp()
-    rec = CountingReconciler(clock=clock, min_change_interval=1.0, flap_hold_down=0)
+    rec = CountingReconciler(clock=clock, min_change_interval=1.0)
     routes = [Route(ipaddress.ip_network(f"10.78.{i // 256}.{i % 256}/32")) for i in range(1000)]
     rec.set_desired(routes)
     assert len(await drain(rec, fake, limit=2000)) == 1000

@@ -211,3 +211,21 @@ def test_bgp_and_bfd_transitions_are_counted_where_they_happen(tmp_path):
         sp._on_state({"address": {"peer": "192.0.2.1"}, "state": state})
     assert sp.session_transitions == {("192.0.2.1", "established"): 2, ("192.0.2.1", "idle"): 1,
                                       ("192.0.2.1", "connecting"): 1}
+
+
+async def test_announce_state_with_its_reason_fallback_and_disable(env):
+    fams = families(metrics.render(env.c, {}))
+    assert samples(fams, "maglev_vip_announce_state") == {
+        (("reason", "healthy"), ("state", "announced"), ("vip", "api")): 1.0,
+        (("reason", "healthy"), ("state", "announced"), ("vip", "web")): 1.0}
+    assert samples(fams, "maglev_node_disabled") == {(): 0.0}
+    (env.c.run_dir / "disable").touch()
+    env.c.disable.poll()
+    env.health.set("10.0.1.1", State.DOWN)  # api's only backend: nothing serves, withdrawn
+    await env.c.reconcile()
+    fams = families(metrics.render(env.c, {}))
+    assert samples(fams, "maglev_vip_announce_state") == {
+        (("reason", "no_backend"), ("state", "withdrawn"), ("vip", "api")): 1.0,
+        (("reason", "disabled"), ("state", "depreferred"), ("vip", "web")): 1.0}
+    assert samples(fams, "maglev_node_disabled") == {(): 1.0}
+    assert samples(fams, "maglev_vip_fallback_in_use") == {(("vip", "api"),): 0.0, (("vip", "web"),): 0.0}

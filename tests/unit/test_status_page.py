@@ -74,3 +74,14 @@ async def test_the_page_is_read_only(client):
     for path in ("/", "/metrics", "/api/v1/events", "/api/v1/page"):
         r = await c.post(path)
         assert r.status in (401, 405), path
+
+
+async def test_page_shows_a_de_preferred_vip_and_the_disable_file(client):
+    env, c = client
+    (env.c.run_dir / "disable").touch()
+    env.c.disable.poll()
+    await env.c.reconcile()
+    page = await (await c.get("/?refresh=0")).text()
+    assert '<span class="badge warn announce-state">DE-PREFERRED</span>' in page
+    assert 'id="disabled"' in page and str(env.c.run_dir / "disable") in page
+    assert "every VIP de-preferred" in page

@@ -273,3 +273,9 @@ def test_a_fallback_backend_that_is_also_primary_is_refused():
     with pytest.raises(ConfigError) as err:
         parse_vip_object(data, "vips.d/web.yaml")
     assert "fallback_backends[0] 10.0.0.1 is listed twice" in str(err.value)
+
+
+def test_a_vip_whose_own_self_test_failed_is_withdrawn_alone():
+    d = decide_announce(policy(), PoolCounts(3), NODE, None, 0.0, DAMP, fault="verdict XDP_PASS")
+    assert d.state == "withdrawn" and d.code == "forwarder"
+    assert d.reason == "forwarder self-test of this VIP failed: verdict XDP_PASS"

@@ -65,6 +65,7 @@ def render_config(config: BgpConfig, socket_path: Path, python: str = sys.execut
         ]
         if peer.passive:
             out += ["    passive true;", "    listen 179;"]
+        out += _graceful_restart(config)
         out += [
             "    family {",
             f"        {family};",
@@ -77,6 +78,21 @@ def render_config(config: BgpConfig, socket_path: Path, python: str = sys.execut
             "",
         ]
     return "\n".join(out)
+
+
+def _graceful_restart(config: BgpConfig) -> list[str]:
+    """RFC 4724 capability, with the End-of-RIB ours to send (``manual-eor``).
+
+    ExaBGP on its own sends End-of-RIB as soon as a session is up, before the controller has
+    announced anything: a router helping a restart would take that as "this node has no
+    routes" and drop them all. The speaker sends it once the controller's first decision after
+    warm-up is announced (bgp.speaker). With the capability negotiated ExaBGP also closes its
+    sessions without a NOTIFICATION when stopped, which is what lets the router keep the routes.
+    """
+    gr = config.graceful_restart
+    if not gr.enabled:
+        return []
+    return ["    manual-eor true;", "    capability {", f"        graceful-restart {int(gr.restart_time)};", "    }"]
 
 
 def environment(run_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:

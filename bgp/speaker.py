@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 from bgp import exabgp
 from bgp.bfd import BfdDaemon
+from bgp.graceful import EndOfRib
 from bgp.reconciler import Command, Reconciler
 from bgp.routes import GRACEFUL_SHUTDOWN, Route
 from bgp.supervise import MAX_FAILURES, STABLE_AFTER, Supervised
@@ -114,6 +115,7 @@ class BgpSpeaker(Supervised):
             clock=clock, next_hop=config.next_hop, min_change_interval=config.min_change_interval,
             local_as=None if ibgp else config.local_as,
         )
+        self.graceful = EndOfRib(config, clock)
         now = time.time()
         self._sessions = {str(p.address): SessionInfo(str(p.address), "idle", now, None) for p in config.peers}
         self.socket_path = self.run_dir / "api.sock"
@@ -166,9 +168,22 @@ class BgpSpeaker(Supervised):
         except asyncio.TimeoutError:
             log.warning("ExaBGP's API helper did not connect within %.0f s; see %s", CONNECT_TIMEOUT, self.log_path)
 
-    async def stop(self, graceful: bool = True) -> None:
-        """graceful: GRACEFUL_SHUTDOWN phase (if configured), withdraw all, wait, stop ExaBGP."""
-        if graceful and self._writer is not None and self.proc is not None:
+    async def stop(self, graceful: bool = True, keep_routes: bool = False) -> None:
+        """graceful: GRACEFUL_SHUTDOWN phase (if configured), withdraw all, wait, stop ExaBGP.
+
+        keep_routes (a planned restart, bgp.graceful_restart enabled): no withdraw; ExaBGP,
+        stopped with SIGTERM, closes its sessions without a NOTIFICATION, so routers helping the
+        restart keep the routes for restart_time while the forwarder keeps forwarding.
+        """
+        if keep_routes and not self.config.graceful_restart.enabled:
+            log.warning("BGP stop: keeping routes needs bgp.graceful_restart.enabled; withdrawing instead")
+            keep_routes = False
+        if keep_routes:
+            log.info("BGP stop for a restart: routes kept (graceful restart, routers keep them for %d s)",
+                     self.config.graceful_restart.restart_time,
+                     extra=event("bgp_graceful_restart_stop", restart_time=self.config.graceful_restart.restart_time,
+                                 announced=sorted(self.reconciler.announced())))
+        elif graceful and self._writer is not None and self.proc is not None:
             if self.config.graceful_shutdown > 0 and self.reconciler.announced():
                 self.reconciler.set_extra_communities((GRACEFUL_SHUTDOWN,))
                 self._wake.set()
@@ -250,6 +265,7 @@ class BgpSpeaker(Supervised):
     def _lost_exabgp(self, reason: str) -> None:
         now = time.time()
         for s in self._sessions.values():
+            self.graceful.session_down(s.peer)
             if s.state != "idle":
                 s.state, s.since, s.last_error = "idle", now, reason
         self._notify(force=True)
@@ -331,12 +347,14 @@ class BgpSpeaker(Supervised):
             return
         s = self._sessions[peer]
         if state == "idle":
+            self.graceful.session_down(peer)
             s.last_error = str(nb.get("reason") or "session down")
             log.warning("BGP session with %s down: %s", peer, s.last_error,
                         extra=event("bgp_session_down", peer=peer, reason=s.last_error))
         if state == "established":
             log.info("BGP session with %s established", peer, extra=event("bgp_session_up", peer=peer))
             self.reconciler.resend_all()
+            self.graceful.session_up(peer)
             self._wake.set()
         if s.state != state:
             s.state, s.since = state, time.time()
@@ -374,8 +392,10 @@ class BgpSpeaker(Supervised):
         rec = self.reconciler
         while not self._closing:
             cmd = await rec.step(self._send) if self._writer is not None else None
+            if cmd is None and self._writer is not None and await self._send_end_of_rib():
+                continue
             if cmd is None:
-                wake_at = rec.next_wakeup() if self._writer is not None else None
+                wake_at = _earliest(rec.next_wakeup(), self.graceful.next_wakeup()) if self._writer is not None else None
                 timeout = None if wake_at is None else max(0.0, wake_at - self.clock()) + 0.001
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -384,6 +404,26 @@ class BgpSpeaker(Supervised):
                 self._wake.clear()
                 continue
             self._notify()
+
+    async def _send_end_of_rib(self) -> bool:
+        """Every route is handed to ExaBGP: send an End-of-RIB a session still owes (True if sent).
+        ExaBGP sends a neighbor's pending routes before a queued End-of-RIB."""
+        eor = self.graceful.next_command()
+        if eor is None:
+            return False
+        ok, error = await self._send(eor)  # type: ignore[arg-type]  # only .text is sent
+        self.graceful.on_result(eor, ok)
+        if ok:
+            log.info("End-of-RIB sent to %s: the router drops any stale route of ours now", eor.peer,
+                     extra=event("bgp_end_of_rib", peer=eor.peer))
+        return ok
+
+    def routes_ready(self) -> None:
+        """The controller's first decision after warm-up is in set_desired: End-of-RIB may follow
+        (graceful restart; a no-op without it)."""
+        if not self.graceful.ready:
+            self.graceful.routes_ready()
+            self._wake.set()
 
     def _notify(self, force: bool = False) -> None:
         """Tell the owner when sessions or the acknowledged announcements changed."""
@@ -433,4 +473,10 @@ class BgpSpeaker(Supervised):
             "restarts": self.restarts,
             "last_error": self.last_error or self.reconciler.last_error,
             "bfd": self.bfd.status() if self.bfd is not None else {"enabled": False},
+            "graceful_restart": self.graceful.status(),
         }
+
+
+def _earliest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None

@@ -62,6 +62,7 @@ def render_config(
     multipath_relax: bool = True,
     timers: tuple[int, int] = (1, 3),
     hostname: str = "router",
+    stalepath_time: int | None = None,
 ) -> str:
     """The bgpd configuration of a router that installs every node's path (ECMP).
 
@@ -70,6 +71,9 @@ def render_config(
     - ``no bgp ebgp-requires-policy``: FRR 8 otherwise ignores eBGP routes without a route-map.
     - ``timers 1 3``: 3 s hold time, the smallest both FRR and ExaBGP accept.
     - listen ranges accept any node in the range (one peer group per family).
+    - graceful restart: FRR is a helper by default (it keeps a restarting node's routes for the
+      restart time the node's OPEN asks for). ``stalepath_time`` bounds how long they stay
+      after the node's new session came up without its End-of-RIB (FRR's default is 360 s).
     """
     ipaddress.IPv4Address(router_id)
     keep, hold = timers
@@ -84,6 +88,8 @@ def render_config(
     ]
     if multipath_relax:
         lines.append(" bgp bestpath as-path multipath-relax")
+    if stalepath_time is not None:
+        lines.append(f" bgp graceful-restart stalepath-time {int(stalepath_time)}")
     groups: dict[int, str] = {}
     for cidr in listen_ranges:
         net = ipaddress.ip_network(cidr)
@@ -238,6 +244,12 @@ class FrrRouter:
         """Every BGP neighbor (static or dynamic) -> FRR's neighbor JSON (``bgpState`` etc.)."""
         data = self.vtysh_json("show bgp neighbors json")
         return {k: v for k, v in data.items() if isinstance(v, dict) and "bgpState" in v}
+
+    def graceful_restart(self, peer: str) -> dict:
+        """FRR's graceful-restart view of one neighbor (``gracefulRestartInfo``: modes, timers,
+        End-of-RIB sent/received per family), empty when it has none."""
+        info = self.neighbors().get(str(ipaddress.ip_address(peer)), {})
+        return info.get("gracefulRestartInfo") or {}
 
     def established(self) -> set[str]:
         return {peer for peer, info in self.neighbors().items() if info.get("bgpState") == "Established"}

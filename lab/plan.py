@@ -59,6 +59,11 @@ API_PORT = 9180
 # (interval x multiplier) instead of the 2-3 s the BGP hold timer takes.
 BFD_INTERVAL_MS = 100
 BFD_MULTIPLIER = 3
+# Graceful restart: a lab node restarts in a few seconds; its routes stay at most this long
+# after its process died (bgp.graceful_restart.restart_time), and at most GR_STALEPATH_TIME
+# after its new session came up without End-of-RIB (the router's stalepath-time).
+GR_RESTART_TIME = 10
+GR_STALEPATH_TIME = 20
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,9 @@ class LabPlan:
                     {"address": ROUTER_FABRIC_V6, "peer_as": ROUTER_AS},
                 ],
                 "bfd": {"enabled": True, "interval_ms": BFD_INTERVAL_MS, "multiplier": BFD_MULTIPLIER},
+                # The router keeps a node's routes this long while it restarts (with
+                # forwarder.on_stop: keep), or after its process died with its host alive.
+                "graceful_restart": {"enabled": True, "restart_time": GR_RESTART_TIME},
             },
             "forwarder": {
                 "interfaces": [interface],
@@ -254,7 +262,7 @@ class LabPlan:
         neighbors = [Neighbor(addr, NODE_AS, bfd=True) for h in self.node_hosts for addr in (h.v4, h.v6)]
         return render_config(
             asn=ROUTER_AS, router_id=ROUTER_FABRIC_V4, neighbors=neighbors, maximum_paths=16,
-            multipath_relax=True, timers=(1, 3), hostname="mlb-router",
+            multipath_relax=True, timers=(1, 3), hostname="mlb-router", stalepath_time=GR_STALEPATH_TIME,
         )
 
     def bfd_config(self) -> str:

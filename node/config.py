@@ -431,6 +431,11 @@ class BgpPeer(Strict):
     passive: bool = False
 
 
+# A crashed node whose death only the TCP close revealed keeps its routes at the router this
+# long at the most: a bound on the blackhole, not a restart duration anyone needs.
+GR_RESTART_TIME_MAX = 300
+
+
 class BfdConfig(Strict):
     """BFD next to ExaBGP (FRR's bfdd, one single-hop session per BGP peer): routers with
     ``neighbor X bfd`` drop a dead node in interval x multiplier instead of the hold time."""
@@ -438,6 +443,20 @@ class BfdConfig(Strict):
     enabled: bool = False
     interval_ms: int = Field(100, ge=10, le=60000, description="transmit and receive interval, ms")
     multiplier: int = Field(3, ge=2, le=255, description="missed packets before the session is down")
+
+
+class GracefulRestartConfig(Strict):
+    """BGP graceful restart (RFC 4724) for a planned restart with ``forwarder.on_stop: keep``:
+    the router keeps this node's routes while it restarts (its XDP forwarder keeps forwarding).
+    ``restart_time`` is also the longest a router keeps the routes of a node that died without
+    BFD noticing, so it is bounded (see the README, "Hitless node restart")."""
+
+    enabled: bool = False
+    restart_time: int = Field(
+        15, ge=1, le=GR_RESTART_TIME_MAX,
+        description="seconds a router keeps this node's routes after its session went away silently; "
+        f"at most {GR_RESTART_TIME_MAX}",
+    )
 
 
 class BgpConfig(Strict):
@@ -461,6 +480,7 @@ class BgpConfig(Strict):
                                 "flap_window that start its hold-down (de-preferred, never withdrawn)")
     flap_window: float = Field(60.0, gt=0)
     bfd: BfdConfig = Field(default_factory=BfdConfig)
+    graceful_restart: GracefulRestartConfig = Field(default_factory=GracefulRestartConfig)
 
     @field_validator("hold_time")
     @classmethod

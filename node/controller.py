@@ -185,12 +185,18 @@ class Controller:
     async def stop(self) -> None:
         """Graceful stop: withdraw everything, wait for routers to reconverge, stop ExaBGP, stop
         checks, then detach (or keep) the forwarder."""
+        from bgp.graceful import keeps_routes_on_stop
+
         self._stopping.set()
-        self.events.emit("node_stopping", "withdrawing every VIP, then stopping BGP")
+        keep_routes = keeps_routes_on_stop(self.config.forwarder.on_stop, self.config.bgp)
+        self.events.emit("node_stopping", (
+            f"restarting: routes kept by BGP graceful restart (routers keep them up to "
+            f"{self.config.bgp.graceful_restart.restart_time} s), forwarder stays attached"
+            if keep_routes else "withdrawing every VIP, then stopping BGP"), keep_routes=keep_routes)
         await self.supervisor.stop()
         self.reader.close()
         try:
-            await self.speaker.stop(graceful=True)
+            await self.speaker.stop(graceful=True, keep_routes=keep_routes)
         finally:
             await self.health.stop()
             if self.config.forwarder.on_stop == "detach":
@@ -369,6 +375,8 @@ class Controller:
             desired, again = self._decide(inputs, self._changed_vips(inputs))
             touched = None if touched is None or again is None else touched | again
         self._apply_routes(desired)
+        if self.warmup_over:  # graceful restart: End-of-RIB may follow the first decision
+            self.speaker.routes_ready()
         self.decision_log.decisions(desired, touched)
         self.desired = desired
         if self.tables.pending:

@@ -320,6 +320,29 @@ class SnapshotCollector:
         if enabled:
             c.add_metric([], int(bfd.get("restarts") or 0))
         yield c
+        yield from self._graceful_restart(s.bgp.get("graceful_restart") or {})
+
+    @staticmethod
+    def _graceful_restart(gr: dict[str, Any]) -> Iterator[Any]:
+        """bgp.graceful_restart: configured, its restart time, End-of-RIB still owed per peer
+        (a router helping a restart keeps this node's old routes until it gets it)."""
+        enabled = bool(gr.get("enabled"))
+        g = _gauge("maglev_bgp_graceful_restart_enabled", "1 when the node offers BGP graceful restart")
+        g.add_metric([], int(enabled))
+        yield g
+        g = _gauge("maglev_bgp_graceful_restart_time_seconds",
+                   "Restart time offered to routers: how long they keep the routes of a node whose session went away")
+        if enabled:
+            g.add_metric([], float(gr.get("restart_time") or 0))
+        yield g
+        g = _gauge("maglev_bgp_end_of_rib_owed",
+                   "1 while a session is up but has not had its End-of-RIB (its router may hold stale routes)", ["peer"])
+        for peer in gr.get("end_of_rib_owed") or ():
+            g.add_metric([peer], 1)
+        yield g
+        c = _counter("maglev_bgp_end_of_rib_sent", "End-of-RIB markers sent (graceful restart)")
+        c.add_metric([], int(gr.get("end_of_rib_sent_total") or 0))
+        yield c
 
     @staticmethod
     def _transitions(name: str, doc: str, data: dict[tuple[str, str], int]) -> CounterMetricFamily:

@@ -59,13 +59,20 @@ class FakeSpeaker:
         self.desired: list = []
         self.history: list[list[str]] = []
         self.stopped = None
+        self.kept_routes = None
+        self.ready = 0  # routes_ready() calls
 
     async def start(self):
         pass
 
-    async def stop(self, graceful=True):
+    async def stop(self, graceful=True, keep_routes=False):
         self.stopped = graceful
-        self.desired = []
+        self.kept_routes = keep_routes
+        if not keep_routes:
+            self.desired = []
+
+    def routes_ready(self):
+        self.ready += 1
 
     def set_desired(self, routes):
         self.desired = list(routes)

@@ -30,6 +30,9 @@ CASES = {
                   {"address": "fd77:1::1", "peer_as": 65000, "hold_time": 90,
                    "local_address": "fd77:1::3"}]},
     "next hop address": {"next_hop": "10.77.1.9", "peers": [{"address": "10.77.1.1", "peer_as": 65000}]},
+    "graceful restart, both families": {
+        "graceful_restart": {"enabled": True, "restart_time": 300},
+        "peers": [{"address": "10.77.1.1", "peer_as": 65000}, {"address": "fd77:1::1", "peer_as": 65000}]},
 }
 
 

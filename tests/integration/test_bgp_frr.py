@@ -6,6 +6,8 @@ Topology (one module-scoped lab, unique prefix, removed even on failure):
     node2 (AS 65102) 10.77.2.2 / fd77:2::2 ----  router (AS 65000, FRR, listen ranges,
     node3 (AS 65103) 10.77.3.2 / fd77:3::2 --'   maximum-paths 8, multipath-relax, timers 1 3)
     node4 (AS 65104) 10.77.4.2 / fd77:4::2 -- (subprocess controller, for the SIGKILL test)
+    node5 (AS 65105) static neighbor with BFD (FRR's bfdd run by the test), IPv4 only
+    node6 (AS 65106) static neighbor with BFD and graceful restart (the speaker runs bfdd)
 
 Every node announces VIP4 and VIP6; the router must install one multipath route per VIP with a
 nexthop per node, in its kernel FIB and in FRR's JSON. Measured times are printed (-s to see).
@@ -40,6 +42,9 @@ VIP4 = "10.77.100.1/32"
 VIP6 = "fd77:100::1/128"
 VIP_BFD = "10.77.101.1/32"  # announced by node5 only (BFD test)
 BFD_NODE = 5
+GR_NODE = 6
+VIP_GR = "10.77.106.1/32"  # announced by node6 only (graceful restart tests)
+GR_RESTART = 6  # node6's bgp.graceful_restart.restart_time
 HOLD = 3
 EXABGP = [sys.executable, "-m", "exabgp", "server"]
 REPO = Path(__file__).resolve().parents[2]
@@ -125,8 +130,9 @@ class Lab:
             self.nodes[i] = ns
         # node5 is a static neighbor with BFD (listen-range peers get BFD re-created per flap).
         cfg = render_config(asn=ROUTER_AS, router_id="10.77.0.1",
-                            neighbors=[Neighbor(f"10.77.{BFD_NODE}.2", 65100 + BFD_NODE, bfd=True)],
-                            listen_ranges=["10.77.0.0/16", "fd77::/16"], timers=(1, HOLD))
+                            neighbors=[Neighbor(f"10.77.{BFD_NODE}.2", 65100 + BFD_NODE, bfd=True),
+                                       Neighbor(f"10.77.{GR_NODE}.2", 65100 + GR_NODE, bfd=True)],
+                            listen_ranges=["10.77.0.0/16", "fd77::/16"], timers=(1, HOLD), stalepath_time=30)
         self.router = FrrRouter(rns, cfg, bfd=True)
         self.router.start()
         self.node_bfd = FrrRouter(self.nodes[BFD_NODE], "", bfd=True, bgp=False, bfd_config=render_bfd_config(
@@ -140,7 +146,10 @@ class Lab:
         return self.nodes[i].exec_argv(EXABGP)
 
     def start_speaker(self, i: int, **overrides) -> BgpSpeaker:
-        sp = BgpSpeaker(node_config(i, **overrides), self.run_dir(i), exabgp_argv=self.exabgp_argv(i))
+        cfg = node_config(i, **overrides)
+        # With bgp.bfd the speaker runs bfdd itself, in the node's namespace.
+        sp = BgpSpeaker(cfg, self.run_dir(i), exabgp_argv=self.exabgp_argv(i),
+                        bfd_dir=self.run_dir(i) / "bfd", bfdd_wrapper=self.nodes[i].exec_argv([]))
         self.loop.run(sp.start())
         self.speakers[i] = sp
         return sp
@@ -176,7 +185,7 @@ def lab():
         pytest.fail("FRR (vtysh, /usr/lib/frr/bgpd) is not installed: apt-get install frr (see Makefile)")
     lab = Lab(unique_prefix())
     try:
-        lab.build(BFD_NODE)
+        lab.build(GR_NODE)
         lab.loop = LoopThread()
         t0 = time.monotonic()
         for i in (1, 2, 3):
@@ -348,7 +357,9 @@ def is_gshut(path: dict) -> bool:
 
 
 def test_graceful_stop_withdraws_then_closes(lab: Lab):
-    """Last: stops node1. GRACEFUL_SHUTDOWN first, then withdraw, then the session closes."""
+    """Stops node1. GRACEFUL_SHUTDOWN first, then withdraw, then the session closes: the ORDER
+    the router sees these in is the behaviour (how long withdraw_delay lasts is not asserted: a
+    loaded machine stretches or squeezes any measured gap)."""
     # A fresh node1 speaker with a graceful-shutdown phase configured.
     lab.loop.run(lab.speakers[1].stop(graceful=False))
     wait_for(lambda: both_fibs(lab, (2, 3)), HOLD, "node1 gone after the hard stop")
@@ -379,7 +390,8 @@ def test_graceful_stop_withdraws_then_closes(lab: Lab):
           f"{session_closed} s")
     assert seen_gshut is not None, "the router never saw the GRACEFUL_SHUTDOWN community from node1"
     assert drained is not None and route_gone is not None and session_closed is not None
-    # FRR gives GRACEFUL_SHUTDOWN paths local-pref 0: traffic drains before the withdraw.
+    # FRR gives GRACEFUL_SHUTDOWN paths local-pref 0: traffic drains before the withdraw, and
+    # the withdraw reached the router while the session was still up (asserted in the loop).
     assert seen_gshut <= drained <= route_gone < session_closed
     # (How long the session stays up after the withdraw is bgp.withdraw_delay; its length is
     # printed above, not asserted: the router's view is sampled and lags under load.)
@@ -409,3 +421,140 @@ def test_hung_node_with_bfd_is_dropped_in_a_fraction_of_the_hold_time(lab: Lab):
             os.kill(pid, signal.SIGCONT)
     back = wait_for(lambda: lab.router.kernel_nexthops(VIP_BFD) == {f"10.77.{i}.2"}, 20, "node5 back")
     print(f"[bgp] node5 resumed -> its path back in {back:.3f} s")
+
+
+# -- graceful restart (node6: static neighbor, BFD by the speaker's own bfdd) ------------------
+
+
+def gr_config() -> dict:
+    i = GR_NODE
+    return dict(peers=[{"address": f"10.77.{i}.1", "peer_as": ROUTER_AS}],
+                bfd={"enabled": True}, graceful_restart={"enabled": True, "restart_time": GR_RESTART})
+
+
+def gr_peer() -> str:
+    return f"10.77.{GR_NODE}.2"
+
+
+def gr_hops(lab: Lab) -> set[str]:
+    return lab.router.kernel_nexthops(VIP_GR)
+
+
+def start_gr_speaker(lab: Lab, *, ready: bool = True) -> BgpSpeaker:
+    sp = lab.start_speaker(GR_NODE, **gr_config())
+    lab.loop.call(sp.set_desired, [Route(ipaddress.ip_network(VIP_GR))])
+    if ready:
+        lab.loop.call(sp.routes_ready)
+    return sp
+
+
+def eor_received(lab: Lab) -> bool:
+    gr = lab.router.graceful_restart(gr_peer())
+    return bool(gr.get("ipv4Unicast", {}).get("endOfRibStatus", {}).get("endOfRibRecv"))
+
+
+def gr_stale(lab: Lab) -> bool:
+    return any(p.get("stale") for p in lab.router.bgp_paths(VIP_GR))
+
+
+class HopSampler:
+    """The router's nexthops for one VIP, sampled in a thread until stopped."""
+
+    def __init__(self, lab: Lab, vip: str) -> None:
+        self.lab, self.vip = lab, vip
+        self.samples: list[frozenset[str]] = []
+        self.stale_seen = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(frozenset(self.lab.router.kernel_nexthops(self.vip)))
+            self.stale_seen = self.stale_seen or gr_stale(self.lab)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> "HopSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_graceful_restart_is_negotiated_and_end_of_rib_waits_for_the_controller(lab: Lab):
+    """node6 offers graceful restart with its restart time; FRR (helper) accepts it. Its
+    End-of-RIB goes only once the controller said its first decision is in (routes_ready)."""
+    sp = start_gr_speaker(lab, ready=False)
+    wait_for(lambda: gr_hops(lab) == {gr_peer()}, 15, "node6's VIP at the router")
+    wait_for(lambda: lab.router.bfd_peers().get(gr_peer()) == "up", 10, "BFD up with node6")
+    gr = lab.router.graceful_restart(gr_peer())
+    assert gr["remoteGrMode"] == "Restart", gr
+    assert gr["timers"]["receivedRestartTimer"] == GR_RESTART, gr
+    assert gr["ipv4Unicast"]["fBit"] is True, gr  # forwarding state kept across a restart
+    # Announced, but no End-of-RIB yet: a router helping a restart would keep stale routes.
+    assert not eor_received(lab), gr
+    assert sp.status()["graceful_restart"]["end_of_rib_owed"] == [f"10.77.{GR_NODE}.1"]
+    lab.loop.call(sp.routes_ready)
+    wait_for(lambda: eor_received(lab), 10, "node6's End-of-RIB at the router")
+    st = sp.status()["graceful_restart"]
+    assert st["end_of_rib_owed"] == [] and st["end_of_rib_sent_total"] == 1
+    assert st["enabled"] and st["restart_time"] == GR_RESTART
+
+
+def test_planned_restart_keeps_the_route_through_the_restart(lab: Lab):
+    """stop(keep_routes=True) then a new speaker: the router keeps node6's route (stale) while
+    ExaBGP and bfdd are gone, and the nexthop is there in every sample; the new session's
+    End-of-RIB, sent after routes_ready, ends the stale state with the route announced again."""
+    sp = lab.speakers.get(GR_NODE) or start_gr_speaker(lab)
+    wait_for(lambda: gr_hops(lab) == {gr_peer()} and eor_received(lab), 15, "node6 announced with End-of-RIB")
+    with HopSampler(lab, VIP_GR) as sampler:
+        lab.loop.run(sp.stop(graceful=True, keep_routes=True))
+        assert lab.nodes[GR_NODE].pids() == [], "ExaBGP or bfdd of node6 outlived its stop"
+        wait_for(lambda: gr_stale(lab), 5, "the router to mark node6's route stale (graceful restart)")
+        # The router's BFD session went down after the BGP session had closed: no flush.
+        wait_for(lambda: lab.router.bfd_peers().get(gr_peer()) != "up", 5, "BFD down with node6")
+        del lab.speakers[GR_NODE]
+        sp = start_gr_speaker(lab, ready=False)  # warming up: announces, no End-of-RIB yet
+        wait_for(lambda: f"10.77.{GR_NODE}.2" in lab.router.established(), 15, "node6's new session")
+        assert gr_stale(lab) or not eor_received(lab)
+        lab.loop.call(sp.routes_ready)
+        wait_for(lambda: eor_received(lab) and not gr_stale(lab), 10, "End-of-RIB to end the stale state")
+        wait_for(lambda: lab.router.bfd_peers().get(gr_peer()) == "up", 10, "BFD up again with node6")
+    assert sampler.stale_seen, "the router never marked the route stale: graceful restart did not happen"
+    assert len(sampler.samples) > 10
+    assert set(sampler.samples) == {frozenset({gr_peer()})}, "node6's nexthop changed during its restart"
+
+
+def test_frozen_node_with_graceful_restart_is_still_dropped_by_bfd(lab: Lab):
+    """A node whose host froze (ExaBGP and bfdd stopped, nothing closes the TCP session) is
+    dropped by BFD with no graceful-restart wait: long before the restart time, and before the
+    hold time too."""
+    sp = lab.speakers.get(GR_NODE) or start_gr_speaker(lab)
+    wait_for(lambda: gr_hops(lab) == {gr_peer()} and lab.router.bfd_peers().get(gr_peer()) == "up", 15,
+             "node6 announced with BFD up")
+    frozen = [sp.proc.pid, sp.bfd.pid]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not gr_hops(lab), HOLD, "BFD to drop the frozen node6 (not the restart time)")
+        assert not gr_stale(lab)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: gr_hops(lab) == {gr_peer()}, 20, "node6 back after SIGCONT")
+
+
+def test_stale_route_of_a_node_that_does_not_come_back_goes_after_the_restart_time(lab: Lab):
+    """The restart time bounds graceful restart: a node that stopped keeping its routes and
+    never came back (or whose controller crashed with its host alive: the kernel closes the TCP
+    session, the router keeps the routes) is dropped when it runs out."""
+    sp = lab.speakers.get(GR_NODE) or start_gr_speaker(lab)
+    wait_for(lambda: gr_hops(lab) == {gr_peer()} and eor_received(lab), 15, "node6 announced with End-of-RIB")
+    lab.loop.run(sp.stop(graceful=True, keep_routes=True))
+    del lab.speakers[GR_NODE]
+    wait_for(lambda: gr_stale(lab), 5, "node6's route kept as stale")
+    assert gr_hops(lab) == {gr_peer()}
+    # Bound: the restart time, plus polling and a loaded machine's slack.
+    wait_for(lambda: not gr_hops(lab), GR_RESTART + 5, "the stale route to go after the restart time")
+    assert not lab.router.bgp_paths(VIP_GR)

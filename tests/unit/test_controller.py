@@ -369,6 +369,53 @@ async def test_stop_withdraws_gracefully_and_detaches(env):
     assert env.speaker.stopped is True and not env.forwarder.attached
 
 
+def stop_policy(e: "Env", on_stop: str, graceful_restart: bool) -> None:
+    cfg = e.c.config
+    gr = cfg.bgp.graceful_restart.model_copy(update={"enabled": graceful_restart})
+    e.c.config = cfg.model_copy(update={
+        "forwarder": cfg.forwarder.model_copy(update={"on_stop": on_stop}),
+        "bgp": cfg.bgp.model_copy(update={"graceful_restart": gr})})
+
+
+async def test_stop_with_on_stop_keep_and_graceful_restart_keeps_routes_and_forwarder(tmp_path):
+    """A planned restart: routes kept (the router helps the restart), forwarder attached."""
+    e = Env(tmp_path, [vip()])
+    stop_policy(e, "keep", True)
+    await e.start()
+    for a in ("10.0.1.1", "10.0.1.2", "10.0.1.3"):
+        e.health.set(a, State.UP)
+    await e.c.reconcile()
+    e.forwarder.attached = True
+    await e.c.stop()
+    assert e.speaker.kept_routes is True and e.speaker.prefixes == ["10.100.0.1/32"]
+    assert e.forwarder.attached
+    stopping = [ev for ev in e.events.recent if ev["event"] == "node_stopping"]
+    assert stopping[0]["keep_routes"] is True and "graceful restart" in stopping[0]["msg"]
+
+
+@pytest.mark.parametrize("on_stop,gr", [("keep", False), ("detach", True)])
+async def test_stop_withdraws_unless_keep_and_graceful_restart(tmp_path, on_stop, gr):
+    e = Env(tmp_path, [vip()])
+    stop_policy(e, on_stop, gr)
+    await e.start()
+    await e.c.stop()
+    assert e.speaker.stopped is True and e.speaker.kept_routes is False
+
+
+async def test_routes_ready_only_once_warm_up_is_over(env):
+    """End-of-RIB (graceful restart) may follow only the first decision after warm-up: before
+    it a router helping a restart would drop the node's routes."""
+    await env.start()
+    env.health.set("10.0.1.1", State.UP)
+    await env.c.reconcile()
+    assert not env.c.warmup_over and env.speaker.ready == 0
+    for a in ("10.0.1.2", "10.0.1.3"):
+        env.health.set(a, State.UP)
+    await env.c.reconcile()
+    assert env.c.warmup_over and env.speaker.ready >= 1
+    assert env.speaker.prefixes == ["10.100.0.1/32"]
+
+
 async def test_reload_over_forwarder_capacity_is_rejected(tmp_path):
     e = Env(tmp_path, [vip()])
     fwd = e.c.config.forwarder.model_copy(update={"table_capacity": 4194304})

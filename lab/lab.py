@@ -363,12 +363,17 @@ class Lab:
         self._save_pid(h.name, None)
         return time.monotonic() - t0
 
-    def kill_node(self, index: int) -> list[int]:
+    def kill_node(self, index: int, *, host_alive: bool = False) -> list[int]:
         """A crash: the node's links go down first (no FIN or BGP NOTIFICATION escapes), then
         every process in its namespace gets SIGKILL. The router notices by BFD (~0.3 s), or by
-        its hold timer (2-3 s) where BFD is off."""
+        its hold timer (2-3 s) where BFD is off.
+
+        host_alive: only the processes die (the controller crashed, the host did not): links
+        stay up, the kernel closes the BGP sessions, and a router helping graceful restart keeps
+        the node's routes for its restart time (the XDP forwarder, still attached, forwards)."""
         h = self.plan.node(index)
-        topology.set_node_links(self.plan, index, up=False)
+        if not host_alive:
+            topology.set_node_links(self.plan, index, up=False)
         ns = Netns(h.ns)
         pids = ns.pids()
         for pid in pids:

@@ -21,6 +21,7 @@ from tests.e2e.conftest import (
     VIPS,
     await_until,
     backend_name,
+    fully_converged,
     node_addresses,
     node_vips,
     serving_backends,
@@ -314,6 +315,98 @@ async def test_changing_a_check_on_every_node_under_load_breaks_nothing(ready: L
                 await c.stop()
         for f, text in zip(files, original):
             f.write_text(text)
+
+
+# 6c ---------------------------------------------------------------------------------------------
+
+
+def set_on_stop(lab: Lab, index: int, on_stop: str) -> None:
+    """Rewrite node I's node file with forwarder.on_stop (read at its next start)."""
+    import yaml
+
+    path = lab.plan.node_dir(index) / "node.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["forwarder"]["on_stop"] = on_stop
+    path.write_text(P.dump_yaml(data, "# written by maglev lab up; on_stop set by the e2e tests"))
+
+
+def graceful_restart_status(lab: Lab, index: int) -> dict:
+    return ((lab.node_status(index) or {}).get("bgp") or {}).get("graceful_restart") or {}
+
+
+def router_stale(lab: Lab, addresses: set[str]) -> bool:
+    """The router holds a path of one of these node addresses as stale (graceful restart)."""
+    for addr in VIPS.values():
+        for path in lab.router().bgp_paths(P.vip_network(addr)):
+            if path.get("stale") and (path.get("peer") or {}).get("peerId") in addresses:
+                return True
+    return False
+
+
+async def test_restart_with_on_stop_keep_is_hitless_and_a_crash_still_withdraws(ready: Lab) -> None:
+    """Issue 14: a node restarted with forwarder.on_stop: keep (graceful restart) under load
+    fails no request, breaks no connection, and the router's nexthop set for every VIP never
+    changes (the router holds the node's routes as stale, its pinned XDP forwarder keeps
+    forwarding, the same tables come back with the same digests). Then its controller is
+    SIGKILLed with the host alive: the router keeps the routes no longer than the restart time."""
+    n = 2
+    me = ready.plan.node(n)
+    set_on_stop(ready, n, "keep")
+    try:
+        # The running node was started with on_stop: detach; restart it to read `keep`.
+        await asyncio.to_thread(ready.stop_node, n)
+        await asyncio.to_thread(ready.start_node, n)
+        await await_until(lambda: fully_converged(ready), 60, "node-2 back with on_stop: keep")
+        digests = {v: node_vips(ready, n)[v]["digest"] for v in VIPS}
+        conns = await open_long_lived(list(VIPS.values()), 24, period=0.1, timeout=10)
+        load = Load(list(VIPS.values()), workers=3)
+        load.start()
+        stale = []
+        try:
+            with NexthopWatch(ready) as watch:
+                await asyncio.sleep(1.0)
+                t0 = time.monotonic()
+                await asyncio.to_thread(ready.stop_node, n)
+                # The node is gone: the router holds its routes as stale (not a quick re-announce).
+                await await_until(lambda: router_stale(ready, {me.v4, me.v6}), 5, "node-2's routes held as stale")
+                stale.append(True)
+                await asyncio.to_thread(ready.start_node, n)
+                await await_until(lambda: not graceful_restart_status(ready, n).get("end_of_rib_owed", ["?"])
+                                  and graceful_restart_status(ready, n).get("end_of_rib_sent_total", 0) >= 2,
+                                  30, "node-2's End-of-RIB on both sessions")
+                await await_until(lambda: not router_stale(ready, {me.v4, me.v6}), 10, "no stale route left")
+                print(f"\n[e2e] node-2 restarted with on_stop: keep: stale at the router until its End-of-RIB "
+                      f"{time.monotonic() - t0:.2f} s after the stop began; {load.ok} requests, "
+                      f"{len(load.failures)} failed; {watch.polls} nexthop polls, {len(watch.drops)} changes")
+                await asyncio.sleep(1.0)
+            await load.stop()
+            assert stale and load.ok > 100 and watch.polls > 20
+            assert load.failures == [], load.failures[:5]
+            assert watch.drops == [], watch.drops[:5]
+            for c in conns:
+                assert not c.errors, f"connection to {c.host} (backend {c.backend}) failed: {c.errors}"
+                assert not c.switched, f"connection to {c.host} moved from {c.backend} to {c.switched}"
+            assert {v: node_vips(ready, n)[v]["digest"] for v in VIPS} == digests
+        finally:
+            await load.stop()
+            for c in conns:
+                if c.alive:
+                    await c.stop()
+
+        # A crash with the host alive: the kernel closes the sessions, the router keeps the
+        # routes (the forwarder, still attached, forwards) for the restart time at the most.
+        t0 = time.monotonic()
+        await asyncio.to_thread(ready.kill_node, n, host_alive=True)
+        for addr in VIPS.values():
+            expected = node_addresses(ready, 6 if ":" in addr else 4) - {me.v4, me.v6}
+            await await_until(lambda: ready.router_nexthops(addr) == expected, P.GR_RESTART_TIME + 5,
+                              f"the router to drop the crashed node-2 for {addr} within the restart time")
+        print(f"[e2e] node-2's controller SIGKILLed (host alive): router dropped it after "
+              f"{time.monotonic() - t0:.2f} s (restart time {P.GR_RESTART_TIME} s)")
+    finally:
+        set_on_stop(ready, n, "detach")
+        if not ready.pid(me.name):
+            await asyncio.to_thread(ready.start_node, n)
 
 
 # 7 ----------------------------------------------------------------------------------------------

@@ -128,6 +128,8 @@ def test_router_bgp_config_peers_with_every_node(compose: dict) -> None:
             assert f"neighbor {addr} activate" in conf
             # BFD (bfdd on the router, bgp.bfd on the node) drops a dead node in ~0.3 s.
             assert f"neighbor {addr} bfd profile" in conf, (name, addr)
+    # Graceful restart helper (FRR's default) with a bounded wait for a node's End-of-RIB.
+    assert f"bgp graceful-restart stalepath-time {P.GR_STALEPATH_TIME}" in conf
     bfdd = host_volumes(router)["/etc/maglev/frr/bfdd.conf"].read_text()
     assert [ln for ln in bfdd.splitlines() if not ln.startswith("!")] == PLAN.bfd_config().splitlines()
     script = (ROOT / "docker" / "entrypoint.sh").read_text()

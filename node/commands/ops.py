@@ -106,6 +106,12 @@ def cmd_status(client: Client, args) -> int:
         else:
             rows = [[peer, i.get("state"), i.get("last_error") or ""] for peer, i in sorted(sessions.items())]
             print(table(rows, ["BGP PEER", "STATE", "LAST ERROR"]) if rows else "BGP: no sessions")
+        gr = (s.get("bgp") or {}).get("graceful_restart") or {}
+        if gr.get("enabled"):  # bgp.graceful_restart: a router may hold stale routes until End-of-RIB
+            owed = gr.get("end_of_rib_owed") or []
+            print(f"graceful restart: on (restart time {gr.get('restart_time')} s); End-of-RIB "
+                  + (f"owed to {', '.join(owed)} (routers keep this node's earlier routes until then)" if owed
+                     else "sent to every session that is up"))
         rows = [[n, _state(v), f"{v['serving']}/{v['backends']}", v["digest"], v["reason"]]
                 for n, v in sorted(s["vips"].items())]
         print(table(rows, ["VIP", "ROUTE", "SERVING", "DIGEST", "WHY"]))

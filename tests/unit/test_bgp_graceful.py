@@ -85,3 +85,30 @@ def test_only_keep_with_graceful_restart_keeps_routes():
 
 def test_eor_text_per_family():
     assert eor_text("10.0.0.1").endswith("ipv4 unicast") and eor_text("fd00::1").endswith("ipv6 unicast")
+
+
+def test_maglev_status_says_when_a_router_may_hold_stale_routes(capsys):
+    import argparse
+
+    from node.commands.ops import cmd_status
+
+    status = {"node_id": "lb-1", "uptime": 1.0, "warmup_over": False, "node_drained": False,
+              "forwarder": {"ok": True, "mode": "native", "interfaces": ["eth0"], "error": None,
+                            "last_self_test": {"reason": "ok"}},
+              "bgp": {"sessions": {"192.0.2.1": {"state": "established"}},
+                      "graceful_restart": {"enabled": True, "restart_time": 15, "end_of_rib_owed": ["192.0.2.1"]}},
+              "vips": {}, "last_reload": None}
+
+    class Client:
+        def get(self, path):
+            return status
+
+    cmd_status(Client(), argparse.Namespace(json=False))
+    out = capsys.readouterr().out
+    assert "graceful restart: on (restart time 15 s); End-of-RIB owed to 192.0.2.1" in out
+    status["bgp"]["graceful_restart"]["end_of_rib_owed"] = []
+    cmd_status(Client(), argparse.Namespace(json=False))
+    assert "End-of-RIB sent to every session that is up" in capsys.readouterr().out
+    status["bgp"]["graceful_restart"] = {"enabled": False}
+    cmd_status(Client(), argparse.Namespace(json=False))
+    assert "graceful restart" not in capsys.readouterr().out

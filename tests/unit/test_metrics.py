@@ -149,7 +149,9 @@ async def test_promtool_check_metrics_is_clean(env):
     target = next(iter(env.c.targets.values()))
     env.c.metrics.on_probe(target, 0.0, 0.0, ProbeResult(True, "connected", 0.002, 1.0))
     env.speaker.status = lambda: {"sessions": {"192.0.2.1": {"state": "established"}}, "restarts": 2,
-                                  "bfd": {"enabled": True, "restarts": 1, "peers": {"192.0.2.1": {"status": "up"}}}}
+                                  "bfd": {"enabled": True, "restarts": 1, "peers": {"192.0.2.1": {"status": "up"}}},
+                                  "graceful_restart": {"enabled": True, "restart_time": 15,
+                                                       "end_of_rib_owed": ["192.0.2.1"], "end_of_rib_sent_total": 4}}
     env.speaker.session_transitions = {("192.0.2.1", "established"): 3}
     text = metrics.render(env.c, counters())
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
@@ -159,6 +161,10 @@ async def test_promtool_check_metrics_is_clean(env):
         (("peer", "192.0.2.1"), ("to", "established")): 3}
     assert fams["maglev_bgp_speaker_restarts"].samples[0].value == 2
     assert fams["maglev_bfdd_restarts"].samples[0].value == 1
+    assert fams["maglev_bgp_graceful_restart_enabled"].samples[0].value == 1
+    assert fams["maglev_bgp_graceful_restart_time_seconds"].samples[0].value == 15
+    assert samples(fams, "maglev_bgp_end_of_rib_owed", "maglev_bgp_end_of_rib_owed") == {(("peer", "192.0.2.1"),): 1}
+    assert fams["maglev_bgp_end_of_rib_sent"].samples[0].value == 4
 
 
 def test_reason_classes_stay_bounded():

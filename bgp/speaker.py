@@ -205,6 +205,8 @@ class BgpSpeaker(Supervised):
         await self._drained()
         if self.bfd is not None:
             # After ExaBGP: the sessions are closed, so BFD going away changes nothing at the router.
+            # For graceful restart this order is essential: FRR flushes a peer's routes when BFD
+            # goes down while its session is up, and keeps them when the session closed first.
             await self.bfd.stop()
         if self._writer is not None:
             self._writer.close()

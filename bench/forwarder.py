@@ -34,7 +34,7 @@ Programs: the two designs (forwarder.conntrack "lru", the default, and "direct";
 explains the trade), "lru/percpu" (the same program with per-CPU LRU lists,
 BPF_F_NO_COMMON_LRU: the previous design, to show the choice), and with --reference REV the
 xdp_lb.c of that git revision in both designs ("REV lru", "REV direct"), compiled from
-`git archive` and run on the same VIP, table and backend maps (its own conntrack map): the
+`git archive` and run on the same VIP, table and backend maps (its own conntrack maps): the
 "x REV" column is the median of the per-round ratios of the costs above the floor.
 
 For scale it also measures the kernel's LRU hash insert alone, shared LRU and per-CPU lists
@@ -194,7 +194,7 @@ def load_reference(path: Path, fwd: Forwarder, ct_size: int) -> libbpf.BpfObject
     obj = libbpf.BpfObject(path)
     obj.set_max_entries("conntrack", maps.ct_slots(ct_size) if fwd.conntrack == "direct" else ct_size)
     for name, fd in fwd.fds.items():
-        if name == "conntrack":
+        if name in ("conntrack", maps.CT_V4):
             continue
         with contextlib.suppress(KeyError):  # a map the reference does not have
             obj.reuse_map_fd(name, fd)
@@ -202,11 +202,11 @@ def load_reference(path: Path, fwd: Forwarder, ct_size: int) -> libbpf.BpfObject
     return obj
 
 
-def count_entries(fd: int) -> int:
-    cur, nxt, n = None, maps.FlowKey(), 0
+def count_entries(fd: int, key_type=maps.FlowKeyV4) -> int:
+    cur, nxt, n = None, key_type(), 0
     while libbpf.map_next_key(fd, C.byref(cur) if cur is not None else None, C.byref(nxt)) == 0:
         n += 1
-        cur, nxt = nxt, (cur if cur is not None else maps.FlowKey())
+        cur, nxt = nxt, (cur if cur is not None else key_type())
     return n
 
 
@@ -216,7 +216,7 @@ def displacement(fwd: Forwarder, flows: int) -> int:
     syn = packets.flow_packet("198.19.0.0", VIP, 1, 80, tcp_flags=0x02, size=60)
     c = Case("displacement", fwd.prog_fd, syn, vary=True)
     c.round(flows)
-    return count_entries(fwd.fds["conntrack"])
+    return count_entries(fwd.fds[maps.CT_V4])  # IPv4 flows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ differs, so a stale id can only cause a counted drop, never a forward to another
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
 import functools
 import logging
@@ -383,8 +384,11 @@ class Forwarder:
         old_tables = None  # a pinned tables map too small for the VIPs: copied into a new one
         try:
             obj.set_max_entries("conntrack", self.ct_entries)
+            if self.conntrack == "lru":
+                with contextlib.suppress(KeyError):  # absent: the other design's object (refused below)
+                    obj.set_max_entries(maps.CT_V4, self.ct_entries)
             wanted = self.table_capacity
-            for name in maps.MAP_NAMES:
+            for name in maps.map_names(self.conntrack):
                 pin = self.pin_dir / name
                 if pin.exists():
                     fd = libbpf.obj_get(pin)
@@ -403,7 +407,9 @@ class Forwarder:
             self._close_own_fds()
             raise
         self._obj = obj
-        self.fds = {name: obj.map_fd(name) for name in maps.MAP_NAMES}
+        # pins of a version before conntrack_v4: its IPv4 flows are in `conntrack`
+        older_pins = (self.pin_dir / "conntrack").exists() and not (self.pin_dir / maps.CT_V4).exists()
+        self.fds = {name: obj.map_fd(name) for name in maps.map_names(self.conntrack)}
         if old_tables is not None:
             self._copy_tables(*old_tables)
             (self.pin_dir / "tables").unlink()
@@ -420,6 +426,8 @@ class Forwarder:
             prog_pin.unlink()  # the freshly loaded copy replaces the pin; attach() swaps atomically
         libbpf.obj_pin(self.prog_fd, prog_pin)
         self._mmap()
+        if older_pins and self.conntrack == "lru":
+            self._move_v4_flows()
         self._write_config()
         self._read_back()
         self._load_addresses()
@@ -469,13 +477,13 @@ class Forwarder:
                 f"pinned map {self.pin_dir / name} has key/value sizes {info.key_size}/{info.value_size}, "
                 f"this version needs {shape[0]}/{shape[1]}: it was made by an incompatible version. "
                 + advice)
-        if name == "conntrack" and info.max_entries != self.ct_entries:
+        if name in (maps.CT_V4, "conntrack") and info.max_entries != self.ct_entries:
             log.warning("pinned conntrack map has %d entries, config asks %d (conntrack_size %d%s); "
                         "keeping the pinned one (remove %s to resize; that forgets every tracked flow)",
                         info.max_entries, self.ct_entries, self.config.conntrack_size,
                         " rounded up to a power of two" if self.conntrack == "direct" else "",
                         self.pin_dir / name)
-        if name == "conntrack" and info.map_flags & maps.BPF_F_NO_COMMON_LRU:
+        if name in (maps.CT_V4, "conntrack") and info.map_flags & maps.BPF_F_NO_COMMON_LRU:
             log.warning("pinned conntrack map %s has per-CPU LRU lists (made by an older version): "
                         "each CPU holds only %d of its %d flows; keeping it with its tracked flows "
                         "(remove it to get one shared LRU; that forgets every tracked flow)",
@@ -587,7 +595,7 @@ class Forwarder:
 
     def remove_pins(self) -> None:
         """Forget all state: unlink every pin (tests, and `on_stop: detach` with a clean slate)."""
-        for name in (*maps.MAP_NAMES, PROG_PIN):
+        for name in (*maps.ALL_MAP_NAMES, PROG_PIN):
             try:
                 (self.pin_dir / name).unlink()
             except FileNotFoundError:
@@ -1244,11 +1252,33 @@ class Forwarder:
         if self.conntrack == "direct":
             return [(e.key, e.val) for e in self._ct_entries()]
         out = []
-        for k in libbpf.keys(self.fds["conntrack"], maps.FlowKey):
-            v = maps.CtValue()
-            if libbpf.lookup(self.fds["conntrack"], k, v):  # it may have been evicted meanwhile
-                out.append((k, v))
+        for name, ktype in self._LRU_MAPS:
+            fd = self.fds[name]
+            for k in libbpf.keys(fd, ktype):
+                v = maps.CtValue()
+                if libbpf.lookup(fd, k, v):  # it may have been evicted meanwhile
+                    out.append((k.full() if ktype is maps.FlowKeyV4 else k, v))
         return out
+
+    # "lru": IPv4 flows in conntrack_v4, IPv6 flows in conntrack (maglev.h)
+    _LRU_MAPS = ((maps.CT_V4, maps.FlowKeyV4), ("conntrack", maps.FlowKey))
+
+    def _move_v4_flows(self) -> None:
+        """Pins of a version that kept IPv4 flows in `conntrack` (40-byte keys): move them to
+        conntrack_v4, which the data path now reads for IPv4, so a restart loses no flow."""
+        fd, fd4 = self.fds["conntrack"], self.fds[maps.CT_V4]
+        moved = 0
+        for k in libbpf.keys(fd, maps.FlowKey):
+            if k.family != maps.FAM_V4:
+                continue
+            v = maps.CtValue()
+            if libbpf.lookup(fd, k, v):
+                libbpf.update(fd4, maps.FlowKeyV4.of(k), v)
+                moved += 1
+            libbpf.delete(fd, k)
+        if moved:
+            log.info("moved %d tracked IPv4 flows from %s to %s (the IPv4 conntrack map of this "
+                     "version)", moved, self.pin_dir / "conntrack", self.pin_dir / maps.CT_V4)
 
     # The family byte of slot i sits at i * 64 + _CT_FAMILY_OFF: scanning that one byte per
     # slot (a slice of the mmap) finds the used slots of a million-entry table in milliseconds.
@@ -1273,7 +1303,7 @@ class Forwarder:
         """Tracked flows (entries of the LRU hash, or used slots of the direct array)."""
         self._require_open()
         if self.conntrack == "lru":
-            return len(libbpf.keys(self.fds["conntrack"], maps.FlowKey))
+            return sum(len(libbpf.keys(self.fds[n], t)) for n, t in self._LRU_MAPS)
         return len(self._ct_used_slots())
 
     def conntrack_flows(self, vip: str | None = None, limit: int | None = None) -> list[dict]:
@@ -1307,8 +1337,9 @@ class Forwarder:
         """Forget every tracked flow (tests, and an operator's last resort)."""
         self._require_open()
         if self.conntrack == "lru":
-            for k in libbpf.keys(self.fds["conntrack"], maps.FlowKey):
-                libbpf.delete(self.fds["conntrack"], k)
+            for name, ktype in self._LRU_MAPS:
+                for k in libbpf.keys(self.fds[name], ktype):
+                    libbpf.delete(self.fds[name], k)
             return
         assert self._ct_mm is not None
         step = 1 << 20

@@ -48,6 +48,14 @@ IPPROTO = {"tcp": 6, "udp": 17}
 # Map names as in xdp_lb.c (also the pin file names under the bpffs directory).
 MAP_NAMES = ("vips", "vip_meta", "tables", "backends", "vip_names", "be_names", "conntrack",
              "config", "rate", "vip_stats", "be_stats", "stats", "vip_addrs", "sc_meta", "sc_stats")
+# "lru" keeps IPv4 flows in a map of their own (maglev.h: a 16-byte key hashes faster).
+CT_V4 = "conntrack_v4"
+ALL_MAP_NAMES = (*MAP_NAMES, CT_V4)
+
+
+def map_names(conntrack: str) -> tuple[str, ...]:
+    """The maps of the object built for conntrack design ``conntrack``."""
+    return ALL_MAP_NAMES if conntrack == "lru" else MAP_NAMES
 
 # Fragment keys in `vips` and the address pre-filter `vip_addrs` (maglev.h).
 VIP_KEY_FRAG = 0x80
@@ -127,6 +135,34 @@ class FlowKey(C.Structure):
                 ("pad", C.c_uint16)]
 
 
+class FlowKeyV4(C.Structure):
+    """struct flow_key_v4: conntrack_v4's key ("lru")."""
+
+    _fields_ = [("src", C.c_uint8 * 4), ("dst", C.c_uint8 * 4), ("sport_be", C.c_uint8 * 2),
+                ("dport_be", C.c_uint8 * 2), ("proto", C.c_uint8), ("family", C.c_uint8),
+                ("pad", C.c_uint16)]
+
+    def full(self) -> FlowKey:
+        """The same flow as a struct flow_key (IPv4 in the first 4 address bytes)."""
+        k = FlowKey()
+        k.src[:4] = self.src
+        k.dst[:4] = self.dst
+        k.sport_be[:] = self.sport_be
+        k.dport_be[:] = self.dport_be
+        k.proto, k.family = self.proto, self.family
+        return k
+
+    @classmethod
+    def of(cls, k: FlowKey) -> "FlowKeyV4":
+        s = cls()
+        s.src[:] = k.src[:4]
+        s.dst[:] = k.dst[:4]
+        s.sport_be[:] = k.sport_be
+        s.dport_be[:] = k.dport_be
+        s.proto, s.family = k.proto, k.family
+        return s
+
+
 class CtValue(C.Structure):
     _fields_ = [("backend_id", C.c_uint32), ("vip_id", C.c_uint32), ("last_seen_ns", C.c_uint64)]
 
@@ -184,7 +220,7 @@ STAT_FIELDS = ("packets", "bytes", "new_flows", "ct_hits", "ct_misses")
 LAYOUTS: dict[str, type[C.Structure]] = {
     "vip_key": VipKey, "vip_value": VipValue, "table_slot": TableSlot, "vip_meta": VipMeta,
     "table_chunk": TableChunk,
-    "backend": Backend, "name": Name, "flow_key": FlowKey, "ct_value": CtValue, "ct_entry": CtEntry,
+    "backend": Backend, "name": Name, "flow_key": FlowKey, "flow_key_v4": FlowKeyV4, "ct_value": CtValue, "ct_entry": CtEntry,
     "config": Config, "rate_state": RateState, "flow_stats": FlowStats, "sc_meta": ScMeta,
 }
 
@@ -201,6 +237,7 @@ MAP_SHAPES: dict[str, tuple[int, int]] = {
     "be_names": (4, _sz(Name)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
     "stats": (4, 8), "vip_addrs": (4, 8), "sc_meta": (4, _sz(ScMeta)), "sc_stats": (4, 8),
+    CT_V4: (_sz(FlowKeyV4), _sz(CtValue)),
 }
 CT_SHAPES: dict[str, tuple[int, int]] = {"lru": (_sz(FlowKey), _sz(CtValue)), "direct": (4, _sz(CtEntry))}
 

@@ -131,7 +131,8 @@ class ModelConfig:
     mtu: int = 1500
     udp_idle_ns: int = 30 * 10**9
     new_flow_rate: int = 0
-    # the conntrack design (maglev.h): "lru" = the kernel's LRU hash, modelled as a plain dict
+    # the conntrack design (maglev.h): "lru" = the kernel's LRU hashes (conntrack_v4 for IPv4
+    # flows, conntrack for IPv6: a lookup by family, the same flows), modelled as one plain dict
     # with no eviction (keep the flows below capacity when comparing with the program);
     # "direct" = one flow per slot, a new flow replaces the one in its slot
     conntrack: Literal["lru", "direct"] = "lru"

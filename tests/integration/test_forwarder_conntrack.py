@@ -1,7 +1,8 @@
 """The "lru" conntrack map's capacity as the README states it, on the real kernel map: one LRU
 shared by the CPUs, so flows that all arrive on one CPU can use the whole map (with per-CPU LRU
 lists each CPU would hold only conntrack_size / CPUs of them), and a full map evicts instead of
-refusing new flows. Also: address pre-filter and fragment keys follow the VIPs through syncs
+refusing new flows. IPv4 flows have a map of their own (conntrack_v4), also after an upgrade
+from pins that kept them with the IPv6 flows. Also: address pre-filter and fragment keys follow the VIPs through syncs
 and a restart."""
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def test_flows_arriving_on_one_cpu_can_fill_the_shared_lru(one_cpu) -> None:
     with temp_forwarder(conntrack="lru", conntrack_size=SIZE) as fwd:
         fwd.sync([_vip()])
         assert fwd.ct_entries == SIZE
-        info = libbpf.map_info(fwd.fds["conntrack"])
-        assert not info.map_flags & maps.BPF_F_NO_COMMON_LRU
+        for name in ("conntrack", maps.CT_V4):
+            info = libbpf.map_info(fwd.fds[name])
+            assert info.max_entries == SIZE and not info.map_flags & maps.BPF_F_NO_COMMON_LRU
         _send_syns(fwd, GUARANTEED)
         assert fwd.conntrack_count() == GUARANTEED, "a tracked flow was displaced below capacity"
         # past capacity the least recently used go, new flows are still tracked
@@ -113,3 +115,48 @@ def test_address_filter_and_fragment_keys_follow_syncs_and_a_restart() -> None:
             fwd.close()
             fwd.remove_pins()
 
+
+
+def _two_backend_vip(address: str) -> VipSpec:
+    a = BackendSpec("a", ip_address("10.2.0.1"), "active")
+    b = BackendSpec("b", ip_address("10.2.0.2"), "active")
+    return VipSpec(f"web{address}", ip_address(address), "tcp", 80, (a, b), ["a"] * 13)
+
+
+def test_ipv4_flows_have_their_own_map_and_move_there_from_older_pins() -> None:
+    v6 = "fd00:1::1"
+    with temp_bpffs() as root:
+        cfg = make_config(root / "maglev")
+        fwd = Forwarder(cfg, table_capacity=1 << 16)
+        fwd.open()
+        try:
+            fwd.sync([_two_backend_vip(VIP), _two_backend_vip(v6)])
+            run = libbpf.TestRun(fwd.prog_fd, 512).run
+            assert run(packets.flow_packet("192.0.2.7", VIP, 4000, 80, tcp_flags=0x02))[0] == M.XDP_TX
+            assert run(packets.flow_packet("2001:db8::7", v6, 4000, 80, tcp_flags=0x02))[0] == M.XDP_TX
+            v4_keys = libbpf.keys(fwd.fds[maps.CT_V4], maps.FlowKeyV4)
+            v6_keys = libbpf.keys(fwd.fds["conntrack"], maps.FlowKey)
+            assert [(k.family, bytes(k.src)) for k in v4_keys] == [(maps.FAM_V4, bytes([192, 0, 2, 7]))]
+            assert [k.family for k in v6_keys] == [maps.FAM_V6]
+            assert fwd.conntrack_count() == 2
+            # what an older version left: the IPv4 flow in `conntrack` (40-byte key), here on
+            # backend b, which the table (all a) would not pick, and no conntrack_v4 pin
+            val = maps.CtValue()
+            assert libbpf.lookup(fwd.fds[maps.CT_V4], v4_keys[0], val)
+            val.backend_id = fwd.backend_ids[(f"web{VIP}", "b")]
+            libbpf.update(fwd.fds["conntrack"], v4_keys[0].full(), val)
+        finally:
+            fwd.close()
+        (root / "maglev" / maps.CT_V4).unlink()
+        fwd = Forwarder(cfg, table_capacity=1 << 16)
+        fwd.open()
+        try:
+            assert [k.family for k in libbpf.keys(fwd.fds["conntrack"], maps.FlowKey)] == [maps.FAM_V6]
+            assert fwd.conntrack_count() == 2
+            verdict, out = libbpf.TestRun(fwd.prog_fd, 512).run(
+                packets.flow_packet("192.0.2.7", VIP, 4000, 80, tcp_flags=0x10))
+            assert verdict == M.XDP_TX
+            assert out[14 + 16:14 + 20] == bytes([10, 2, 0, 2]), "the moved flow lost its backend"
+        finally:
+            fwd.close()
+            fwd.remove_pins()

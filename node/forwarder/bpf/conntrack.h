@@ -136,23 +136,57 @@ static __always_inline void ct_forget(struct parsed *p, const struct config *cfg
 
 #else /* the kernel's LRU hash (default) */
 
+/* Two maps, one per family (maglev.h): the kernel hashes and compares the whole key on every
+ * lookup, and an IPv4 flow's 16-byte key costs much less than the 40 bytes IPv6 needs. */
+#ifdef CT_LRU_PERCPU
+/* per-CPU LRU lists: each CPU holds max_entries / CPUs flows. Only for the bench's
+ * comparison (bench/forwarder.py): slower inserts and an uneven-traffic displacement. */
+#define CT_LRU_FLAGS BPF_F_NO_COMMON_LRU
+#else
+#define CT_LRU_FLAGS 0
+#endif
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, DEFAULT_CT_SIZE);
-#ifdef CT_LRU_PERCPU
-	/* per-CPU LRU lists: each CPU holds max_entries / CPUs flows. Only for the bench's
-	 * comparison (bench/forwarder.py): slower inserts and an uneven-traffic displacement. */
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-#endif
+	__uint(map_flags, CT_LRU_FLAGS);
 	__type(key, struct flow_key);
 	__type(value, struct ct_value);
 } conntrack SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, DEFAULT_CT_SIZE);
+	__uint(map_flags, CT_LRU_FLAGS);
+	__type(key, struct flow_key_v4);
+	__type(value, struct ct_value);
+} conntrack_v4 SEC(".maps");
+
+/* An IPv4 flow's key in conntrack_v4. (The map pointer must be a constant at each call, so
+ * the callers branch on the family themselves.) */
+static __always_inline void ct_key_v4(const struct parsed *p, struct flow_key_v4 *k4)
+{
+	k4->src = p->fk.src[0];
+	k4->dst = p->fk.dst[0];
+	k4->sport_be = p->fk.sport_be;
+	k4->dport_be = p->fk.dport_be;
+	k4->proto = p->fk.proto;
+	k4->family = p->fk.family;
+	k4->pad = 0;
+}
+
 static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct config *cfg,
 						  struct ct_value *copy)
 {
-	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &p->fk);
+	struct flow_key_v4 k4;
+	struct ct_value *v;
 
+	if (p->fk.family == FAM_V4) {
+		ct_key_v4(p, &k4);
+		v = bpf_map_lookup_elem(&conntrack_v4, &k4);
+	} else {
+		v = bpf_map_lookup_elem(&conntrack, &p->fk);
+	}
 	if (v)
 		*copy = *v;
 	return v;
@@ -163,11 +197,17 @@ static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct
 static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
 				     struct ct_value *old, const struct ct_value *v)
 {
+	struct flow_key_v4 k4;
+
 	if (old) {
 		old->backend_id = v->backend_id;
 		old->vip_id = v->vip_id;
 		old->last_seen_ns = v->last_seen_ns;
 		return 1;
+	}
+	if (p->fk.family == FAM_V4) {
+		ct_key_v4(p, &k4);
+		return bpf_map_update_elem(&conntrack_v4, &k4, v, BPF_ANY) == 0;
 	}
 	return bpf_map_update_elem(&conntrack, &p->fk, v, BPF_ANY) == 0;
 }
@@ -176,7 +216,14 @@ static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
  * of waiting to be the least recently used. */
 static __always_inline void ct_forget(struct parsed *p, const struct config *cfg)
 {
-	bpf_map_delete_elem(&conntrack, &p->fk);
+	struct flow_key_v4 k4;
+
+	if (p->fk.family == FAM_V4) {
+		ct_key_v4(p, &k4);
+		bpf_map_delete_elem(&conntrack_v4, &k4);
+	} else {
+		bpf_map_delete_elem(&conntrack, &p->fk);
+	}
 }
 
 #endif /* CT_DIRECT */

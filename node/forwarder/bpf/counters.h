@@ -48,9 +48,12 @@ static __always_inline void add_stats(void *map, __u32 id, __u32 bytes, int hit,
 		return;
 	s->packets++;
 	s->bytes += bytes;
-	s->ct_hits += hit;
-	s->ct_misses += !hit;
-	s->new_flows += inserted;
+	if (hit)
+		s->ct_hits++;
+	else
+		s->ct_misses++;
+	if (inserted)
+		s->new_flows++;
 }
 
 #endif

@@ -52,28 +52,36 @@ static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct pars
 		__builtin_memcpy(data + 14, tag, 2);
 	}
 	if (be->family == FAM_V4) {
-		struct iphdr *o = data + l2;
+		/* Whole 16-bit words built in registers and the checksum summed from them: writing
+		 * the byte fields one by one and reading the header back as words (iph_csum) made
+		 * every established packet wait on store forwarding. Same bytes (model: _encap). */
+		__u16 *o = data + l2;
+		__u16 w0 = bpf_htons(0x4500 | p->tos);
+		__u16 len = bpf_htons(p->l3_len + GRE_V4_OVERHEAD + extra);
+		__u16 df = bpf_htons(0x4000);
+		__u16 ttl_proto = bpf_htons((OUTER_TTL << 8) | IPPROTO_GRE_);
+		__u32 src = cfg->src_v4, dst = be->addr[0];
+		__u64 sum = (__u64)w0 + len + df + ttl_proto + (src & 0xffff) + (src >> 16) +
+			    (dst & 0xffff) + (dst >> 16);
 
 		*(__u16 *)(data + l2 - 2) = bpf_htons(ETH_P_IP);
-		o->version = 4;
-		o->ihl = 5;
-		o->tos = p->tos;
-		o->tot_len = bpf_htons(p->l3_len + GRE_V4_OVERHEAD + extra);
-		o->id = 0;
-		o->frag_off = bpf_htons(0x4000);
-		o->ttl = OUTER_TTL;
-		o->protocol = IPPROTO_GRE_;
-		o->check = 0;
-		o->saddr = cfg->src_v4;
-		o->daddr = be->addr[0];
-		o->check = iph_csum(o);
+		o[0] = w0;
+		o[1] = len;
+		o[2] = 0; /* id */
+		o[3] = df;
+		o[4] = ttl_proto;
+		o[5] = csum_fold(sum);
+		o[6] = src & 0xffff;
+		o[7] = src >> 16;
+		o[8] = dst & 0xffff;
+		o[9] = dst >> 16;
 		if (key) {
-			__u32 *gre = (__u32 *)(o + 1);
+			__u32 *gre = (__u32 *)(o + 10);
 
 			gre[0] = ((__u32)inner_type << 16) | bpf_htons(GRE_F_KEY);
 			gre[1] = key;
 		} else {
-			*(__u32 *)(o + 1) = (__u32)inner_type << 16;
+			*(__u32 *)(o + 10) = (__u32)inner_type << 16;
 		}
 	} else {
 		struct ipv6hdr *o = data + l2;

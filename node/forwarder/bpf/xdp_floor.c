@@ -6,7 +6,8 @@
  * and does nothing else: the test run then hands the frame to the kernel's stack, which costs
  * more than a bounce, so a non-VIP packet is compared with this floor, not with xdp_floor.
  * xdp_lru_insert and xdp_lru_insert_percpu only insert 40 bytes of the frame into an LRU hash
- * shaped like the forwarder's conntrack map (same key/value sizes), the first with one LRU
+ * shaped like the forwarder's IPv6 conntrack map (same key/value sizes; IPv4 flows have a
+ * 16-byte key, a little cheaper), the first with one LRU
  * shared by the CPUs (what the forwarder uses), the second with per-CPU LRU lists
  * (BPF_F_NO_COMMON_LRU): the kernel's own cost of the insert every new flow pays, both ways,
  * printed for scale next to the forwarder's new-flow figures.

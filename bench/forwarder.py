@@ -190,11 +190,12 @@ def reference_objects(rev: str, out: Path) -> dict[str, Path]:
 
 
 def load_reference(path: Path, fwd: Forwarder, ct_size: int) -> libbpf.BpfObject:
-    """Load a reference object on fwd's maps (all but conntrack, which it keeps its own of)."""
+    """Load a reference object on fwd's maps (all but conntrack and the counters, which it keeps
+    its own of: an older revision's layouts of those may differ)."""
     obj = libbpf.BpfObject(path)
     obj.set_max_entries("conntrack", maps.ct_slots(ct_size) if fwd.conntrack == "direct" else ct_size)
     for name, fd in fwd.fds.items():
-        if name in ("conntrack", maps.CT_V4):
+        if name in ("conntrack", maps.CT_V4, *maps.COUNTER_MAPS):
             continue
         with contextlib.suppress(KeyError):  # a map the reference does not have
             obj.reuse_map_fd(name, fd)

@@ -215,6 +215,14 @@ def _zero_percpu(fd: int, key: int, value_size: int, ncpu: int) -> None:
     libbpf.update(fd, C.c_uint32(key), buf)
 
 
+def _write_percpu(fd: int, key: int, values: list) -> None:
+    stride = (C.sizeof(values[0]) + 7) & ~7
+    buf = (C.c_uint8 * (stride * len(values)))()
+    for i, v in enumerate(values):
+        C.memmove(C.addressof(buf) + i * stride, C.addressof(v), C.sizeof(v))
+    libbpf.update(fd, C.c_uint32(key), buf)
+
+
 def _read_percpu(fd: int, key: int, ctype, ncpu: int) -> list:
     stride = (C.sizeof(ctype) + 7) & ~7
     buf = (C.c_uint8 * (stride * ncpu))()
@@ -393,6 +401,8 @@ class Forwarder:
                 if pin.exists():
                     fd = libbpf.obj_get(pin)
                     self._own_fds.append(fd)
+                    if self._replaced_counters(name, fd):
+                        continue
                     self._check_pinned(name, fd)
                     if name == "tables" and self.auto_tables and self.table_capacity < self._tables_need:
                         old_tables = (fd, self.table_capacity)
@@ -456,6 +466,22 @@ class Forwarder:
             raise ForwarderError(
                 f"BPF object {self.obj_path} keeps conntrack as {other!r} but forwarder.conntrack is "
                 f"{self.conntrack!r}; use the {build.FORWARDER_OBJECTS[self.conntrack]} object")
+
+    def _replaced_counters(self, name: str, fd: int) -> bool:
+        """A pinned counter map of an older layout (vip_stats/be_stats with ct_misses and
+        per-packet VIP counts) is unlinked so a fresh one is pinned: the counters restart at
+        zero (Prometheus sees a reset); flows, tables and backends are kept."""
+        if name not in maps.COUNTER_MAPS:
+            return False
+        info = libbpf.map_info(fd)
+        shape = maps.map_shape(name, self.conntrack)
+        if (info.key_size, info.value_size) == shape:
+            return False
+        log.warning("pinned counter map %s has %d-byte values (an older version's layout), this "
+                    "version counts %d bytes per id: replaced, its counters restart at zero",
+                    self.pin_dir / name, info.value_size, shape[1])
+        (self.pin_dir / name).unlink()
+        return True
 
     def _check_pinned(self, name: str, fd: int) -> None:
         info = libbpf.map_info(fd)
@@ -944,6 +970,9 @@ class Forwarder:
 
     def _free_backend(self, vip: str, key: str, bid: int) -> None:
         self._be_specs.pop((vip, key), None)
+        vid = self.vip_ids.get(vip)
+        if vid is not None:
+            self._retire_counts(vid, bid)
         libbpf.update(self.fds["backends"], C.c_uint32(bid), maps.Backend())
         libbpf.update(self.fds["be_names"], C.c_uint32(bid), maps.Name())
         self._be_mirror.pop(bid, None)
@@ -953,6 +982,19 @@ class Forwarder:
         if not own:
             self._vip_backends.pop(vip, None)
         self._used_ids.discard(bid)
+
+    def _retire_counts(self, vid: int, bid: int) -> None:
+        """Add backend id bid's counts to its VIP's vip_stats before the id is freed (and
+        zeroed when it is given out again), CPU by CPU: the VIP's figures, vip_stats plus its
+        live backend ids, stay what they were. A packet the old program counts on bid after
+        this read is lost from the VIP's figures (the id is already out of its tables)."""
+        n = self._ncpu
+        be = _read_percpu(self.fds["be_stats"], bid, maps.FlowStats, n)
+        acc = _read_percpu(self.fds["vip_stats"], vid, maps.FlowStats, n)
+        for a, b in zip(acc, be):
+            for f in maps.STORED_STAT_FIELDS:
+                setattr(a, f, getattr(a, f) + getattr(b, f))
+        _write_percpu(self.fds["vip_stats"], vid, acc)
 
     def _remove_vip(self, name: str) -> None:
         vid = self.vip_ids.pop(name)
@@ -1357,15 +1399,21 @@ class Forwarder:
 
         def total(fd: int, idx: int) -> dict[str, int]:
             per = _read_percpu(fd, idx, maps.FlowStats, self._ncpu)
-            return {f: sum(getattr(s, f) for s in per) for f in maps.STAT_FIELDS}
+            t = {f: sum(getattr(s, f) for s in per) for f in maps.STORED_STAT_FIELDS}
+            t["ct_misses"] = t["packets"] - t["ct_hits"]
+            return t
 
         out: dict = {"vips": {}, "backends": {}, "vip_backends": {}, "drops": {}, "events": {}}
         for name, vid in self.vip_ids.items():
-            out["vips"][name] = total(self.fds["vip_stats"], vid)
+            out["vips"][name] = total(self.fds["vip_stats"], vid)  # its retired backend ids
             out["vip_backends"][name] = {}
         for (vip, key), bid in sorted(self.backend_ids.items()):
             stats = total(self.fds["be_stats"], bid)
             out["vip_backends"].setdefault(vip, {})[key] = stats
+            if vip in out["vips"]:  # the VIP's figures: its backends' sums (maglev.h)
+                vs = out["vips"][vip]
+                for f in maps.STAT_FIELDS:
+                    vs[f] += stats[f]
             # one backend key may serve several VIPs: "backends" sums them per key
             agg = out["backends"].setdefault(key, dict.fromkeys(maps.STAT_FIELDS, 0))
             for f in maps.STAT_FIELDS:

@@ -210,11 +210,18 @@ class RateState(C.Structure):
 
 
 class FlowStats(C.Structure):
+    """struct flow_stats: what be_stats counts per backend id (and vip_stats keeps of the
+    backend ids a VIP no longer has)."""
+
     _fields_ = [("packets", C.c_uint64), ("bytes", C.c_uint64), ("new_flows", C.c_uint64),
-                ("ct_hits", C.c_uint64), ("ct_misses", C.c_uint64)]
+                ("ct_hits", C.c_uint64)]
 
 
-STAT_FIELDS = ("packets", "bytes", "new_flows", "ct_hits", "ct_misses")
+STORED_STAT_FIELDS = tuple(f for f, _ in FlowStats._fields_)
+# what the loader reports: the stored fields and ct_misses = packets - ct_hits (maglev.h)
+STAT_FIELDS = (*STORED_STAT_FIELDS, "ct_misses")
+# counter maps: a pinned one of another shape (an older version's) is replaced, not refused
+COUNTER_MAPS = ("vip_stats", "be_stats")
 
 # struct name -> ctypes type, for the BTF size check.
 LAYOUTS: dict[str, type[C.Structure]] = {

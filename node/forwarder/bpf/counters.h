@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /* counters.h: the forwarder's counters and their maps (layouts and reasons in maglev.h): stats,
- * per-CPU event/drop counts by enum stat_reason; vip_stats and be_stats, per-CPU packets,
- * bytes, new flows and conntrack hits/misses by VIP id and by backend id. Per-CPU, so an
- * increment is a plain add with no atomic; user space sums the CPUs (loader.counters).
+ * per-CPU event/drop counts by enum stat_reason; be_stats, per-CPU packets, bytes, new flows
+ * and conntrack hits by backend id, the one counter a forwarded packet touches; vip_stats,
+ * which only user space writes (maglev.h: struct flow_stats). Per-CPU, so an increment is a
+ * plain add with no atomic; user space sums the CPUs (loader.counters).
  */
 #ifndef COUNTERS_H
 #define COUNTERS_H
@@ -40,18 +41,17 @@ static __always_inline void count(__u32 reason)
 		*v += 1;
 }
 
-static __always_inline void add_stats(void *map, __u32 id, __u32 bytes, int hit, int inserted)
+/* A forwarded packet: one lookup and three adds (a fourth for a new flow). Its VIP's figures
+ * and the conntrack misses are sums user space makes (maglev.h), not work per packet. */
+static __always_inline void count_forwarded(__u32 be_id, __u32 bytes, int hit, int inserted)
 {
-	struct flow_stats *s = bpf_map_lookup_elem(map, &id);
+	struct flow_stats *s = bpf_map_lookup_elem(&be_stats, &be_id);
 
 	if (!s)
 		return;
 	s->packets++;
 	s->bytes += bytes;
-	if (hit)
-		s->ct_hits++;
-	else
-		s->ct_misses++;
+	s->ct_hits += hit;
 	if (inserted)
 		s->new_flows++;
 }

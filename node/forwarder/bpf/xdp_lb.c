@@ -140,19 +140,23 @@ static __always_inline int vip_addr_maybe(__u32 folded)
 }
 
 /* Does the VIP described by meta own this flow? (The conntrack fast path checks this instead
- * of a second hash lookup: a compare of fields already in cache.) */
-static __always_inline int vip_owns(const struct vip_meta *meta, const struct flow_key *fk)
+ * of a second hash lookup: a compare of fields already in cache.) The differences are ORed
+ * together and tested once: a chain of eight compare-and-branch steps cost an established
+ * packet ~10 % (bench/forwarder.py). The port matches when the VIP's is 0 ("all ports") or
+ * equal: the product of the VIP's port and the difference (each < 2^16) is 0 exactly then. */
+static __always_inline __u32 vip_mismatch(const struct vip_meta *meta, const struct flow_key *fk)
 {
 	const struct vip_key *k = &meta->key;
+	__u32 port = k->port_be;
 
-	return meta->in_use && k->family == fk->family && k->proto == fk->proto &&
-	       (k->port_be == 0 || k->port_be == fk->dport_be) &&
-	       k->addr[0] == fk->dst[0] && k->addr[1] == fk->dst[1] &&
-	       k->addr[2] == fk->dst[2] && k->addr[3] == fk->dst[3];
+	return (k->addr[0] ^ fk->dst[0]) | (k->addr[1] ^ fk->dst[1]) | (k->addr[2] ^ fk->dst[2]) |
+	       (k->addr[3] ^ fk->dst[3]) | (k->family ^ fk->family) | (k->proto ^ fk->proto) |
+	       (port * (port ^ fk->dport_be)) | !meta->in_use;
 }
 
 /* A conntrack entry is usable while its VIP still owns the flow and its backend belongs to
- * that VIP and is in service (active or draining); UDP entries also expire when idle. */
+ * that VIP and is in service (active or draining: state - 1 is 0 or 1); UDP entries also
+ * expire when idle. */
 static __always_inline int ct_usable(const struct ct_value *ct, struct ct_value *live,
 				     struct parsed *p, const struct config *cfg, int selftest,
 				     struct vip_meta **meta_out, struct backend **be_out)
@@ -161,8 +165,9 @@ static __always_inline int ct_usable(const struct ct_value *ct, struct ct_value 
 	struct vip_meta *meta = bpf_map_lookup_elem(&vip_meta, &vip_id);
 	struct backend *be = bpf_map_lookup_elem(&backends, &be_id);
 
-	if (!meta || !be || !vip_owns(meta, &p->fk) || be->vip_id != vip_id ||
-	    (be->state != BE_STATE_ACTIVE && be->state != BE_STATE_DRAIN))
+	if (!meta || !be)
+		return 0;
+	if (vip_mismatch(meta, &p->fk) | (be->vip_id ^ vip_id) | ((__u8)(be->state - BE_STATE_ACTIVE) > 1))
 		return 0;
 	if (p->fk.proto == IPPROTO_UDP) {
 		__u64 now = bpf_ktime_get_ns();
@@ -350,8 +355,7 @@ chosen:
 			count(ICMP_STEERED);
 		if (hint)
 			sc_count(SC_HINTED);
-		add_stats(&vip_stats, vip_id, p->l3_len, hit, inserted);
-		add_stats(&be_stats, be_id, p->l3_len, hit, inserted);
+		count_forwarded(be_id, p->l3_len, hit, inserted);
 	}
 	return rc;
 bad_backend:
@@ -362,18 +366,21 @@ bad_backend:
 /* The pre-filter comes before the parse: a packet whose destination address has no VIP (the
  * node's own BGP, BFD, SSH, health checks) costs a bounds check, one load and one array
  * lookup, and goes to the kernel. ICMP errors about a VIP flow are addressed to the VIP (the
- * quoted packet came from it), so they pass the filter too. */
-static __always_inline int run(struct xdp_md *ctx, const __u32 l2, __u16 proto, int selftest)
+ * quoted packet came from it), so they pass the filter too. The filter's "no" is marked as
+ * the likely outcome so the compiler lays that path out straight, entry to exit, in a few
+ * cache lines: on a non-VIP packet the instruction fetches cost more than the instructions. */
+static __always_inline int run(struct xdp_md *ctx, const __u32 l2, __u16 proto)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	int r;
+	int r, selftest;
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = data + l2;
 
 		if ((void *)(ip + 1) > end)
 			goto malformed;
-		if (!vip_addr_maybe(ip->daddr))
+		/* untagged IPv4 met the filter in xdp_lb already */
+		if (l2 != 14 && __builtin_expect(!vip_addr_maybe(ip->daddr), 1))
 			return XDP_PASS;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip = data + l2;
@@ -382,11 +389,17 @@ static __always_inline int run(struct xdp_md *ctx, const __u32 l2, __u16 proto, 
 		if ((void *)(ip + 1) > end)
 			goto malformed;
 		d = ip->daddr.in6_u.u6_addr32;
-		if (!vip_addr_maybe(d[0] ^ d[1] ^ d[2] ^ d[3]))
+		if (__builtin_expect(!vip_addr_maybe(d[0] ^ d[1] ^ d[2] ^ d[3]), 1))
 			return XDP_PASS;
 	} else {
 		return XDP_PASS;
 	}
+	/* Self-test packets carry 4 bytes of XDP metadata (set through BPF_PROG_TEST_RUN), which
+	 * received frames never have here: they are checked without touching conntrack/stats.
+	 * Materialise the flag now: otherwise clang keeps the meta pointer alive and spills it
+	 * as 32 bits, which the verifier refuses. */
+	selftest = ctx->data_meta < ctx->data;
+	asm volatile("" : "+r"(selftest));
 	{
 		struct parsed p = {};
 
@@ -408,27 +421,29 @@ malformed:
 	return XDP_PASS;
 }
 
+/* Untagged IPv4 meets the pre-filter first, here, so a non-VIP packet runs a straight line
+ * from the entry to the exit in the first cache lines of the program (measured: 13-16 ns
+ * above the XDP_PASS floor when the check sat behind the VLAN branch, ~10 ns here). */
 SEC("xdp")
 int xdp_lb(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	/* Self-test packets carry 4 bytes of XDP metadata (set through BPF_PROG_TEST_RUN), which
-	 * received frames never have here: they are checked without touching conntrack/stats. */
-	int selftest = ctx->data_meta < ctx->data;
 	struct ethhdr *eth = data;
-
-	/* Materialise the flag now: otherwise clang keeps the meta pointer alive and spills it
-	 * as 32 bits, which the verifier refuses. */
-	asm volatile("" : "+r"(selftest));
 
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + 14;
+
+		if ((void *)(ip + 1) <= end && __builtin_expect(!vip_addr_maybe(ip->daddr), 1))
+			return XDP_PASS;
+	}
 	if (eth->h_proto == bpf_htons(ETH_P_8021Q_)) {
 		__u16 *inner = data + 16;
 
 		if ((void *)(inner + 1) > end)
 			return XDP_PASS;
-		return run(ctx, 18, *inner, selftest);
+		return run(ctx, 18, *inner);
 	}
-	return run(ctx, 14, eth->h_proto, selftest);
+	return run(ctx, 14, eth->h_proto);
 }

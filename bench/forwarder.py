@@ -5,6 +5,10 @@ its own encapsulated output from the second iteration on), >= 200k calls per cas
 frames (60 bytes + FCS). Every program is loaded side by side and every case interleaved in
 rounds, so drift and the other work on this shared machine hit them alike; each figure is the
 median over the rounds of that round's value, and comparisons are ratios within a round.
+Each program is loaded --loads times (default 3) and every load measured in every round; a
+round's figure for a program is the median over its loads. The kernel places each JIT image at
+a random offset, and on this machine the same object measured up to 15 % apart (and a non-VIP
+packet 5-18 ns) from one load to the next: one load per program would compare two draws.
 
 Floors (bpf/xdp_floor.c), the fixed cost of a test-run call:
 - floor:       a bare XDP_TX program, subtracted from the VIP cases
@@ -96,14 +100,14 @@ def moved_sport() -> int:
 
 class Case:
     def __init__(self, name: str, prog_fd: int, frame: bytes, vary: bool = False, prog: str = "",
-                 floor: "Case | None" = None):
+                 floor: "Case | None" = None, flow_base: int = 0):
         self.name = name
         self.prog = prog  # which program ("" for the reference programs)
         self.floor = floor
         self.runner = libbpf.TestRun(prog_fd, 512)
         self.runner.set_packet(frame)
         self.vary = vary
-        self.flow = 0
+        self.flow = flow_base  # each load of a program inserts flows of its own
         self.wall_ns = 0
         self.calls = 0
         self.rounds_ns: list[float] = []
@@ -170,6 +174,24 @@ class Case:
         return self.wall_ns / self.calls
 
 
+class Loads(Case):
+    """One case over several loads of one program: per round, the median over the loads."""
+
+    def __init__(self, loads: list[Case]):
+        first = loads[0]
+        self.name, self.prog, self.floor = first.name, first.prog, first.floor
+        self.loads = loads
+        self.rounds_ns = [statistics.median(r) for r in zip(*(c.rounds_ns for c in loads))]
+        self.verdicts = set().union(*(c.verdicts for c in loads))
+        self.wall_ns = sum(c.wall_ns for c in loads)
+        self.calls = sum(c.calls for c in loads)
+
+    def spread(self) -> tuple[float, float]:
+        """The cheapest and dearest load (each its median over the rounds, above the floor)."""
+        per = [statistics.median(a - b for a, b in zip(c.rounds_ns, self.floor.rounds_ns)) for c in self.loads]
+        return min(per), max(per)
+
+
 def reference_objects(rev: str, out: Path) -> dict[str, Path]:
     """xdp_lb.c of git revision rev, both designs, compiled into out (git archive + clang with
     build.py's flags)."""
@@ -227,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conntrack-size", type=int, default=1_000_000,
                     help="conntrack entries (the config default); a full table evicts on insert")
     ap.add_argument("--reference", metavar="REV", help="also measure xdp_lb.c of this git revision")
+    ap.add_argument("--loads", type=int, default=3,
+                    help="loads of each program (JIT placement varies per load); a round's figure is their median")
     ap.add_argument("--displacement-flows", type=int, default=800_000,
                     help="flows for the one-CPU displacement check (0 to skip)")
     args = ap.parse_args(argv)
@@ -236,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = sorted(os.sched_getaffinity(0))[-1]
     os.sched_setaffinity(0, {cpu})  # one CPU: per-CPU maps and caches stay put
 
-    per_round = max(1, args.calls // args.rounds)
+    per_round = max(1, args.calls // args.rounds // args.loads)  # per load
     ct_size = args.conntrack_size
     est = packets.flow_packet("192.0.2.1", VIP, 40000, 80, tcp_flags=0x10, size=60)
     syn = packets.flow_packet("198.18.0.0", VIP, 1, 80, tcp_flags=0x02, size=60)
@@ -282,25 +306,40 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     fwd.sync(vips()[:1])
                 fwds[label] = fwd
-            progs: list[tuple[str, int]] = [(label, f.prog_fd) for label, f in fwds.items()]
+            progs: list[tuple[str, int]] = []
+            for label, f in fwds.items():
+                progs.append((label, f.prog_fd))
+                for _ in range(args.loads - 1):  # the same object again, on the same maps
+                    obj = libbpf.BpfObject(f.obj_path or build.build(build.FORWARDER_OBJECTS[f.conntrack]))
+                    for name, fd in f.fds.items():
+                        obj.reuse_map_fd(maps.obj_map_name(name), fd)
+                    obj.load()
+                    refs.append(obj)
+                    progs.append((label, obj.prog_fd("xdp_lb")))
             if args.reference:
                 for design, path in reference_objects(args.reference, tmp).items():
-                    obj = load_reference(path, fwds[design], ct_size)
-                    refs.append(obj)
-                    progs.append((f"{args.reference} {design}", obj.prog_fd("xdp_lb")))
-            for label, fd in progs:
+                    for _ in range(args.loads):
+                        obj = load_reference(path, fwds[design], ct_size)
+                        refs.append(obj)
+                        progs.append((f"{args.reference} {design}", obj.prog_fd("xdp_lb")))
+            measured: dict[tuple[str, str], list[Case]] = {}
+            for i, (label, fd) in enumerate(progs):
                 libbpf.TestRun(fd, 512).run(est)  # the established flow's conntrack entry
-                cases += [Case("established", fd, est, prog=label, floor=tx),
-                          Case("new flow", fd, syn, vary=True, prog=label, floor=tx),
+                for c in (Case("established", fd, est, prog=label, floor=tx),
+                          Case("new flow", fd, syn, vary=True, prog=label, floor=tx, flow_base=i << 22),
                           Case("SYN, same", fd, syn, prog=label, floor=tx),
-                          Case("non-VIP", fd, other, prog=label, floor=px)]
+                          Case("non-VIP", fd, other, prog=label, floor=px)):
+                    measured.setdefault((label, c.name), []).append(c)
+                    cases.append(c)
                 if label.endswith("+sc"):  # second chance: the current programs only
                     libbpf.TestRun(fd, 512).run(sc_est)
-                    cases += [Case("sc established", fd, sc_est, prog=label, floor=tx),
-                              Case("sc new flow", fd, sc_syn, vary=True, prog=label, floor=tx),
-                              Case("sc new ACK", fd, sc_ack, vary=True, prog=label, floor=tx),
-                              Case("new ACK", fd, ack, vary=True, prog=label, floor=tx),
-                              Case("sc hinted", fd, hinted, prog=label, floor=tx)]
+                    for c in (Case("sc established", fd, sc_est, prog=label, floor=tx),
+                              Case("sc new flow", fd, sc_syn, vary=True, prog=label, floor=tx, flow_base=i << 22),
+                              Case("sc new ACK", fd, sc_ack, vary=True, prog=label, floor=tx, flow_base=i << 22),
+                              Case("new ACK", fd, ack, vary=True, prog=label, floor=tx, flow_base=i << 22),
+                              Case("sc hinted", fd, hinted, prog=label, floor=tx)):
+                        measured.setdefault((label, c.name), []).append(c)
+                        cases.append(c)
             cases.append(Case("LRU insert", floor_obj.prog_fd("xdp_lru_insert"), syn, vary=True, floor=tx))
             cases.append(Case("LRU insert/percpu", floor_obj.prog_fd("xdp_lru_insert_percpu"), syn,
                               vary=True, floor=tx))
@@ -312,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     c.round(per_round)
             counters = {m: f.counters()["vips"]["bench"] for m, f in fwds.items()}
             hints = {m: f.counters()["events"]["second_chance_hinted"] for m, f in fwds.items() if m.endswith("+sc")}
+            cases = [tx, px] + [Loads(group) for group in measured.values()] + cases[-2:]
             if args.displacement_flows:
                 for label in ("lru", "lru/percpu"):
                     kept[label] = (displacement(fwds[label], args.displacement_flows), fwds[label].ct_entries)
@@ -320,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             obj.close()
         floor_obj.close()
 
-    print(f"forwarder bench: {cases[0].calls} repeat=1 BPF_PROG_TEST_RUN calls per case "
-          f"(median of {args.rounds} interleaved rounds), 64-byte TCP frames, CPU {cpu}, "
+    print(f"forwarder bench: {cases[2].calls} repeat=1 BPF_PROG_TEST_RUN calls per case "
+          f"(median of {args.rounds} interleaved rounds; each program loaded {args.loads} times, a "
+          f"round's figure the median over its loads), 64-byte TCP frames, CPU {cpu}, "
           f"kernel {os.uname().release}, conntrack_size {ct_size}")
     print(f"floors: XDP_TX {tx.ns:.1f} ns, XDP_PASS {px.ns:.1f} ns per call")
     ref = args.reference
     print(f"{'program':<14} {'case':<18} {'ns/pkt':>8} {'above floor':>12} {'x floor':>8}"
-          + (f" {'x ' + ref:>10}" if ref else "") + f" {'wall ns/call':>13}  verdict")
+          + (f" {'x ' + ref:>10}" if ref else "") + f" {'loads min-max':>14} {'wall ns/call':>13}  verdict")
     for c in cases[2:]:
         verdict = ",".join(libbpf.VERDICTS[v] for v in sorted(c.verdicts))
         vs = ""
@@ -334,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             design = c.prog.split("/")[0]
             base = next((x for x in cases if x.prog == f"{ref} {design}" and x.name == c.name), None)
             vs = f" {c.versus(base):10.2f}" if base is not None and base is not c else f" {'':>10}"
+        spread = "%6.1f-%-7.1f" % c.spread() if isinstance(c, Loads) else f"{'':>14}"
         print(f"{c.prog or '-':<14} {c.name:<18} {c.ns:8.1f} {c.above_ns:12.1f} {c.ratio:8.2f}{vs} "
-              f"{c.wall:13.1f}  {verdict}")
+              f"{spread} {c.wall:13.1f}  {verdict}")
     pairs = {"sc established": "established", "sc new flow": "new flow", "sc new ACK": "new ACK"}
     print("second chance against the VIP without it (median of per-round ratios of ns above the floor):")
     for c in cases:

@@ -223,6 +223,20 @@ def _write_percpu(fd: int, key: int, values: list) -> None:
     libbpf.update(fd, C.c_uint32(key), buf)
 
 
+def read_filter(fd: int) -> list[int]:
+    """The pre-filter's words (the one value of its map, maglev.h)."""
+    words = (C.c_uint64 * maps.VIP_FILTER_WORDS)()
+    libbpf.lookup(fd, C.c_uint32(0), words)
+    return list(words)
+
+
+def write_filter(fd: int, words: list[int]) -> None:
+    """Write the whole filter in one update. A bit that changes may be seen late by a packet in
+    flight (as if its VIP came or went a moment later); bits that do not change stay as they
+    are throughout the copy."""
+    libbpf.update(fd, C.c_uint32(0), (C.c_uint64 * maps.VIP_FILTER_WORDS)(*words))
+
+
 def _read_percpu(fd: int, key: int, ctype, ncpu: int) -> list:
     stride = (C.sizeof(ctype) + 7) & ~7
     buf = (C.c_uint8 * (stride * ncpu))()
@@ -401,14 +415,14 @@ class Forwarder:
                 if pin.exists():
                     fd = libbpf.obj_get(pin)
                     self._own_fds.append(fd)
-                    if self._replaced_counters(name, fd):
+                    if self._replaced_derived(name, fd):
                         continue
                     self._check_pinned(name, fd)
                     if name == "tables" and self.auto_tables and self.table_capacity < self._tables_need:
                         old_tables = (fd, self.table_capacity)
                         self.table_capacity = wanted
                         continue
-                    obj.reuse_map_fd(name, fd)
+                    obj.reuse_map_fd(maps.obj_map_name(name), fd)
             obj.set_max_entries("tables", self.table_capacity // maps.TABLE_CHUNK)
             obj.load()
             self._check_object(obj)
@@ -419,7 +433,7 @@ class Forwarder:
         self._obj = obj
         # pins of a version before conntrack_v4: its IPv4 flows are in `conntrack`
         older_pins = (self.pin_dir / "conntrack").exists() and not (self.pin_dir / maps.CT_V4).exists()
-        self.fds = {name: obj.map_fd(name) for name in maps.map_names(self.conntrack)}
+        self.fds = {name: obj.map_fd(maps.obj_map_name(name)) for name in maps.map_names(self.conntrack)}
         if old_tables is not None:
             self._copy_tables(*old_tables)
             (self.pin_dir / "tables").unlink()
@@ -467,19 +481,20 @@ class Forwarder:
                 f"BPF object {self.obj_path} keeps conntrack as {other!r} but forwarder.conntrack is "
                 f"{self.conntrack!r}; use the {build.FORWARDER_OBJECTS[self.conntrack]} object")
 
-    def _replaced_counters(self, name: str, fd: int) -> bool:
-        """A pinned counter map of an older layout (vip_stats/be_stats with ct_misses and
-        per-packet VIP counts) is unlinked so a fresh one is pinned: the counters restart at
-        zero (Prometheus sees a reset); flows, tables and backends are kept."""
-        if name not in maps.COUNTER_MAPS:
+    def _replaced_derived(self, name: str, fd: int) -> bool:
+        """A pinned counter map or pre-filter of an older layout (vip_stats/be_stats with
+        ct_misses and per-packet VIP counts; vip_addrs with one word per element) is unlinked so
+        a fresh one is pinned: the counters restart at zero (Prometheus sees a reset), the
+        filter is rebuilt from the VIPs at open; flows, tables and backends are kept."""
+        if name not in maps.COUNTER_MAPS and name not in maps.REBUILT_MAPS:
             return False
         info = libbpf.map_info(fd)
         shape = maps.map_shape(name, self.conntrack)
         if (info.key_size, info.value_size) == shape:
             return False
-        log.warning("pinned counter map %s has %d-byte values (an older version's layout), this "
-                    "version counts %d bytes per id: replaced, its counters restart at zero",
-                    self.pin_dir / name, info.value_size, shape[1])
+        what = "its counters restart at zero" if name in maps.COUNTER_MAPS else "rebuilt from the VIPs"
+        log.warning("pinned map %s has %d-byte values (an older version's layout), this version "
+                    "needs %d: replaced, %s", self.pin_dir / name, info.value_size, shape[1], what)
         (self.pin_dir / name).unlink()
         return True
 
@@ -860,12 +875,8 @@ class Forwarder:
 
     def _load_addresses(self) -> None:
         """Read back the pre-filter words and the fragment keys the maps hold now."""
-        self._filter.clear()
         self._addresses_from = None
-        w = C.c_uint64()
-        for i in range(maps.VIP_FILTER_WORDS):
-            libbpf.lookup(self.fds["vip_addrs"], C.c_uint32(i), w)
-            self._filter.append(w.value)
+        self._filter[:] = read_filter(self.fds["vip_addrs"])
         self._frag_keys.clear()
         val = maps.VipValue()
         for key in libbpf.keys(self.fds["vips"], maps.VipKey):
@@ -886,10 +897,9 @@ class Forwarder:
             k = self._meta(vid).key
             keys.append((k.family, bytes(k.addr), int.from_bytes(bytes(k.port_be), "big"), k.proto, vid))
         words = maps.vip_filter_words((fam, addr) for fam, addr, *_ in keys)
-        for i, word in enumerate(words):
-            if word != self._filter[i]:
-                libbpf.update(self.fds["vip_addrs"], C.c_uint32(i), C.c_uint64(word))
-                self._filter[i] = word
+        if words != self._filter:
+            write_filter(self.fds["vip_addrs"], words)
+            self._filter[:] = words
         want = maps.fragment_owners(keys)
         for (fam, addr, proto), vid in want.items():
             if self._frag_keys.get((fam, addr, proto)) != vid:

@@ -222,6 +222,17 @@ STORED_STAT_FIELDS = tuple(f for f, _ in FlowStats._fields_)
 STAT_FIELDS = (*STORED_STAT_FIELDS, "ct_misses")
 # counter maps: a pinned one of another shape (an older version's) is replaced, not refused
 COUNTER_MAPS = ("vip_stats", "be_stats")
+# the pre-filter is global data (maglev.h): libbpf names its map after the section; it is
+# pinned as vip_addrs. An older version's vip_addrs (one word per element) is replaced: the
+# loader rebuilds the filter from the VIPs at every open.
+OBJECT_MAP_NAMES = {"vip_addrs": ".data.vip_addrs"}
+REBUILT_MAPS = ("vip_addrs",)
+
+
+def obj_map_name(name: str) -> str:
+    """The name libbpf knows map ``name`` (a pin name) by in the object."""
+    return OBJECT_MAP_NAMES.get(name, name)
+
 
 # struct name -> ctypes type, for the BTF size check.
 LAYOUTS: dict[str, type[C.Structure]] = {
@@ -243,7 +254,7 @@ MAP_SHAPES: dict[str, tuple[int, int]] = {
     "tables": (4, _sz(TableChunk)), "backends": (4, _sz(Backend)), "vip_names": (4, _sz(Name)),
     "be_names": (4, _sz(Name)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
-    "stats": (4, 8), "vip_addrs": (4, 8), "sc_meta": (4, _sz(ScMeta)), "sc_stats": (4, 8),
+    "stats": (4, 8), "vip_addrs": (4, 8 * VIP_FILTER_WORDS), "sc_meta": (4, _sz(ScMeta)), "sc_stats": (4, 8),
     CT_V4: (_sz(FlowKeyV4), _sz(CtValue)),
 }
 CT_SHAPES: dict[str, tuple[int, int]] = {"lru": (_sz(FlowKey), _sz(CtValue)), "direct": (4, _sz(CtEntry))}

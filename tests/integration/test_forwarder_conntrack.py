@@ -8,15 +8,13 @@ and a restart."""
 from __future__ import annotations
 
 import os
-from ctypes import c_uint32 as C_u32
-from ctypes import c_uint64 as C_u64
 from ipaddress import ip_address
 
 import pytest
 
 from node.forwarder import libbpf, maps, packets
 from node.forwarder import model as M
-from node.forwarder.loader import BackendSpec, Forwarder, VipSpec
+from node.forwarder.loader import BackendSpec, Forwarder, VipSpec, read_filter, write_filter
 from node.forwarder.testing import make_config, temp_bpffs, temp_forwarder
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -77,12 +75,7 @@ def test_address_filter_and_fragment_keys_follow_syncs_and_a_restart() -> None:
         fwd.open()
         try:
             def words():
-                w = C_u64()
-                out = []
-                for i in range(maps.VIP_FILTER_WORDS):
-                    libbpf.lookup(fwd.fds["vip_addrs"], C_u32(i), w)
-                    out.append(w.value)
-                return out
+                return read_filter(fwd.fds["vip_addrs"])
 
             def addrs(*a):
                 return maps.vip_filter_words(maps.addr_bytes(x) for x in a)
@@ -101,7 +94,9 @@ def test_address_filter_and_fragment_keys_follow_syncs_and_a_restart() -> None:
             frame = packets.flow_packet("192.0.2.1", VIP, 4000, 80)
             assert fwd.test_run(frame)[0] == M.XDP_TX
             i = maps.vip_filter_bit(4, v4)
-            libbpf.update(fwd.fds["vip_addrs"], C_u32(i // 64), C_u64(0))
+            cleared = words()
+            cleared[i // 64] = 0
+            write_filter(fwd.fds["vip_addrs"], cleared)
             assert fwd.test_run(frame) == (M.XDP_PASS, frame)
             fwd.close()
             # a restarted loader rebuilds the filter from the pinned VIPs before anything else

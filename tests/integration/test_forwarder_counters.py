@@ -2,7 +2,8 @@
 a forwarded packet touches only its backend id's be_stats; a VIP's figures are the sums of
 its backends plus what its removed backends had (vip_stats), and misses are packets minus
 hits. Removing a backend must not make its VIP's figures go down, through a restart too; a
-counter map pinned by the older layout is replaced, the tracked flows kept."""
+counter map or address pre-filter pinned by the older layout is replaced (the filter rebuilt
+from the VIPs), the tracked flows kept."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from node.forwarder import libbpf, maps, packets
 from node.forwarder import model as M
-from node.forwarder.loader import BackendSpec, Forwarder, VipSpec
+from node.forwarder.loader import BackendSpec, Forwarder, VipSpec, read_filter
 from node.forwarder.testing import make_config, temp_bpffs
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -75,17 +76,16 @@ def test_vip_figures_sum_backends_and_survive_a_removed_backend_and_a_restart() 
             fwd.remove_pins()
 
 
-def _old_counter_map(path) -> None:
-    """Pin a per-CPU array shaped like the older vip_stats/be_stats (40-byte values: ct_misses)."""
+def _old_map(path, kind: int, value_size: int, entries: int) -> None:
     lib = C.CDLL("libbpf.so.1", use_errno=True)
     lib.bpf_map_create.restype = C.c_int
     lib.bpf_map_create.argtypes = [C.c_int, C.c_char_p, C.c_uint32, C.c_uint32, C.c_uint32, C.c_void_p]
-    fd = lib.bpf_map_create(6, b"be_stats", 4, 40, maps.MAX_BACKENDS, None)  # BPF_MAP_TYPE_PERCPU_ARRAY
+    fd = lib.bpf_map_create(kind, b"old", 4, value_size, entries, None)
     assert fd >= 0, C.get_errno()
     libbpf.obj_pin(fd, path)
 
 
-def test_older_counter_pins_are_replaced_and_flows_kept() -> None:
+def test_older_counter_and_filter_pins_are_replaced_and_flows_kept() -> None:
     with temp_bpffs() as root:
         cfg = make_config(root / "maglev")
         fwd = Forwarder(cfg, table_capacity=1 << 16)
@@ -96,14 +96,20 @@ def test_older_counter_pins_are_replaced_and_flows_kept() -> None:
             ids = dict(fwd.backend_ids)
         finally:
             fwd.close()
+        # the older layouts: per-CPU arrays of 40-byte values (with ct_misses), and a filter of
+        # one word per element, all zero (a VIP packet would pass to the kernel)
         for name in maps.COUNTER_MAPS:
             (root / "maglev" / name).unlink()
-            _old_counter_map(root / "maglev" / name)
+            _old_map(root / "maglev" / name, 6, 40, maps.MAX_BACKENDS)  # BPF_MAP_TYPE_PERCPU_ARRAY
+        (root / "maglev" / "vip_addrs").unlink()
+        _old_map(root / "maglev" / "vip_addrs", 2, 8, maps.VIP_FILTER_WORDS)  # BPF_MAP_TYPE_ARRAY
         fwd = Forwarder(cfg, table_capacity=1 << 16)
         fwd.open()
         try:
             for name in maps.COUNTER_MAPS:
                 assert libbpf.map_info(libbpf.obj_get(root / "maglev" / name)).value_size == C.sizeof(maps.FlowStats)
+            assert read_filter(libbpf.obj_get(root / "maglev" / "vip_addrs")) == \
+                maps.vip_filter_words([maps.addr_bytes(VIP)])
             assert fwd.backend_ids == ids and fwd.conntrack_count() == 1
             _send(fwd, 4000, 0x10)  # the tracked flow is still a hit
             assert fwd.counters()["vips"]["web"] == {"packets": 1, "bytes": 40, "new_flows": 0, "ct_hits": 1,

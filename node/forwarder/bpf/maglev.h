@@ -54,11 +54,14 @@ struct vip_value {
 #define VIP_KEY_FRAG 0x80
 #define VIP_KEYS_MAX (2 * MAX_VIPS) /* each VIP's key, plus at most one fragment key each */
 
-/* ---- address pre-filter: vip_addrs (array of VIP_FILTER_WORDS __u64) -----------------------
+/* ---- address pre-filter: vip_addrs (VIP_FILTER_WORDS __u64) --------------------------------
+ * A global array of xdp_lb.c in the data section VIP_FILTER_SECTION: libbpf makes it an array
+ * map of ONE element whose value is the whole filter (the loader pins it as vip_addrs), and
+ * the data path reads its words at a fixed address, with no lookup.
  * One bit per hash of a destination address, set for every address that has a VIP (any
  * protocol, port or family). The data path tests it before any hash lookup, so a packet that
- * is not for a VIP address (the node's own BGP, BFD, health checks, SSH) costs one array load
- * and no hash. A set bit only says "maybe": the vips lookup decides. Bit index (model.py,
+ * is not for a VIP address (the node's own BGP, BFD, health checks, SSH) costs one load and
+ * no hash. A set bit only says "maybe": the vips lookup decides. Bit index (model.py,
  * maps.vip_filter_bit):
  *   i = ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) * 0x9e3779b1) >> (32 - VIP_FILTER_LOG2)
  * over the address words as loaded (little-endian reads of wire bytes, IPv4 in addr[0]);
@@ -66,6 +69,7 @@ struct vip_value {
 #define VIP_FILTER_LOG2 16
 #define VIP_FILTER_WORDS ((1 << VIP_FILTER_LOG2) / 64)
 #define VIP_FILTER_MUL 0x9e3779b1u
+#define VIP_FILTER_SECTION ".data.vip_addrs"
 
 /* ---- per-VIP metadata: vip_meta (array, mmapable) indexed by vip id ----------------------
  * Two table slots; the data path reads slot[active & 1]. User space writes the spare slot's

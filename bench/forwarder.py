@@ -309,10 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             progs: list[tuple[str, int]] = []
             for label, f in fwds.items():
                 progs.append((label, f.prog_fd))
-                for _ in range(args.loads - 1):  # the same object again, on the same maps
+                for _ in range(args.loads - 1):
+                    # the same object again, on the same maps but conntrack: each load inserts
+                    # into a map of its own, as each reference load does
                     obj = libbpf.BpfObject(f.obj_path or build.build(build.FORWARDER_OBJECTS[f.conntrack]))
                     for name, fd in f.fds.items():
-                        obj.reuse_map_fd(maps.obj_map_name(name), fd)
+                        if name in ("conntrack", maps.CT_V4):
+                            obj.set_max_entries(name, f.ct_entries)
+                        else:
+                            obj.reuse_map_fd(maps.obj_map_name(name), fd)
                     obj.load()
                     refs.append(obj)
                     progs.append((label, obj.prog_fd("xdp_lb")))

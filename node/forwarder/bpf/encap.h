@@ -30,13 +30,18 @@ static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct pars
 	__u32 extra = key ? GRE_KEY_LEN : 0;
 	__u32 overhead = (be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD) + extra;
 	__u16 inner_type = p->fk.family == FAM_V4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
-	__u8 smac[6], tag[2];
+	/* MACs move as a 4-byte and a 2-byte word (x86-64 and arm64 take unaligned packet
+	 * accesses): a 6-byte memcpy through a packet pointer compiles to byte loads, shifts and
+	 * byte stores, ~30 instructions on every forwarded packet. dmac is 4-aligned. */
+	__u32 smac_lo;
+	__u16 smac_hi, tag = 0;
 
 	if (data + l2 > end)
 		return XDP_DROP;
-	__builtin_memcpy(smac, data, 6);
+	smac_lo = *(__u32 *)data;
+	smac_hi = *(__u16 *)(data + 4);
 	if (l2 == 18)
-		__builtin_memcpy(tag, data + 14, 2);
+		tag = *(__u16 *)(data + 14);
 	if (bpf_xdp_adjust_head(ctx, -(int)overhead)) {
 		count(DROP_ADJUST);
 		return XDP_DROP;
@@ -45,11 +50,13 @@ static __always_inline int encap(struct xdp_md *ctx, const __u32 l2, struct pars
 	end = (void *)(long)ctx->data_end;
 	if (data + l2 + GRE_V6_OVERHEAD > end)
 		return XDP_DROP;
-	__builtin_memcpy(data, dmac, 6);
-	__builtin_memcpy(data + 6, smac, 6);
+	*(__u32 *)data = *(const __u32 *)dmac;
+	*(__u16 *)(data + 4) = *(const __u16 *)(dmac + 4);
+	*(__u32 *)(data + 6) = smac_lo;
+	*(__u16 *)(data + 10) = smac_hi;
 	if (l2 == 18) {
 		*(__u16 *)(data + 12) = bpf_htons(ETH_P_8021Q_);
-		__builtin_memcpy(data + 14, tag, 2);
+		*(__u16 *)(data + 14) = tag;
 	}
 	if (be->family == FAM_V4) {
 		/* Whole 16-bit words built in registers and the checksum summed from them: writing

@@ -188,7 +188,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	struct backend *be = 0;
 	struct ct_value *ct = 0, cv;
 	__u32 zero = 0, vip_id, be_id = 0, hash, active, hint = 0;
-	__u8 dmac[6];
+	__u8 dmac[8] __attribute__((aligned(4))); /* encap reads it as 4 + 2 bytes */
 	int hit = 0, inserted = 0, rc;
 
 	cfg = bpf_map_lookup_elem(&config, &zero);

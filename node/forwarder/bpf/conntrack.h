@@ -162,23 +162,26 @@ struct {
 	__type(value, struct ct_value);
 } conntrack_v4 SEC(".maps");
 
-/* An IPv4 flow's key in conntrack_v4. (The map pointer must be a constant at each call, so
- * the callers branch on the family themselves.) */
+/* An IPv4 flow's key in conntrack_v4, as two 8-byte stores: the addresses, then the 8 bytes
+ * from sport_be to pad, which struct flow_key lays out exactly as struct flow_key_v4 does
+ * (maglev.h; fk is 8-aligned in struct parsed). (The map pointer must be a constant at each
+ * call, so the callers branch on the family themselves.) */
+_Static_assert(__builtin_offsetof(struct flow_key, sport_be) == 32 &&
+	       __builtin_offsetof(struct flow_key_v4, sport_be) == 8 && sizeof(struct flow_key_v4) == 16,
+	       "ct_key_v4 copies flow_key's last 8 bytes into flow_key_v4's");
+
 static __always_inline void ct_key_v4(const struct parsed *p, struct flow_key_v4 *k4)
 {
-	k4->src = p->fk.src[0];
-	k4->dst = p->fk.dst[0];
-	k4->sport_be = p->fk.sport_be;
-	k4->dport_be = p->fk.dport_be;
-	k4->proto = p->fk.proto;
-	k4->family = p->fk.family;
-	k4->pad = 0;
+	__u64 *w = (__u64 *)k4;
+
+	w[0] = (__u64)p->fk.src[0] | (__u64)p->fk.dst[0] << 32;
+	w[1] = *(const __u64 *)&p->fk.sport_be;
 }
 
 static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct config *cfg,
 						  struct ct_value *copy)
 {
-	struct flow_key_v4 k4;
+	struct flow_key_v4 k4 __attribute__((aligned(8)));
 	struct ct_value *v;
 
 	if (p->fk.family == FAM_V4) {
@@ -197,7 +200,7 @@ static __always_inline struct ct_value *ct_lookup(struct parsed *p, const struct
 static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
 				     struct ct_value *old, const struct ct_value *v)
 {
-	struct flow_key_v4 k4;
+	struct flow_key_v4 k4 __attribute__((aligned(8)));
 
 	if (old) {
 		old->backend_id = v->backend_id;
@@ -216,7 +219,7 @@ static __always_inline int ct_insert(struct parsed *p, const struct config *cfg,
  * of waiting to be the least recently used. */
 static __always_inline void ct_forget(struct parsed *p, const struct config *cfg)
 {
-	struct flow_key_v4 k4;
+	struct flow_key_v4 k4 __attribute__((aligned(8)));
 
 	if (p->fk.family == FAM_V4) {
 		ct_key_v4(p, &k4);

@@ -177,7 +177,8 @@ struct flow_key {
 	__u16 pad;
 };
 
-/* conntrack_v4's key ("lru"): an IPv4 flow_key without the 24 zero address bytes */
+/* conntrack_v4's key ("lru"): an IPv4 flow_key without the 24 zero address bytes; the 8 bytes
+ * from sport_be on are laid out as in struct flow_key (conntrack.h copies them as one word) */
 struct flow_key_v4 {
 	__u32 src;
 	__u32 dst;

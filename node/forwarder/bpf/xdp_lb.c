@@ -9,7 +9,7 @@
  *
  * Policies (mirrored in model.py):
  * - Address pre-filter first (maglev.h): a packet whose destination address has no VIP goes
- *   to the kernel after one array lookup, before any parse or hash lookup, uncounted.
+ *   to the kernel after one load, before any parse or hash lookup, uncounted.
  * - Ethernet with at most one 802.1Q tag; the tag is kept on the encapsulated frame.
  * - Truncated/malformed IP headers, or TCP/UDP without 4 bytes of ports: XDP_PASS, counted
  *   PASS_MALFORMED (the kernel drops them). Never forwarded.
@@ -361,8 +361,8 @@ bad_backend:
 }
 
 /* The pre-filter comes before the parse: a packet whose destination address has no VIP (the
- * node's own BGP, BFD, SSH, health checks) costs a bounds check, one load and one array
- * lookup, and goes to the kernel. ICMP errors about a VIP flow are addressed to the VIP (the
+ * node's own BGP, BFD, SSH, health checks) costs a bounds check and two loads, and goes to the
+ * kernel (untagged IPv4 met it in xdp_lb already). ICMP errors about a VIP flow are addressed to the VIP (the
  * quoted packet came from it), so they pass the filter too. The filter's "no" is marked as
  * the likely outcome so the compiler lays that path out straight, entry to exit, in a few
  * cache lines: on a non-VIP packet the instruction fetches cost more than the instructions. */

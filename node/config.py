@@ -532,8 +532,9 @@ class ForwarderConfig(Strict):
     conntrack_size: int = Field(1_000_000, ge=1024)
     conntrack: Literal["lru", "direct"] = Field(
         "lru", description="connection tracking design: lru = the kernel's LRU hash, one per address "
-        "family of conntrack_size flows each (no tracked flow is displaced below conntrack_size); direct = a direct-mapped array, faster, but a new flow "
-        "replaces the tracked flow in its slot, which then follows the Maglev table"
+        "family of conntrack_size flows each (no tracked flow is displaced below conntrack_size); "
+        "direct = a direct-mapped array, faster, but a new flow replaces the tracked flow in its "
+        "slot, which then follows the Maglev table"
     )
     udp_idle_timeout: float = Field(30.0, gt=0)
     new_flow_rate_limit: int = Field(0, ge=0, description="new flows per second per CPU; 0 = unlimited")

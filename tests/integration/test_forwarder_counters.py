@@ -8,6 +8,7 @@ from the VIPs), the tracked flows kept."""
 from __future__ import annotations
 
 import ctypes as C
+import os
 from ipaddress import ip_address
 
 import pytest
@@ -82,7 +83,18 @@ def _old_map(path, kind: int, value_size: int, entries: int) -> None:
     lib.bpf_map_create.argtypes = [C.c_int, C.c_char_p, C.c_uint32, C.c_uint32, C.c_uint32, C.c_void_p]
     fd = lib.bpf_map_create(kind, b"old", 4, value_size, entries, None)
     assert fd >= 0, C.get_errno()
-    libbpf.obj_pin(fd, path)
+    try:
+        libbpf.obj_pin(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _pinned_id(path) -> int:
+    fd = libbpf.obj_get(path)
+    try:
+        return libbpf.map_info(fd).id
+    finally:
+        os.close(fd)
 
 
 def test_older_counter_and_filter_pins_are_replaced_and_flows_kept() -> None:
@@ -107,9 +119,9 @@ def test_older_counter_and_filter_pins_are_replaced_and_flows_kept() -> None:
         fwd.open()
         try:
             for name in maps.COUNTER_MAPS:
-                assert libbpf.map_info(libbpf.obj_get(root / "maglev" / name)).value_size == C.sizeof(maps.FlowStats)
-            assert read_filter(libbpf.obj_get(root / "maglev" / "vip_addrs")) == \
-                maps.vip_filter_words([maps.addr_bytes(VIP)])
+                assert libbpf.map_info(fwd.fds[name]).value_size == C.sizeof(maps.FlowStats)
+                assert _pinned_id(root / "maglev" / name) == libbpf.map_info(fwd.fds[name]).id
+            assert read_filter(fwd.fds["vip_addrs"]) == maps.vip_filter_words([maps.addr_bytes(VIP)])
             assert fwd.backend_ids == ids and fwd.conntrack_count() == 1
             _send(fwd, 4000, 0x10)  # the tracked flow is still a hit
             assert fwd.counters()["vips"]["web"] == {"packets": 1, "bytes": 40, "new_flows": 0, "ct_hits": 1,

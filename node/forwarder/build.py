@@ -27,7 +27,8 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 # object name -> (source in bpf/ without .c, extra clang flags).
 # xdp_lb / xdp_lb_direct: the forwarder with each conntrack design (forwarder.conntrack "lru" /
 # "direct"); xdp_floor: the bench's floor; decap: the backend's tc GRE decapsulation
-# (bpf/decap.c, owned by the backend side); xdp_pass: the trivial program the lab puts on the
+# (bpf/decap.c, owned by the backend side); hc_tunnel: the node's probe encapsulation
+# (bpf/hc_tunnel.c, tunnel health checks); xdp_pass: the trivial program the lab puts on the
 # veth peers of nodes (native XDP_TX needs an XDP program on the receiving side).
 OBJECTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "xdp_lb": ("xdp_lb", ()),
@@ -37,6 +38,8 @@ OBJECTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "xdp_lb_percpu_lru": ("xdp_lb", ("-DCT_LRU_PERCPU",)),
     "xdp_floor": ("xdp_floor", ()),
     "decap": ("decap", ()),
+    # the node's tunnel health checks: GRE for its own probe packets (tc egress, hc_tunnel.c)
+    "hc_tunnel": ("hc_tunnel", ()),
     "xdp_pass": ("xdp_pass", ()),
 }
 PROGRAMS = tuple(OBJECTS)

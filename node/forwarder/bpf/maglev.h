@@ -292,6 +292,44 @@ enum stat_reason {
 #define FH_C2 0x1b873593u
 
 
+/* ---- tunnel health checks (hc_tunnel.c, node/forwarder/hc_tunnel.py) -----------------------
+ * The node probes a backend THROUGH the tunnel: the probe socket connects to the VIP and
+ * carries SO_MARK = HC_MARK_BASE | id. An ip rule sends marked packets to a table whose only
+ * route points at the node's probe device (a veth without ARP); hc_tunnel.c on that device's
+ * tc egress looks the id up in hc_targets, wraps the packet in GRE to that backend (the outer
+ * headers of the forwarder, see "encapsulation" below, DF set) and redirects it out of the
+ * uplink with the kernel's neighbour resolution. The backend decapsulates and answers from the
+ * VIP straight to the node (DSR): a reply proves the VIP and the decap, not just the host.
+ * Mirrored by node/forwarder/hc_tunnel.py (HcTarget, HcConfig, HC_COUNTERS). */
+#define HC_MAX_TARGETS 65536      /* ids 1..65535 (0 is never a target) */
+#define HC_MARK_BASE 0x6d6c0000u  /* "ml" in the high 16 bits */
+#define HC_MARK_MASK 0xffff0000u
+
+struct hc_target {                /* hc_targets (array) indexed by mark & ~HC_MARK_MASK */
+	__u32 addr[4];            /* the backend under test, wire order; IPv4 in addr[0] */
+	__u8 family;              /* FAM_V4 / FAM_V6; 0 = free id: the probe is dropped */
+	__u8 pad[3];
+};
+
+struct hc_config {                /* hc_config (array, one entry) */
+	__u32 flags;              /* CFG_F_HAVE_SRC_V4 / CFG_F_HAVE_SRC_V6 */
+	__u32 src_v4;             /* outer source, wire order */
+	__u32 src_v6[4];
+	__u32 out_ifindex;        /* the uplink the backends are reached through */
+	__u32 pad;
+};
+
+enum hc_stat {                    /* hc_stats: per-CPU array of __u64 */
+	HC_ENCAP_V4 = 0,          /* probe packets sent through the tunnel, outer IPv4 */
+	HC_ENCAP_V6,              /* ... outer IPv6 */
+	HC_PASS_UNMARKED,         /* not a probe (no HC mark): left alone */
+	HC_DROP_NO_TARGET,        /* marked, but its id names no backend (stale mark) */
+	HC_DROP_NO_SOURCE,        /* no encap source configured for the backend's family */
+	HC_DROP_MALFORMED,        /* not IPv4/IPv6 of the backend's family, or truncated */
+	HC_DROP_ADJUST,           /* bpf_skb_adjust_room or a header store refused */
+	HC_STAT_MAX,
+};
+
 /* ---- the backend's GRE decapsulation program (decap.c) -------------------------------------
  * Mirrored by node/forwarder/tc.py (DecapVipKey, DECAP_COUNTERS). */
 /* Debian's uapi linux/bpf.h (6.1) predates these adjust_room flags; the kernels we run (>= 6.3)

@@ -60,6 +60,7 @@ _EV_IN = select.EPOLLIN | select.EPOLLRDHUP
 # are a measurable share of a probe.
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _SOL_SOCKET, _SO_ERROR, _SO_LINGER = socket.SOL_SOCKET, socket.SO_ERROR, socket.SO_LINGER
+_SO_MARK = socket.SO_MARK
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PATH_SAFE = "/?&=%:@!$'()*+,;~-._[]"
 
@@ -87,8 +88,12 @@ class LeanProbes:
     def __init__(self, loop: asyncio.AbstractEventLoop, verdict: Verdict,
                  status_ranges: Callable[[list[str]], list[tuple[int, int]]],
                  regex: Callable[[str], re.Pattern[str]], body_limit: int, user_agent: str,
-                 reasons: Callable[[OSError], str], stall_grace: float) -> None:
+                 reasons: Callable[[OSError], str], stall_grace: float,
+                 mark_of: Callable[[Target], int] | None = None) -> None:
         self.loop = loop
+        # SO_MARK of a tunnel check's socket (healthcheck.probes.Prober.mark_of): looked up per
+        # probe, not planned, since a mark belongs to the node's tunnel, not to the target.
+        self._mark_of = mark_of
         self._verdict = verdict
         self._status_ranges = status_ranges
         self._regex = regex
@@ -140,14 +145,21 @@ class LeanProbes:
             if plan is None:
                 plan = self._plan(target)
             family, address, probe.request = plan
+            mark = self._mark_of(target) if target.tunnel and self._mark_of is not None else 0
             sock = _socket.socket(family, _STREAM_NONBLOCK)
-        except _Refused as exc:
+        except (_Refused, LookupError) as exc:  # LookupError: the tunnel has no mark for it
             return self._fail_soon(probe, str(exc))
         except OSError as exc:  # out of file descriptors, typically
             return self._fail_soon(probe, self._os_reason(exc))
         probe.sock = sock
         probe.fd = sock.fileno()
         sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER_RST)
+        if mark:
+            try:
+                sock.setsockopt(_SOL_SOCKET, _SO_MARK, mark)
+            except OSError as exc:  # EPERM: SO_MARK needs CAP_NET_ADMIN
+                sock.close()
+                return self._fail_soon(probe, f"cannot mark the tunnel probe: {self._os_reason(exc)}")
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -171,10 +183,13 @@ class LeanProbes:
         if port is None:
             raise _Refused("no port to probe: set the check's port or the backend's port")
         request = b"" if target.check.type != "http" else _http_request(target, port, self._user_agent)
-        if target.address.version == 6:
-            plan = (socket.AF_INET6, (str(target.address), port, 0, 0), request)
+        address = target.probe_address
+        if target.tunnel and self._mark_of is None:
+            raise _Refused("via: tunnel, but this checker has no tunnel (only the node's has)")
+        if address.version == 6:
+            plan = (socket.AF_INET6, (str(address), port, 0, 0), request)
         else:
-            plan = (socket.AF_INET, (str(target.address), port), request)
+            plan = (socket.AF_INET, (str(address), port), request)
         if len(self._plans) >= PLAN_CACHE_MAX:
             self._plans.clear()  # targets come and go with reloads; start over rather than grow
         self._plans[target] = plan
@@ -401,7 +416,8 @@ def _http_request(target: Target, port: int, user_agent: str) -> bytes:
                        f"{check.method!r}")
     host = check.host
     if host is None:
-        host = f"[{target.address}]" if target.address.version == 6 else str(target.address)
+        address = target.probe_address  # the VIP of a tunnel check: what clients name
+        host = f"[{address}]" if address.version == 6 else str(address)
         if port != 80:
             host += f":{port}"
     if any(c in host for c in "\r\n\0 \t"):

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping
 
 import xxhash
 
-from healthcheck.probes import Prober
+from healthcheck.probes import Prober, Tunnel
 from healthcheck.schedule import Job, Schedule
 from healthcheck.state import StateMachine
 from healthcheck.types import ProbeResult, State, Target, TargetStatus, Transition
@@ -76,8 +76,10 @@ class HealthMonitor:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_probe: ProbeHook | None = None,
+        tunnel: Tunnel | None = None,
     ) -> None:
         self._on_transition = on_transition
+        self._tunnel = tunnel  # the node's, for via: tunnel checks (healthcheck.probes.Tunnel)
         self._on_probe = on_probe
         self._clock = clock
         self._entries: dict[Target, _Entry] = {}
@@ -91,7 +93,7 @@ class HealthMonitor:
     async def start(self) -> None:
         if self._running:
             return
-        self._prober = Prober(self._clock)
+        self._prober = Prober(self._clock, self._tunnel)
         self._schedule = Schedule(self._prober, self._record)
         self._running = True
         for entry in self._entries.values():

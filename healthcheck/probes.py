@@ -16,6 +16,7 @@ this process was stalled is reported as inconclusive (see Prober.probe).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -25,7 +26,7 @@ import signal
 import socket
 import ssl
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -69,13 +70,43 @@ def decode_bytes_option(text: str) -> bytes:
 
 
 def _sockaddr(target: Target, port: int) -> tuple[Any, ...]:
-    if target.address.version == 6:
-        return (str(target.address), port, 0, 0)
-    return (str(target.address), port)
+    address = target.probe_address
+    if address.version == 6:
+        return (str(address), port, 0, 0)
+    return (str(address), port)
 
 
 def _family(target: Target) -> int:
     return socket.AF_INET6 if target.address.version == 6 else socket.AF_INET
+
+
+class Tunnel(Protocol):
+    """What the prober needs of the node's tunnel (node.forwarder.hc_tunnel.HealthTunnel)."""
+
+    def mark_for(self, address: Any) -> int:
+        """SO_MARK steering a probe to this backend; LookupError(reason) when there is none."""
+        ...
+
+
+def tunnel_reason(target: Target, result: ProbeResult) -> ProbeResult:
+    """Say what a tunnel probe's verdict means for the path. No answer at all is what a backend
+    without the VIP on lo or without its decap gives (the probe dies inside it, silently);
+    a refusal or an ICMP port unreachable came back from the VIP, so decap and VIP work."""
+    vip = f"[{target.vip}]" if target.vip is not None and target.vip.version == 6 else str(target.vip)
+    where = f"{vip}:{target.probe_port}"
+    reason = result.reason
+    if result.ok:
+        reason += " through the tunnel"
+    elif reason.startswith("timeout") or reason in ("connection timed out", "host unreachable",
+                                                     "network unreachable"):
+        reason = (f"no answer through the tunnel ({reason}): backend {target.address} may lack "
+                  f"VIP {target.vip} on lo or its GRE decap")
+    elif reason in ("connection refused", "port unreachable (ICMP)"):
+        reason = (f"{reason} through the tunnel: backend {target.address} decapsulated the probe "
+                  f"but nothing serves {where}")
+    else:
+        reason += " (through the tunnel)"
+    return dataclasses.replace(result, reason=reason)
 
 
 
@@ -89,6 +120,19 @@ def _http_socket(addr_info: tuple[Any, ...]) -> socket.socket:
     """aiohttp's socket_factory: the sockets of HTTP probes also close with RST."""
     family, type_, proto, _, _ = addr_info
     return _rst_on_close(socket.socket(family=family, type=type_, proto=proto))
+
+
+def _marked_socket(mark: int) -> Callable[[tuple[Any, ...]], socket.socket]:
+    """aiohttp's socket_factory for the tunnel: the HTTP socket, marked for one backend."""
+    def factory(addr_info: tuple[Any, ...]) -> socket.socket:
+        sock = _http_socket(addr_info)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return factory
 
 
 def _need_port(target: Target) -> int:
@@ -105,9 +149,11 @@ def status_ok(status: int, ranges: list[tuple[int, int]]) -> bool:
 class Prober:
     """Runs probes; owns the shared HTTP session. Use ``async with`` or ``close()``."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, tunnel: Tunnel | None = None) -> None:
         self.clock = clock
+        self.tunnel = tunnel  # the node's; None: tunnel checks fail with a reason saying so
         self._session: aiohttp.ClientSession | None = None
+        self._tunnel_sessions: dict[int, aiohttp.ClientSession] = {}  # https, one per mark
         self._lean: LeanProbes | None = None
         self._stalled = 0
         self._worst_stall = 0.0
@@ -135,6 +181,15 @@ class Prober:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        for session in self._tunnel_sessions.values():
+            await session.close()
+        self._tunnel_sessions.clear()
+
+    def mark_of(self, target: Target) -> int:
+        """The SO_MARK of a tunnel probe of target; LookupError(reason) when there is none."""
+        if self.tunnel is None:
+            raise LookupError("via: tunnel, but this checker has no tunnel (only the node's has)")
+        return self.tunnel.mark_for(target.address)
 
     async def probe(self, target: Target) -> ProbeResult:
         """One probe; never raises except CancelledError.
@@ -147,10 +202,12 @@ class Prober:
         was tried: in an overloaded moment the burst of retries made the next stall worse.)
         """
         if target.check.type in LEAN_TYPES:
-            return await self._lean_probe(target)
-        start = time.perf_counter()
-        ok, reason, overrun = await self._attempt(target)
-        return self._verdict(ok, reason, time.perf_counter() - start, overrun)
+            result = await self._lean_probe(target)
+        else:
+            start = time.perf_counter()
+            ok, reason, overrun = await self._attempt(target)
+            result = self._verdict(ok, reason, time.perf_counter() - start, overrun)
+        return tunnel_reason(target, result) if target.tunnel else result
 
     async def probe_generic(self, target: Target) -> ProbeResult:
         """An http probe through aiohttp rather than the lean path: what http cost before the
@@ -164,6 +221,8 @@ class Prober:
         unless the returned handle's ``cancel()`` is called first. What the monitor's scheduler
         uses: tcp and http cost no task at all, the other types one task per probe."""
         if target.check.type in LEAN_TYPES:
+            if target.tunnel:
+                return self._lean_engine().start(target, lambda r: done(tunnel_reason(target, r)))
             return self._lean_engine().start(target, done)
         task = asyncio.get_running_loop().create_task(self.probe(target))
         task.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))
@@ -174,7 +233,7 @@ class Prober:
         if self._lean is None or self._lean.loop is not loop:
             self._lean = LeanProbes(
                 loop, self._verdict, self._status_ranges, self._regex, BODY_LIMIT, USER_AGENT, os_reason,
-                STALL_GRACE,
+                STALL_GRACE, self.mark_of,
             )
         return self._lean
 
@@ -227,19 +286,38 @@ class Prober:
 
     # ---------------------------------------------------------------- http
 
-    def _http_session(self) -> aiohttp.ClientSession:
+    def _http_session(self, mark: int = 0) -> aiohttp.ClientSession:
+        """The shared session; a tunnel probe gets one per mark (aiohttp's socket factory is
+        per connector, and the mark must be on the socket before it connects)."""
+        if mark:
+            session = self._tunnel_sessions.get(mark)
+            if session is None:
+                session = self._tunnel_sessions[mark] = self._new_session(_marked_socket(mark))
+            return session
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                force_close=True, limit=0, ttl_dns_cache=None, socket_factory=_http_socket
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies must not follow us
-                timeout=aiohttp.ClientTimeout(total=None),  # the probe's own timeout bounds all
-                auto_decompress=False,
-                headers={"User-Agent": USER_AGENT},
-            )
+            self._session = self._new_session(_http_socket)
         return self._session
+
+    def _new_session(self, socket_factory: Callable[..., socket.socket]) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            force_close=True, limit=0, ttl_dns_cache=None, socket_factory=socket_factory
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies must not follow us
+            timeout=aiohttp.ClientTimeout(total=None),  # the probe's own timeout bounds all
+            auto_decompress=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def _tunnel_mark(self, target: Target) -> int:
+        """0 for a direct probe; the tunnel's mark, or ProbeFailed saying why there is none."""
+        if not target.tunnel:
+            return 0
+        try:
+            return self.mark_of(target)
+        except LookupError as exc:
+            raise ProbeFailed(str(exc)) from None
 
     def _status_ranges(self, expect: list[str]) -> list[tuple[int, int]]:
         key = tuple(expect)
@@ -252,8 +330,10 @@ class Prober:
     async def _http(self, target: Target) -> str:
         check: Any = target.check
         port = _need_port(target)
-        host = f"[{target.address}]" if target.address.version == 6 else str(target.address)
+        address = target.probe_address
+        host = f"[{address}]" if address.version == 6 else str(address)
         url = f"{check.type}://{host}:{port}{check.path}"
+        mark = self._tunnel_mark(target)
         kwargs: dict[str, Any] = {"allow_redirects": False}
         if check.host:
             kwargs["headers"] = {"Host": check.host}
@@ -262,7 +342,7 @@ class Prober:
             if check.host and check.tls_verify:
                 kwargs["server_hostname"] = check.host  # verify the name the clients use
         try:
-            async with self._http_session().request(check.method, url, **kwargs) as resp:
+            async with self._http_session(mark).request(check.method, url, **kwargs) as resp:
                 status = resp.status
                 if not status_ok(status, self._status_ranges(check.expect_status)):
                     raise ProbeFailed(f"HTTP {status}")
@@ -300,9 +380,12 @@ class Prober:
 
     async def _udp_exchange(self, target: Target, port: int, payload: bytes) -> bytes:
         loop = asyncio.get_running_loop()
+        mark = self._tunnel_mark(target)
         sock = socket.socket(_family(target), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             # connect() makes the kernel drop datagrams from anyone else and turns an ICMP port
             # unreachable into ECONNREFUSED on the next receive: a fast, precise "down".
             await loop.sock_connect(sock, _sockaddr(target, port))

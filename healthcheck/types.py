@@ -21,19 +21,37 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "dns": 53}
 class Target:
     """One thing to probe: a backend address, the port the controller knows for it, and the check.
 
-    Equality and hashing use what is actually probed (address, effective port, the check's JSON),
-    so the same check of the same backend named by several VIPs collapses into one probe. The
-    pydantic model itself is not hashable (it holds lists), hence the precomputed key.
+    Equality and hashing use what is actually probed (address, effective port, the check's JSON,
+    the VIP of a tunnel check), so the same check of the same backend named by several VIPs
+    collapses into one probe. The pydantic model itself is not hashable (it holds lists), hence
+    the precomputed key.
+
+    A tunnel check (``check.via == "tunnel"``) names the VIP too: the probe goes to the VIP's
+    address (``probe_address``), and the node's tunnel steers it to ``address`` (the backend
+    under test) by the socket's mark; ``port`` is then the VIP's port.
     """
 
     address: IPv4Address | IPv6Address
     port: int | None
     check: HealthCheck
-    _key: tuple[str, int | None, str] = field(init=False, repr=False)
+    vip: IPv4Address | IPv6Address | None = None
+    _key: tuple[str, int | None, str, str | None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        key = (str(self.address), self.probe_port, self.check.model_dump_json())
+        if self.tunnel and self.vip is None:
+            raise ValueError("a tunnel check's Target needs the VIP address it probes")
+        key = (str(self.address), self.probe_port, self.check.model_dump_json(),
+               str(self.vip) if self.tunnel else None)
         object.__setattr__(self, "_key", key)
+
+    @property
+    def tunnel(self) -> bool:
+        return getattr(self.check, "via", "direct") == "tunnel"
+
+    @property
+    def probe_address(self) -> IPv4Address | IPv6Address:
+        """Where the probe connects: the VIP through the tunnel, else the backend itself."""
+        return self.vip if self.tunnel and self.vip is not None else self.address
 
     @property
     def probe_port(self) -> int | None:
@@ -63,6 +81,9 @@ class Target:
             detail += f" {self.check.query_type} {self.check.query_name}"
         elif self.check.type == "exec":
             detail += f" {self.check.command[0]}"
+        if self.tunnel:
+            vip = f"[{self.vip}]" if self.vip.version == 6 else str(self.vip)
+            return f"{host} via tunnel to {vip}:{self.probe_port} ({detail})"
         return f"{where} ({detail})"
 
 

@@ -120,6 +120,12 @@ class CheckCommon(Strict):
     flap_window: float = Field(60.0, gt=0)
     hold_down: float = Field(10.0, ge=0)
     hold_down_max: float = Field(300.0, ge=0)
+    # Which path the probe takes (README "Tunnel health checks"). direct: to the backend's own
+    # address, as it always did. tunnel: to the VIP address and port, GRE-encapsulated by the
+    # node to the one backend under test, answered by DSR: it fails when the backend lost the
+    # VIP on lo or its decapsulation, which a direct probe cannot see. ("path" would read
+    # better but is the HTTP check's URL path.)
+    via: Literal["direct", "tunnel"] = "direct"
 
     @model_validator(mode="after")
     def _timeout_below_interval(self) -> "CheckCommon":
@@ -201,6 +207,14 @@ class DnsCheck(CheckCommon):
 class ExecCheck(CheckCommon):
     type: Literal["exec"]
     command: list[str] = Field(min_length=1, description="argv, run without a shell")
+
+    @model_validator(mode="after")
+    def _no_tunnel(self) -> "ExecCheck":
+        if self.via == "tunnel":
+            raise ValueError("via: tunnel needs a probe the node sends itself (tcp, http, https, udp, "
+                             "dns); an exec check runs a command, which the node cannot steer "
+                             "through the tunnel: use via: direct")
+        return self
 
 
 HealthCheck = Annotated[
@@ -397,6 +411,16 @@ class VipConfig(Strict):
                 f"{len(self.backends)} backends do not fit a table of {self.table_size} entries"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tunnel_port(self) -> "VipConfig":
+        check = self.health_check
+        if check is None or check.via != "tunnel" or check.port is not None:
+            return self
+        if isinstance(self.port, int) or check.type in ("http", "https", "dns"):
+            return self
+        raise ValueError("health_check.via: tunnel probes the VIP's own port, and this VIP has "
+                         "port 'all': set health_check.port")
 
     @property
     def all_backends(self) -> list[Backend]:
@@ -1136,6 +1160,14 @@ def check_vips_for_node(vips: dict[str, "VipConfig"], node: "NodeConfig", source
         if fam == 4 and fwd.encap_source_v4 is None and vip.backends:
             problems.append(ConfigProblem(source, vip.name, "backends",
                                           "IPv4 backends need forwarder.encap_source_v4 in the node file (the GRE outer source)"))
+        check = vip.health_check
+        if check is not None and check.via == "tunnel" and vip.backends:
+            src = fwd.encap_source_v4 if fam == 4 else fwd.encap_source_v6
+            if src is None:
+                problems.append(ConfigProblem(
+                    source, vip.name, "health_check.via",
+                    f"via: tunnel on an IPv{fam} VIP needs forwarder.encap_source_v{fam} in the node "
+                    "file (the GRE outer source, and the address the backend answers the probe at)"))
         if node.bgp.peers and fam not in peer_families:
             problems.append(ConfigProblem(source, vip.name, "address",
                                           f"IPv{fam} VIP but the node has no IPv{fam} BGP peer: it could never be announced"))

@@ -39,6 +39,7 @@ from node.effects import forwarder_spec, routes_for
 from node.events import EventLog
 from node.handover import handover
 from node.health_view import HealthView, held_until, health_of, health_targets, owners_of
+from node import health_path
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
 from node.programming import SpecCache
@@ -81,6 +82,7 @@ class Controller:
         clock: Callable[[], float] = time.monotonic,
         base_dir: Path | None = None,
         spec_builder: Callable[[VipDecision], Any] | None = None,
+        tunnel: Any | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -88,6 +90,7 @@ class Controller:
         self.health = health_factory(self._on_health_transition)
         self.speaker = speaker
         self.forwarder = forwarder
+        self.tunnel = tunnel  # tunnel health checks (node.health_path); None: direct only
         self.spec_builder = spec_builder or forwarder_spec
         self.vip_dir = _resolve(config.vip_dir, base_dir)
         self.run_dir = _resolve(config.run_dir, base_dir)
@@ -167,6 +170,7 @@ class Controller:
             f"XDP forwarder attached ({self.attach_mode}) on {', '.join(self.config.forwarder.interfaces)}",
             mode=self.attach_mode,
         )
+        await health_path.open_tunnel(self.tunnel, self.events, self.targets.values())
         await self.health.start()
         await self.speaker.start()
         self.events.emit(
@@ -205,6 +209,7 @@ class Controller:
             else:
                 self.events.emit("forwarder_kept", "XDP forwarder left attached (on_stop: keep)")
             await asyncio.to_thread(self.forwarder.close)
+            await health_path.close_tunnel(self.tunnel)
         self.events.emit("node_stopped", f"node {self.config.node_id} stopped")
 
     def mark_dirty(self) -> None:
@@ -537,6 +542,10 @@ class Controller:
         targets = health_targets(new, old, self.targets)
         # Kept backends keep their verdict, whatever changed about their check (node.handover).
         inherit = handover(self.targets, self._health_view(), targets, self.health.snapshot())
+        if health_path.sync_tunnel(self.tunnel, targets.values(), self.events) and self._forwarder_open:
+            # the first tunnel check since start: set the tunnel up (probes fail until it is)
+            self.supervisor.spawn("health-tunnel", lambda: health_path.open_tunnel(
+                self.tunnel, self.events, self.targets.values()), once=True)
         self.health.update(set(targets.values()), inherit)
         self.vips = new
         self.vip_sources = {name: path for name, (path, _) in sources.items()}

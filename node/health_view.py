@@ -53,7 +53,7 @@ def health_targets(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConf
     change one backend (~0.2 s on the event loop, issue 12). A VIP whose config object is the
     one ``previous_targets`` were made from (the reload did not touch its file:
     node.config.ParsedFiles hands the same frozen object back) keeps its Target objects."""
-    from healthcheck import Target
+    from node.health_path import health_target  # direct, or through the tunnel (via)
 
     previous = previous or {}
     previous_targets = previous_targets or {}
@@ -65,7 +65,7 @@ def health_targets(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConf
         for b in vip.all_backends:
             pair = (vip.name, b.key)
             target = previous_targets.get(pair) if same else None
-            out[pair] = target if target is not None else Target(b.address, vip.backend_port(b), vip.health_check)
+            out[pair] = target if target is not None else health_target(vip, b)
     return out
 
 

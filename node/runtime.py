@@ -13,6 +13,7 @@ from node.events import EventLog
 def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
     from bgp import BgpSpeaker
     from healthcheck import HealthMonitor
+    from node.forwarder.hc_tunnel import HealthTunnel
     from node.forwarder.loader import Forwarder
 
     dirs = node_dirs(config, base_dir)
@@ -32,9 +33,12 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
     # ExaBGP's and bfdd's own output go to size-bounded files in the logs directory.
     speaker = BgpSpeaker(config.bgp, run_dir / "bgp", on_change=on_bgp_change, bfd_dir=run_dir / "bfd",
                          log_dir=dirs.logs)
+    # Tunnel health checks (health_check.via: tunnel): the probes' marks and GRE (hc_tunnel.py).
+    tunnel = HealthTunnel.from_config(config.forwarder)
     controller = Controller(
         config,
-        health_factory=lambda cb: HealthMonitor(on_transition=cb, on_probe=on_probe),
+        health_factory=lambda cb: HealthMonitor(on_transition=cb, on_probe=on_probe, tunnel=tunnel),
+        tunnel=tunnel,
         speaker=speaker,
         forwarder=Forwarder(config.forwarder, table_capacity=config.forwarder.table_capacity),
         events=events,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from node import health_path
 from node.decision_log import shares
 
 if TYPE_CHECKING:
@@ -29,10 +30,11 @@ def node_status(c: "Controller") -> dict[str, Any]:
             "error": c.forwarder_error,
         },
         "bgp": c.speaker.status(),
+        "health_tunnel": health_path.tunnel_status(getattr(c, "tunnel", None)),
         "vips": {
             name: {"announced": d.announce, "state": d.state, "reason": d.reason,
                    "reason_code": d.policy.code, "fallback_in_use": d.policy.use_fallback,
-                   "serving": len(d.serving),
+                   "serving": len(d.serving), "health_path": health_path.path_of(d.vip),
                    "backends": len(d.backends), "digest": d.table.digest() if d.table else None}
             for name, d in vips.items()
         },
@@ -81,6 +83,7 @@ def vip_view(c: "Controller", name: str, counters: dict[str, Any] | None = None)
         "protocol": vip.protocol,
         "port": vip.port,
         "table_size": vip.table_size,
+        "health_path": health_path.path_of(vip),
         "source": str(c.vip_sources.get(name, "")),
         "announced": d.announce if d else False,
         "state": d.state if d else "withdrawn",

@@ -144,7 +144,8 @@ class HealthTunnel:
         self.mtu = mtu
         self.obj_path = obj_path
         self.marks = MarkTable()
-        self.error: str | None = "not opened yet"
+        self.error: str | None = "the node's tunnel for health checks is not set up yet"
+        self.opened = False  # open() was tried (close() undoes it)
         self._obj: libbpf.BpfObject | None = None
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # set_targets runs in the loop, open in a worker thread
@@ -158,6 +159,7 @@ class HealthTunnel:
     def open(self) -> None:
         """Load the program, create the probe device and its routes, attach, write the maps.
         Raises TunnelError (and keeps the reason in ``error`` for the probes to report)."""
+        self.opened = True
         try:
             self._open()
             self.error = None
@@ -195,15 +197,21 @@ class HealthTunnel:
     def close(self) -> None:
         """Remove the rules, the table's routes and the probe device (its filter goes with it)."""
         with self._lock:
+            if not self.opened:
+                return  # nothing of ours exists: never touch the host's rules and links
+            mark = f"{HC_MARK_BASE:#x}/{HC_MARK_MASK:#x}"
             for fam in ("-4", "-6"):
-                while _ip(fam, "rule", "del", "pref", str(HC_RULE_PRIORITY), check=False).returncode == 0:
+                # only our rule: this priority, this mark, this table
+                while _ip(fam, "rule", "del", "pref", str(HC_RULE_PRIORITY), "fwmark", mark,
+                          "lookup", str(HC_TABLE), check=False).returncode == 0:
                     pass
                 _ip(fam, "route", "flush", "table", str(HC_TABLE), check=False)
             _ip("link", "del", PROBE_DEV, check=False)
             if self._obj is not None:
                 self._obj.close()
             self._obj, self._fds = None, {}
-            self.error = "closed"
+            self.error = "the node's tunnel for health checks is closed (the node is stopping)"
+            self.opened = False
 
     # ------------------------------------------------------------------ the device and routes
 

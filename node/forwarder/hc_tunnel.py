@@ -274,7 +274,7 @@ class HealthTunnel:
                 "targets": len(self.marks.ids), "counters": self.counters()}
 
 
-def test_run(prog_fd: int, frame: bytes, mark: int) -> tuple[int, bytes]:
+def run_once(prog_fd: int, frame: bytes, mark: int) -> tuple[int, bytes]:
     """One BPF_PROG_TEST_RUN of hc_tunnel.c with skb->mark set (the golden test)."""
     ctx = bytearray(libbpf.skb_context())
     ctx[8:12] = mark.to_bytes(4, "little")  # struct __sk_buff: len, pkt_type, mark
@@ -282,4 +282,4 @@ def test_run(prog_fd: int, frame: bytes, mark: int) -> tuple[int, bytes]:
 
 
 __all__ = ["HealthTunnel", "MarkTable", "TunnelError", "HC_MARK_BASE", "HC_TABLE", "PROBE_DEV",
-           "HC_COUNTERS", "test_run", "target_value", "config_value"]
+           "HC_COUNTERS", "run_once", "target_value", "config_value"]

@@ -119,6 +119,14 @@ def test_marked_ipv6_probe_leaves_as_gre_to_the_backend_under_test(prog):
     assert moved == {"encap_v6": 1}
 
 
+def test_the_smallest_ipv4_probe_is_encapsulated_too(prog):
+    """A 4-byte UDP datagram: 32 bytes of IPv4, shorter than an IPv6 header."""
+    inner = ipv4(NODE4, VIP4, 17, struct.pack("!HHHH", 40000, 7, 12, 0) + b"ping")
+    verdict, out, moved = prog.run(ETH + b"\x08\x00" + inner, HC_MARK_BASE | 1)
+    assert (verdict, moved) == (TC_ACT_REDIRECT, {"encap_v4": 1})
+    assert out == ETH + b"\x08\x00" + outer4(inner, tos=0)
+
+
 def test_unmarked_and_foreign_marks_pass_untouched(prog):
     frame = ETH + b"\x08\x00" + ipv4(NODE4, VIP4, 6, syn(b"", b""))
     for mark in (0, 0x12340001, HC_MARK_BASE ^ 0x10000 | 1):

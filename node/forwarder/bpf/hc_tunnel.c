@@ -140,14 +140,21 @@ int mlb_hc_tunnel(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 
-	if ((void *)(eth + 1) + sizeof(struct ipv6hdr) > data_end)
+	/* Bounds per family: the smallest IPv4 probe (a 4-byte datagram) is 32 bytes of L3. */
+	if ((void *)(eth + 1) > data_end)
 		return verdict(HC_DROP_MALFORMED, TC_ACT_SHOT);
 	if (t->family == FAM_V4 && eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
+		if ((void *)(ip + 1) > data_end)
+			return verdict(HC_DROP_MALFORMED, TC_ACT_SHOT);
 		action = encap_v4(skb, t, cfg, ip->tos);
 	} else if (t->family == FAM_V6 && eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		action = encap_v6(skb, t, cfg, *(__u32 *)(eth + 1));
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return verdict(HC_DROP_MALFORMED, TC_ACT_SHOT);
+		action = encap_v6(skb, t, cfg, *(__u32 *)ip6);
 	} else {
 		return verdict(HC_DROP_MALFORMED, TC_ACT_SHOT);
 	}

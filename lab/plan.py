@@ -161,9 +161,12 @@ class LabPlan:
     # ---------------------------------------------------------------- rendered configs
 
     def vip_file(self) -> dict[str, Any]:
-        """The lab's VIP file: one IPv4 and one IPv6 VIP on port 80 over every backend."""
+        """The lab's VIP file: one IPv4 and one IPv6 VIP on port 80 over every backend. The
+        checks go through the tunnel (VIP:8080 GRE-encapsulated to each backend, answered by
+        DSR), so a backend that loses its VIP or its decap leaves the tables."""
         check = {
             "type": "http",
+            "via": "tunnel",
             "path": "/healthz",
             "port": HEALTH_PORT,
             # Fast enough that a dead backend leaves the tables in ~1.5 s (interval x fall).

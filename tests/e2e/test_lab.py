@@ -408,6 +408,41 @@ async def test_restart_with_on_stop_keep_is_hitless_and_a_crash_still_withdraws(
         if not ready.pid(me.name):
             await asyncio.to_thread(ready.start_node, n)
 
+# 6b ---------------------------------------------------------------------------------------------
+
+
+def test_a_backend_that_lost_the_vip_leaves_the_tables_by_its_tunnel_check(ready: Lab) -> None:
+    """The lab's checks go through the tunnel: a backend without web4's VIP on lo (its host,
+    its health port and its decap all fine, so a direct check passes) leaves web4's table on
+    every node with a reason naming the tunnel, keeps serving web6, and comes back with the VIP."""
+    from lab.lab import maglev_argv
+    from lab.netns import Netns
+
+    victim = ready.plan.backend(3)
+    for h in ready.plan.node_hosts:
+        assert node_vips(ready, h.index)["web4"]["health_path"] == "tunnel"
+    Netns(victim.ns).ip("addr", "del", f"{P.VIP_V4}/32", "dev", "lo")
+    try:
+        def gone_everywhere() -> bool:
+            return all(victim.v4 not in serving_backends(node_vips(ready, h.index)["web4"])
+                       for h in ready.plan.node_hosts)
+
+        wait_until(gone_everywhere, 15, "backend-3 to leave web4's table on every node")
+        for h in ready.plan.node_hosts:
+            vips = node_vips(ready, h.index)
+            entry = next(b for b in vips["web4"]["backends"] if b["address"] == victim.v4)
+            assert entry["last_reason"].startswith("no answer through the tunnel"), entry
+            assert victim.v6 in serving_backends(vips["web6"]), f"{h.name} dropped backend-3 from web6"
+        # the blackhole a direct check cannot see: from node-1, the same backend looks healthy
+        direct = Netns(ready.plan.node(1).ns).run(
+            *maglev_argv("check", "--type", "http", "--address", victim.v4, "--port", str(P.HEALTH_PORT),
+                         "--path", "/healthz"), check=False)
+        assert direct.returncode == 0, direct.stdout + direct.stderr
+    finally:
+        Netns(victim.ns).ip("addr", "replace", f"{P.VIP_V4}/32", "dev", "lo")
+    wait_until(lambda: all(victim.v4 in serving_backends(node_vips(ready, h.index)["web4"])
+                           for h in ready.plan.node_hosts), 15, "backend-3 to serve web4 again")
+
 
 # 7 ----------------------------------------------------------------------------------------------
 

@@ -77,6 +77,9 @@ class NodeMetrics:
     def on_probe(self, target: Any, scheduled: float, started: float, result: Any) -> None:
         """HealthMonitor's probe hook: one histogram sample and one verdict per probe."""
         backend = f"{target.address}:{target.probe_port}" if target.probe_port else str(target.address)
+        if getattr(target, "tunnel", False):  # one series per VIP probed through the tunnel
+            vip = f"[{target.vip}]" if target.vip.version == 6 else str(target.vip)
+            backend = f"{target.address} via {vip}:{target.probe_port}"
         check = target.check.type
         self.probe_duration.labels(backend, check).observe(max(0.0, float(result.latency)))
         verdict = "inconclusive" if result.inconclusive else ("ok" if result.ok else "fail")
@@ -123,6 +126,7 @@ class Snapshot:
     self_test_glitches: int = 0
     task_restarts: dict[str, int] = field(default_factory=dict)
     api: dict[str, int] | None = None  # the API's connection guard (node.api_server), when serving
+    tunnel: dict[str, Any] | None = None  # the tunnel for health checks (node.health_path), if any
 
 
 def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None = None) -> Snapshot:
@@ -154,7 +158,15 @@ def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None
         conntrack_mode=str(getattr(c.config.forwarder, "conntrack", "")),
         self_test_glitches=getattr(c.metrics, "self_test_glitches", 0),
         task_restarts=c.supervisor.restarts() if hasattr(c, "supervisor") else {},
+        tunnel=_tunnel_status(c),
     )
+
+
+def _tunnel_status(c: Any) -> dict[str, Any] | None:
+    from node.health_path import tunnel_status
+
+    tunnel = getattr(c, "tunnel", None)
+    return tunnel_status(tunnel) if tunnel is not None and getattr(tunnel, "opened", False) else None
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -269,8 +281,13 @@ class SnapshotCollector:
         bserving = _gauge("maglev_backend_serving", "1 when the backend has table entries", ["vip", "backend"])
         share = _gauge("maglev_backend_table_share", "Fraction of the VIP's table entries that go to the backend", ["vip", "backend"])
         expected = _gauge("maglev_backend_expected_share", "The backend's weight over the serving backends' weights", ["vip", "backend"])
+        path = _gauge("maglev_vip_health_check_path",
+                      "1 for the path the VIP's health checks take: direct (to the backend) or tunnel "
+                      "(to the VIP, GRE to the backend under test)", ["vip", "path"])
         for name, d in sorted(vips.items()):
             addr = str(d.vip.address)
+            if d.vip.health_check is not None:
+                path.add_metric([name, d.vip.health_check.via], 1)
             announced.add_metric([name, addr], int(d.announce))
             confirmed.add_metric([name, addr], int(d.vip.prefix in s.announced))
             state.add_metric([name, d.state, d.policy.code], 1)
@@ -285,11 +302,25 @@ class SnapshotCollector:
                 bserving.add_metric([name, b.key], int(b.serving))
                 share.add_metric([name, b.key], shares.get(b.key, 0.0))
                 expected.add_metric([name, b.key], b.weight / total if b.serving and total else 0.0)
-        yield from (announced, state, fallback, confirmed, serving, digest, health, bserving, share, expected)
+        yield from (announced, state, fallback, confirmed, serving, digest, health, bserving, share, expected, path)
+        yield from self._tunnel()
         t = _counter("maglev_backend_transitions", "Backend health transitions", ["vip", "backend", "to"])
         for (vip, key, to), n in sorted(s.transitions.items()):
             t.add_metric([vip, key, to], n)
         yield t
+
+    def _tunnel(self) -> Iterator[Any]:
+        t = self.s.tunnel
+        if t is None:
+            return
+        up = _gauge("maglev_health_tunnel_up", "1 while the node's tunnel for health checks is set up")
+        up.add_metric([], int(bool(t.get("ok"))))
+        yield up
+        c = _counter("maglev_health_tunnel_packets",
+                     "Probe packets seen by the tunnel program (hc_tunnel.c), by outcome", ["outcome"])
+        for outcome, n in sorted((t.get("counters") or {}).items()):
+            c.add_metric([outcome], n)
+        yield c
 
     def _bgp(self) -> Iterator[Any]:
         s = self.s

@@ -132,6 +132,9 @@ def _state(v: dict[str, Any]) -> str:
 def _vip_human(v: dict[str, Any]) -> None:
     print(f"VIP {v['name']}  {v['protocol']} {v['address']} port {v['port']}  table {v['table_size']} "
           f"digest {v['digest']}  {_state(v).upper()}: {v['reason']}")
+    if v.get("health_path"):
+        print(f"health checks: {v['health_path']}"
+              + (" (to the VIP, GRE to each backend)" if v["health_path"] == "tunnel" else ""))
     rows = []
     for b in v["backends"]:
         c = b.get("counters") or {}

@@ -235,3 +235,40 @@ async def test_announce_state_with_its_reason_fallback_and_disable(env):
         (("reason", "disabled"), ("state", "depreferred"), ("vip", "web")): 1.0}
     assert samples(fams, "maglev_node_disabled") == {(): 1.0}
     assert samples(fams, "maglev_vip_fallback_in_use") == {(("vip", "api"),): 0.0, (("vip", "web"),): 0.0}
+
+
+async def test_the_health_check_path_of_each_vip_is_exported(env):
+    fams = families(metrics.render(env.c, counters()))
+    paths = {(s.labels["vip"], s.labels["path"]): s.value for s in fams["maglev_vip_health_check_path"].samples}
+    assert paths == {("web", "direct"): 1.0, ("api", "direct"): 1.0}
+    assert "maglev_health_tunnel_up" not in fams  # no tunnel check, no tunnel
+
+
+def test_a_tunnel_probe_is_counted_per_vip_with_its_reason():
+    from ipaddress import ip_address
+
+    from healthcheck import Target
+    from node.config import TcpCheck
+
+    m = metrics.NodeMetrics()
+    target = Target(ip_address("10.1.0.21"), 80, TcpCheck(type="tcp", via="tunnel"), vip=ip_address("10.100.0.1"))
+    m.on_probe(target, 0.0, 0.0, ProbeResult(False, "no answer through the tunnel (timeout after 1 s): "
+                                             "backend 10.1.0.21 may lack VIP 10.100.0.1 on lo or its GRE decap", 1.0, 1.0))
+    (family,) = m.probe_results.collect()
+    (sample,) = [s for s in family.samples if s.name.endswith("_total")]
+    assert sample.labels == {"backend": "10.1.0.21 via 10.100.0.1:80", "check": "tcp", "result": "fail",
+                             "reason": "no answer through the tunnel (timeout after 1 s)"}
+
+
+async def test_the_tunnels_counters_and_state_are_exported(env):
+    class Tunnel:
+        opened = True
+
+        def status(self):
+            return {"ok": True, "error": None, "counters": {"encap_v4": 12, "drop_no_target": 1}}
+
+    env.c.tunnel = Tunnel()
+    fams = families(metrics.render(env.c, counters()))
+    assert samples(fams, "maglev_health_tunnel_up") == {(): 1.0}
+    assert samples(fams, "maglev_health_tunnel_packets", "maglev_health_tunnel_packets_total") == {
+        (("outcome", "drop_no_target"),): 1.0, (("outcome", "encap_v4"),): 12.0}

@@ -154,3 +154,14 @@ def test_family_mismatch_and_missing_source_are_dropped(prog):
         assert (verdict, moved) == (TC_ACT_SHOT, {"drop_no_source": 1})
     finally:
         prog.configure()
+
+
+def test_the_python_layouts_match_the_loaded_maps(prog):
+    """hc_tunnel.py mirrors maglev.h: a drift would corrupt every target silently."""
+    from node.forwarder.hc_tunnel import HC_MAX_TARGETS, HC_MARK_MASK, HcConfig
+
+    targets, config = libbpf.map_info(prog.targets), libbpf.map_info(prog.config)
+    assert (targets.value_size, targets.max_entries) == (ctypes.sizeof(HcTarget), HC_MAX_TARGETS)
+    assert config.value_size == ctypes.sizeof(HcConfig)
+    assert libbpf.map_info(prog.stats).max_entries == len(HC_COUNTERS)
+    assert HC_MAX_TARGETS - 1 == ~HC_MARK_MASK & 0xFFFFFFFF

@@ -207,3 +207,73 @@ async def test_without_a_mark_the_probe_fails_with_the_tunnels_reason(kind):
     async with Prober() as p:  # `maglev check` and tests: no tunnel at all
         result = await p.probe(target)
     assert not result.ok and "this checker has no tunnel" in result.reason
+
+
+# ------------------------------------------------------------------ the controller's side
+
+
+class RecordingTunnel:
+    """What the controller sees of HealthTunnel: opened, set_targets, open, close."""
+
+    def __init__(self, fail: str | None = None):
+        self.opened, self.fail, self.calls = False, fail, []
+
+    def set_targets(self, addresses):
+        self.calls.append(("set_targets", sorted(map(str, addresses))))
+
+    def open(self):
+        self.opened = True
+        self.calls.append(("open",))
+        if self.fail:
+            raise RuntimeError(self.fail)
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+async def test_the_controller_marks_backends_before_probing_and_opens_the_tunnel_on_first_use(tmp_path):
+    from node.health_path import open_tunnel
+    from tests.unit.test_controller import Env, vip as cvip
+
+    tunnel_check = {"type": "tcp", "interval": 1, "timeout": 0.5, "via": "tunnel"}
+    env = Env(tmp_path, [cvip()])  # direct checks only
+    tunnel = env.c.tunnel = RecordingTunnel()
+    await env.start()
+    assert tunnel.calls == [("set_targets", [])]  # nothing to steer, nothing set up
+    await open_tunnel(tunnel, env.events, env.c.targets.values())
+    assert ("open",) not in tunnel.calls
+
+    seen_by_health = []
+    update = env.health.update
+    env.health.update = lambda targets, inherit=None: (seen_by_health.append(list(tunnel.calls)),
+                                                       update(targets, inherit))
+    env.c._forwarder_open = True
+    env.write("main.yaml", [cvip(health_check=tunnel_check, check=False)])
+    from node.config import load_vip_sources
+
+    env.c._install_vips(load_vip_sources(env.vip_dir), "reload")
+    # the marks were written before the monitor got the new targets
+    assert seen_by_health[-1][-1] == ("set_targets", ["10.0.1.1", "10.0.1.2", "10.0.1.3"])
+    assert all(t.tunnel and str(t.probe_address) == "10.100.0.1" for t in env.c.targets.values())
+    await asyncio.sleep(0.05)  # the supervised one-shot task opens the tunnel
+    assert ("open",) in tunnel.calls
+    assert "health_tunnel_ready" in env.event_names()
+    await env.c.reconcile()
+    assert env.c.status()["vips"]["web"]["health_path"] == "tunnel"
+    assert env.c.vip_view("web")["health_path"] == "tunnel"
+    await env.c.supervisor.stop()
+
+
+async def test_a_tunnel_that_cannot_be_set_up_is_an_error_event_not_a_crash(tmp_path):
+    from node.events import EventLog
+    from node.health_path import close_tunnel, open_tunnel
+
+    v = vip()
+    targets = [health_target(v, b) for b in v.backends]
+    events = EventLog()
+    tunnel = RecordingTunnel(fail="cannot add mlbhc0: Operation not supported")
+    await open_tunnel(tunnel, events, targets)
+    (event,) = [e for e in events.recent if e["event"] == "health_tunnel_error"]
+    assert "cannot add mlbhc0" in event["msg"] and event["level"] == "error"
+    await close_tunnel(tunnel)
+    assert tunnel.calls == [("open",), ("close",)]

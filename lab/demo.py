@@ -9,8 +9,10 @@
    to the same backend) and none is reset.
 4. A backend failure: health checks take it out of every node's table within interval x fall;
    new requests reach only healthy backends.
-5. A graceful node stop under load: the node withdraws first, so no request fails.
-6. Summary, then down.
+5. A backend that loses the VIP on lo (host and health port fine): the tunnel health check
+   (to the VIP through GRE) takes it out of web4's tables, where a direct check would not.
+6. A graceful node stop under load: the node withdraws first, so no request fails.
+7. Summary, then down.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections import Counter
 
 from lab import plan as P
 from lab.lab import Lab, LabError
-from lab.netns import run
+from lab.netns import Netns, run
 from lab.traffic import Load, open_long_lived
 
 LONG_LIVED = 24
@@ -204,8 +206,11 @@ async def scenario(lab: Lab) -> dict:
         say(f"backend-2 restarted ({time.monotonic() - t0:.1f} s after the failure)")
         await watch(table, 2, "b2 back")
 
+    if lab.plan.backends >= 2:
+        await lost_vip(lab, summary)
+
     if n >= 2:
-        step(5, f"graceful stop: stop-node {n} under load")
+        step(6, f"graceful stop: stop-node {n} under load")
         before = len(load.failures)
         took = await asyncio.to_thread(lab.stop_node, n)
         say(f"node-{n} withdrew its VIPs and exited in {took:.1f} s; router: {nexthops(lab)}")
@@ -223,6 +228,26 @@ async def scenario(lab: Lab) -> dict:
     return summary
 
 
+async def lost_vip(lab: Lab, summary: dict) -> None:
+    """The blackhole a direct check cannot see: the backend is up, only the VIP is gone."""
+    victim = lab.plan.backend(lab.plan.backends)
+    step(5, f"{victim.name} loses VIP {P.VIP_V4} on lo (host, decap and health port all fine)")
+    Netns(victim.ns).ip("addr", "del", f"{P.VIP_V4}/32", "dev", "lo")
+    try:
+        gone = await wait_for(lambda: not backend_serving_anywhere(lab, {victim.v4}), 15, interval=0.1)
+        view = {v["name"]: v for v in (lab.node_api(1, "/api/v1/vips") or {"vips": []})["vips"]}
+        entry = next((b for b in view.get("web4", {}).get("backends", []) if b["address"] == victim.v4), {})
+        say(f"{victim.name} left web4's table on every node after {gone:.1f} s; node-1's reason: "
+            f"{entry.get('last_reason')}" if gone is not None else f"{victim.name} still serves web4 after 15 s")
+        summary["lost VIP"] = (f"out of web4's tables in {gone:.1f} s by the tunnel check"
+                               if gone is not None else "not removed")
+    finally:
+        Netns(victim.ns).ip("addr", "replace", f"{P.VIP_V4}/32", "dev", "lo")
+    back = await wait_for(lambda: backend_serving_anywhere(lab, {victim.v4}), 15)
+    say(f"VIP back on {victim.name}'s lo: serving web4 again after {back:.1f} s" if back is not None
+        else f"{victim.name} did not come back within 15 s")
+
+
 def run_demo(plan: P.LabPlan, keep: bool = False) -> int:
     lab = Lab(plan, lambda m: print(f"[lab] {m}", flush=True))
     step(1, f"lab up: {plan.nodes} nodes, {plan.backends} backends")
@@ -234,7 +259,7 @@ def run_demo(plan: P.LabPlan, keep: bool = False) -> int:
     rc = 0
     try:
         summary = asyncio.run(scenario(lab))
-        step(6, "summary")
+        step(7, "summary")
         for k, v in summary.items():
             print(f"  {k:<16} {v}")
     except (LabError, OSError) as exc:
@@ -244,6 +269,6 @@ def run_demo(plan: P.LabPlan, keep: bool = False) -> int:
         if keep:
             say("lab left up (--keep): `maglev lab status`, `maglev lab down` when done")
         else:
-            step(7, "down")
+            step(8, "down")
             lab.down()
     return rc

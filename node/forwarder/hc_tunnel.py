@@ -219,9 +219,16 @@ class HealthTunnel:
         if not Path(f"/sys/class/net/{PROBE_DEV}").exists():
             _ip("link", "add", PROBE_DEV, "type", "veth", "peer", "name", PEER_DEV)
         for dev in (PROBE_DEV, PEER_DEV):
-            _ip("link", "set", dev, "arp", "off", "addrgenmode", "none", check=False)
+            _ip("link", "set", dev, "arp", "off")
+            _ip("link", "set", dev, "addrgenmode", "none", check=False)  # no link-local: cosmetic
             _ip("link", "set", dev, "up")
-            subprocess.run(["ethtool", "-K", dev, "tx", "off"], capture_output=True, timeout=30)
+            try:
+                proc = subprocess.run(["ethtool", "-K", dev, "tx", "off"], capture_output=True,
+                                      text=True, timeout=30)
+            except FileNotFoundError:
+                raise TunnelError("ethtool is not installed (apt-get install ethtool)") from None
+            if proc.returncode != 0:
+                raise TunnelError(f"`ethtool -K {dev} tx off` failed: {proc.stderr.strip()}")
 
     def _ensure_routing(self) -> None:
         mark = f"{HC_MARK_BASE:#x}/{HC_MARK_MASK:#x}"

@@ -89,7 +89,8 @@ async def close_tunnel(tunnel: Any) -> None:
 
 
 def tunnel_status(tunnel: Any) -> dict[str, Any] | None:
-    if tunnel is None:
+    """The tunnel's state and counters; None while no tunnel check made the node set it up."""
+    if tunnel is None or not getattr(tunnel, "opened", False):
         return None
     try:
         return tunnel.status()

@@ -165,8 +165,7 @@ def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None
 def _tunnel_status(c: Any) -> dict[str, Any] | None:
     from node.health_path import tunnel_status
 
-    tunnel = getattr(c, "tunnel", None)
-    return tunnel_status(tunnel) if tunnel is not None and getattr(tunnel, "opened", False) else None
+    return tunnel_status(getattr(c, "tunnel", None))
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:

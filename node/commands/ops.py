@@ -96,6 +96,10 @@ def cmd_status(client: Client, args) -> int:
             print(f"disable file: {d['error']}")
         print(f"forwarder: {'OK' if f['ok'] else 'FAILING'} ({f.get('mode')}) on {', '.join(f['interfaces'])}: "
               f"{f['error'] or f['last_self_test']['reason']}")
+        t = s.get("health_tunnel")
+        if t:  # only once a tunnel check made the node set it up
+            print(f"health tunnel: {'OK' if t.get('ok') else 'FAILING'}" + (
+                f" ({t.get('targets')} backend(s) via {t.get('device')})" if t.get("ok") else f": {t.get('error')}"))
         sessions = (s.get("bgp") or {}).get("sessions", {})
         bfd = (s.get("bgp") or {}).get("bfd") or {}
         if bfd.get("enabled"):  # bgp.bfd: each peer's BFD session next to its BGP session

@@ -277,3 +277,27 @@ async def test_a_tunnel_that_cannot_be_set_up_is_an_error_event_not_a_crash(tmp_
     assert "cannot add mlbhc0" in event["msg"] and event["level"] == "error"
     await close_tunnel(tunnel)
     assert tunnel.calls == [("open",), ("close",)]
+
+
+def test_maglev_status_shows_the_tunnel_once_it_is_set_up(capsys):
+    import argparse
+
+    from node.commands.ops import cmd_status
+
+    status = {"node_id": "lb-1", "uptime": 1.0, "warmup_over": True, "node_drained": False,
+              "forwarder": {"ok": True, "mode": "native", "interfaces": ["eth0"], "error": None,
+                            "last_self_test": {"reason": "ok"}},
+              "bgp": {"sessions": {}}, "vips": {}, "last_reload": None, "health_tunnel": None}
+
+    class Client:
+        def get(self, path):
+            return status
+
+    cmd_status(Client(), argparse.Namespace(json=False))
+    assert "health tunnel" not in capsys.readouterr().out
+    status["health_tunnel"] = {"ok": True, "targets": 3, "device": "mlbhc0"}
+    cmd_status(Client(), argparse.Namespace(json=False))
+    assert "health tunnel: OK (3 backend(s) via mlbhc0)" in capsys.readouterr().out
+    status["health_tunnel"] = {"ok": False, "error": "the node's tunnel for health checks is not set up: no veth"}
+    cmd_status(Client(), argparse.Namespace(json=False))
+    assert "health tunnel: FAILING: the node's tunnel for health checks is not set up: no veth" in capsys.readouterr().out

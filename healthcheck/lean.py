@@ -145,7 +145,11 @@ class LeanProbes:
             if plan is None:
                 plan = self._plan(target)
             family, address, probe.request = plan
-            mark = self._mark_of(target) if target.tunnel and self._mark_of is not None else 0
+            mark = 0
+            if target.tunnel:
+                if self._mark_of is None:
+                    raise _Refused("via: tunnel, but this checker has no tunnel (only the node's has)")
+                mark = self._mark_of(target)
             sock = _socket.socket(family, _STREAM_NONBLOCK)
         except (_Refused, LookupError) as exc:  # LookupError: the tunnel has no mark for it
             return self._fail_soon(probe, str(exc))
@@ -184,8 +188,6 @@ class LeanProbes:
             raise _Refused("no port to probe: set the check's port or the backend's port")
         request = b"" if target.check.type != "http" else _http_request(target, port, self._user_agent)
         address = target.probe_address
-        if target.tunnel and self._mark_of is None:
-            raise _Refused("via: tunnel, but this checker has no tunnel (only the node's has)")
         if address.version == 6:
             plan = (socket.AF_INET6, (str(address), port, 0, 0), request)
         else:

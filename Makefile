@@ -14,9 +14,10 @@ PYTEST_ARGS ?=
 #   systemd                                 systemd-analyze verify of configs/maglev-node.service
 #   openssl curl ca-certificates            TLS health-probe tests; curl for the lab's examples
 #   prometheus chromium                     promtool/Prometheus and the status page tests
+#   etcd-server etcd-client                 the fleet's store (config_source: etcd), the lab's cluster
 APT_PACKAGES := python3-venv python3-dev gcc libc6-dev clang llvm libbpf-dev linux-libc-dev \
   bpftool iproute2 ethtool tcpdump iputils-ping procps frr util-linux systemd openssl curl ca-certificates \
-  prometheus chromium
+  prometheus chromium etcd-server etcd-client
 
 .PHONY: all deps system-deps python-deps test unit integration e2e demo bench bpf fuzz clean
 

@@ -137,6 +137,7 @@ def make_app(controller: Controller, token: str) -> web.Application:
             web.post(f"{API}/vips/{{name}}/backends/{{backend}}/{{action}}", post_backend_action),
             web.post(f"{API}/node/{{action}}", post_node_action),
             web.post(f"{API}/reload", post_reload),
+            web.get(f"{API}/fleet", get_fleet),
         ]
     )
     observe.register(app, controller)  # read-only: /metrics, the status page at /, events, conntrack
@@ -247,6 +248,8 @@ async def put_vip(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if (bad := bad_vip_name(name)) is not None:
         return bad
+    if c.vip_source is not None:
+        return _not_here(c)
     try:
         data = parse_json_body(await request.read())
     except BadJson as exc:
@@ -333,6 +336,8 @@ async def delete_vip(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if (bad := bad_vip_name(name)) is not None:
         return bad
+    if c.vip_source is not None:
+        return _not_here(c)
     source = f"DELETE {API}/vips/{name}"
     target = c.vip_dir / f"{name}.yaml"
     async with request.app[WRITE_LOCK]:
@@ -356,6 +361,27 @@ def _check_delete(c: Controller, name: str, target: Path) -> web.Response | None
             return error(409, f"VIP {name!r} is defined in {c.vip_sources.get(name)}; edit that file instead")
         return error(404, f"no VIP named {name!r} (and no {target})")
     return _not_ours(target, name, target.read_bytes())
+
+
+def _not_here(c: Controller) -> web.Response:
+    """A fleet node's VIPs are etcd's: a file written here would be ignored, and a node that
+    differs from the others breaks the fleet's one table per VIP."""
+    return error(409, f"this node takes its VIPs from {c.vip_source.label}: change them for the "
+                      "whole fleet with `maglev fleet apply FILE` / `maglev fleet delete NAME`; "
+                      "nothing was changed")
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    """Every live node of the fleet and the VIPs whose digests differ (node/fleet/view.py)."""
+    from node.fleet.etcd import EtcdError
+
+    c = request.app[CONTROLLER]
+    if c.vip_source is None:
+        return error(404, "this node is not in a fleet (config_source: directory)")
+    try:
+        return web.json_response(await c.vip_source.view(), dumps=_dumps)
+    except EtcdError as exc:
+        return error(503, f"cannot read the fleet registry from etcd: {exc}")
 
 
 def _vip_yaml(vip) -> str:

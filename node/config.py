@@ -612,6 +612,44 @@ class DisableSwitch(Strict):
     action: Literal["deprefer", "withdraw"] = "deprefer"
 
 
+class EtcdConfig(Strict):
+    """Where a fleet node reads its VIPs (config_source: etcd). See node/fleet/."""
+
+    endpoints: list[str] = Field(..., min_length=1, description="client URLs, e.g. http://10.0.9.1:2379")
+    prefix: str = Field("/maglev/", description="key prefix: VIPs under <prefix>config/vips/, nodes under <prefix>nodes/")
+    ca_file: Path | None = Field(None, description="CA bundle for https endpoints")
+    cert_file: Path | None = Field(None, description="client certificate (etcd --client-cert-auth)")
+    key_file: Path | None = None
+    username: str | None = Field(None, description="etcd user (etcd auth enabled)")
+    password_file: Path | None = Field(None, description="file holding the etcd user's password")
+    lease_ttl: int = Field(5, ge=2, le=3600, description="seconds a dead node stays in the registry")
+    request_timeout: float = Field(2.0, gt=0, description="seconds before an etcd request counts as failed")
+    cache_file: Path = Field(Path("etcd-cache.json"), description="last good VIP set (relative: the state directory)")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.fullmatch(r"https?://[^/\s]+", url.rstrip("/")):
+                raise ValueError(f"endpoint {url!r} must be a URL like http://10.0.9.1:2379")
+        return [u.rstrip("/") for u in v]
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or not v.endswith("/"):
+            raise ValueError(f"prefix {v!r} must start and end with '/' (e.g. /maglev/)")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_pairs(self) -> "EtcdConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("set both username and password_file, or neither")
+        return self
+
+
 class NodeConfig(Strict):
     node_id: str
     vip_dir: Path
@@ -625,6 +663,15 @@ class NodeConfig(Strict):
     disable: DisableSwitch = Field(default_factory=DisableSwitch)
     warmup: float = Field(10.0, ge=0, description="seconds to wait for every backend's first verdict")
     log_format: Literal["text", "json"] = "text"
+    # Where VIPs come from: vip_dir (the default), or etcd for a fleet (the `etcd` section).
+    config_source: Literal["directory", "etcd"] = "directory"
+    etcd: EtcdConfig | None = None
+
+    @model_validator(mode="after")
+    def _source_settings(self) -> "NodeConfig":
+        if self.config_source == "etcd" and self.etcd is None:
+            raise ValueError("config_source etcd needs an etcd section (endpoints, prefix)")
+        return self
 
     @field_validator("node_id")
     @classmethod

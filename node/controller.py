@@ -49,6 +49,7 @@ from node.self_test import SelfTest, SelfTester
 from node.supervisor import Supervisor
 from node.transitions import transition_events
 from node.vip_reader import VipReader
+from node.vip_source import read_vips, source_label, watcher
 from node import views
 
 log = logging.getLogger("maglev.controller")
@@ -83,6 +84,7 @@ class Controller:
         base_dir: Path | None = None,
         spec_builder: Callable[[VipDecision], Any] | None = None,
         tunnel: Any | None = None,
+        vip_source: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -99,6 +101,10 @@ class Controller:
                                      else self.run_dir / "disable", config.disable.action)
         self.damping = DampingParams(config.bgp.flap_hold_down, config.bgp.flap_hold_down_max,
                                      config.bgp.flap_threshold, config.bgp.flap_window)
+
+        # None: the VIP directory. Otherwise where the VIP set comes from instead (etcd: a
+        # node.fleet.member.FleetMember); node/vip_source.py is the one place that tells them apart.
+        self.vip_source = vip_source
 
         self.vips: dict[str, VipConfig] = {}
         self.vip_sources: dict[str, Path] = {}
@@ -156,7 +162,9 @@ class Controller:
         to keep serving), open the forwarder, start health checks and BGP."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.admin.load()
-        sources = await self.reader.read(self.vip_dir, self.config)  # raises ConfigError
+        if self.vip_source is not None:
+            await self.vip_source.prime()  # etcd: the current set, or the last good one cached
+        sources = await read_vips(self)  # raises ConfigError
         self._install_vips(sources, "startup")
         self._watch_signature = self._dir_signature()
         size_tables = getattr(self.forwarder, "size_tables", None)
@@ -180,7 +188,7 @@ class Controller:
         )
         self.supervisor.spawn("reconcile", self._reconcile_loop)
         self.supervisor.spawn("self-test", self._self_test_loop)
-        self.supervisor.spawn("vip-dir-watch", self._watch_loop)
+        self.supervisor.spawn(*watcher(self))
         self.supervisor.spawn("warmup", self._warmup_timer, once=True)
         self.supervisor.spawn("table-builds", self._table_build_loop)
         self.supervisor.spawn("disable-watch", lambda: self.disable.watch(self.events, self.mark_dirty))
@@ -490,13 +498,14 @@ class Controller:
         serving the last good config."""
         async with self._reload_lock:
             try:
-                sources = await self.reader.read(self.vip_dir, self.config, self.fixed_table_capacity())
+                sources = await read_vips(self, self.fixed_table_capacity())
                 result = self._install_vips(sources, source)
             except ConfigError as exc:
                 return self._reload_failed(source, [str(p) for p in exc.problems])
             except Exception as exc:
-                log.exception("config reload (%s) of %s failed", source, self.vip_dir)
-                return self._reload_failed(source, [f"{self.vip_dir}: reload failed unexpectedly: {exc!r}"])
+                where = source_label(self)
+                log.exception("config reload (%s) of %s failed", source, where)
+                return self._reload_failed(source, [f"{where}: reload failed unexpectedly: {exc!r}"])
             self.mark_dirty()
             return result
 

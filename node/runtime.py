@@ -8,6 +8,7 @@ from node.config import NodeConfig
 from node.controller import Controller
 from node.dirs import node_dirs
 from node.events import EventLog
+from node.vip_source import make_source
 
 
 def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
@@ -20,6 +21,8 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
     run_dir = dirs.run
     events = EventLog()
     controller_ref: list[Controller] = []
+    # etcd's last good VIP set lives with the operator's state: it must survive a reboot.
+    vip_source = make_source(config, dirs.state, base_dir, events)
 
     def on_bgp_change() -> None:
         if controller_ref:
@@ -43,6 +46,7 @@ def build_controller(config: NodeConfig, base_dir: Path) -> Controller:
         forwarder=Forwarder(config.forwarder, table_capacity=config.forwarder.table_capacity),
         events=events,
         base_dir=base_dir,
+        vip_source=vip_source,
     )
     controller_ref.append(controller)
     return controller

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from node import health_path
 from node.decision_log import shares
+from node.vip_source import source_status
 
 if TYPE_CHECKING:
     from node.controller import Controller
@@ -40,6 +41,7 @@ def node_status(c: "Controller") -> dict[str, Any]:
         },
         "last_reload": c.last_reload.__dict__ if c.last_reload else None,
         "tasks": c.supervisor.status(),
+        "config_source": source_status(c),
         "recent_events": list(c.events.recent)[-20:],
     }
 

@@ -1,4 +1,5 @@
-"""Reads and validates the VIP directory off the event loop, within a time budget.
+"""Reads and validates the VIP set (the directory, or an etcd revision) off the event loop,
+within a time budget.
 
 A 20 MB file or 50,000 backends used to be parsed on the event loop, freezing the API, the
 health checks and the self-tests for tens of seconds while ExaBGP kept announcing. Here the
@@ -22,15 +23,17 @@ import asyncio
 import concurrent.futures
 import gc
 from pathlib import Path
+from typing import Any, Callable
 
 from node.config import ConfigError, ConfigProblem, Deadline, NodeConfig, ParsedFiles, VipConfig, load_node_vips
+
+Sources = dict[str, tuple[Path, VipConfig]]
 
 READ_BUDGET = 60.0  # seconds; a fleet-scale directory (4096 VIPs, 65536 backends) takes 5-15 here
 
 
-def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline,
-          capacity: int | None = None, files: ParsedFiles | None = None) -> dict[str, tuple[Path, VipConfig]]:
-    """load_node_vips with the cyclic collector paused: a big read allocates millions of
+def _paused_gc(load: Callable[..., Sources], *args: Any) -> Sources:
+    """``load`` with the cyclic collector paused: a big read allocates millions of
     objects, and the collector's full passes over them hold the interpreter lock, which
     stalled the event loop for up to 1.4 s (bench/config_reload.py). Reference counting still
     frees everything the read drops; the collector runs again as soon as the read ends."""
@@ -38,10 +41,15 @@ def _load(vip_dir: Path, node: NodeConfig, deadline: Deadline,
     if paused:
         gc.disable()
     try:
-        return load_node_vips(vip_dir, node, deadline, capacity, files)
+        return load(*args)
     finally:
         if paused:
             gc.enable()
+
+
+def _load_dir(vip_dir: Path, node: NodeConfig, files: ParsedFiles, deadline: Deadline,
+              capacity: int | None = None) -> Sources:
+    return load_node_vips(vip_dir, node, deadline, capacity, files)
 
 
 class VipReader:
@@ -56,22 +64,29 @@ class VipReader:
     async def read(self, vip_dir: Path, node: NodeConfig,
                    capacity: int | None = None) -> dict[str, tuple[Path, VipConfig]]:
         """The VIP directory, validated exactly as a reload needs it; ConfigError otherwise."""
+        return await self.run(str(vip_dir), "the VIP directory", "split or shrink the files",
+                              _load_dir, vip_dir, node, self.files, capacity=capacity)
+
+    async def run(self, where: str, what: str, hint: str, load: Callable[..., Sources],
+                  *args: Any, capacity: int | None = None) -> Sources:
+        """``load(*args, deadline, capacity)`` in the worker thread, within the budget: any VIP
+        source (the directory, an etcd revision) is parsed off the event loop the same way."""
         if self._running is not None and not self._running.done():
             raise ConfigError([ConfigProblem(
-                str(vip_dir), None, None,
-                f"the previous read of the VIP directory is still running past its budget of "
-                f"{self.budget:g} s; nothing was applied (shrink the files)")])
+                where, None, None,
+                f"the previous read of {what} is still running past its budget of "
+                f"{self.budget:g} s; nothing was applied ({hint})")])
         deadline = Deadline(self.budget)
-        future = self._pool.submit(_load, vip_dir, node, deadline, capacity, self.files)
+        future = self._pool.submit(_paused_gc, load, *args, deadline, capacity)
         self._running = future
         try:
             # The grace covers the worker's last step after the deadline passed (one VIP).
             return await asyncio.wait_for(asyncio.wrap_future(future), self.budget + 5.0)
         except TimeoutError:
             raise ConfigError([ConfigProblem(
-                str(vip_dir), None, None,
-                f"reading and validating the VIP files took longer than the budget of {self.budget:g} s; "
-                "nothing was applied (split or shrink the files)")]) from None
+                where, None, None,
+                f"reading and validating {what} took longer than the budget of {self.budget:g} s; "
+                f"nothing was applied ({hint})")]) from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,54 @@
+"""A node's membership in an etcd fleet: its config source, its registry record and its view
+of the others, as the one object the controller holds as its ``vip_source``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from node.fleet import view
+from node.fleet.etcd import EtcdClient
+from node.fleet.registry import FleetMonitor, NodeRegistry, node_record, read_records
+from node.fleet.source import EtcdSource
+
+
+class FleetMember:
+    kind = "etcd"
+
+    def __init__(self, config: Any, run_dir: Path, base_dir: Path, events: Any) -> None:
+        cfg = config.etcd
+        self.prefix = cfg.prefix
+        self.client = EtcdClient.from_config(cfg, base_dir)
+        cache = cfg.cache_file if cfg.cache_file.is_absolute() else run_dir / cfg.cache_file
+        self.source = EtcdSource(self.client, cfg.prefix, cache, events)
+        self.registry = NodeRegistry(self.client, cfg.prefix, config.node_id, cfg.lease_ttl,
+                                     record=lambda: {}, events=events)
+        self.monitor = FleetMonitor(self.client, cfg.prefix)
+        self.label = self.source.label
+
+    def load(self) -> dict:
+        return self.source.load()
+
+    async def run(self, controller: Any) -> None:
+        """Source, registry and monitor loops; each handles its own failures, so none ends
+        before the controller cancels this task."""
+        self.registry.record = lambda: node_record(controller, self.source)
+        try:
+            await asyncio.gather(self.source.run(controller), self.registry.run(), self.monitor.run())
+        finally:
+            await self.client.close()
+
+    async def view(self) -> dict[str, Any]:
+        """The fleet as etcd sees it now (raises EtcdError when etcd cannot be read)."""
+        return view.compare(await read_records(self.client, self.prefix))
+
+    def status(self) -> dict[str, Any]:
+        return {**self.source.status(), "registered": self.registry.registered,
+                "node_key": self.registry.key}
+
+    def metrics(self, ex: Any) -> None:
+        self.source.metrics(ex)
+        ex.metric("maglev_fleet_registered", "gauge", "1 while this node's record is in the fleet registry",
+                  [({}, int(self.registry.registered))])
+        self.monitor.metrics(ex)

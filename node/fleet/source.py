@@ -1,0 +1,214 @@
+"""The etcd config source: a node's VIP set, one etcd revision at a time.
+
+The controller asks ``load()`` for the candidate VIP set whenever it reloads, exactly as it reads
+a directory, so a revision goes through the same validation (file checks, duplicates, this
+node's limits) and is applied as one reload: all of it, or none of it and the last good set kept.
+
+etcd is kept out of the data path's failure domain:
+- the last applied set is persisted (``cache_file``) and served at start when etcd is away;
+- losing etcd only marks the source stale (status, metric, event); nothing is withdrawn;
+- on return the source re-reads the whole prefix (which also covers a compacted history) and
+  watches again from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from node.config import ConfigError, VipConfig
+from node.fleet import layout
+from node.fleet.etcd import EtcdClient, EtcdCompacted, EtcdError
+
+HEARTBEAT_INTERVAL = 0.5
+BACKOFF_START, BACKOFF_MAX = 0.2, 5.0
+
+
+class EtcdSource:
+    kind = "etcd"
+
+    def __init__(self, client: EtcdClient, prefix: str, cache_file: Path, events: Any,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.cache_file = cache_file
+        self.events = events
+        self.clock = clock
+        self.label = f"etcd {layout.vips_prefix(prefix)}"
+        self.objects: dict[str, bytes] = {}
+        self.candidate_revision = 0
+        self.applied_revision = 0
+        self.applied_objects: dict[str, bytes] = {}
+        self.rejected: dict[str, Any] | None = None
+        self.stale = True
+        self.stale_since: float | None = self.clock()
+        self.stale_reason = "not read from etcd yet"
+        self.stale_events = 0
+        self.full_reads = 0
+        self.from_cache = self._load_cache()
+        if self.from_cache:  # what the controller serves at start (or it does not start)
+            self.applied_revision = self.candidate_revision
+            self.applied_objects = dict(self.objects)
+
+    # ------------------------------------------------------------------ the controller's side
+
+    def load(self) -> dict[str, tuple[Path, VipConfig]]:
+        """The candidate VIP set (raises ConfigError); the controller validates it further for
+        this node and installs it, or keeps the last good set."""
+        return layout.parse_objects(self.prefix, self.objects, f"revision {self.candidate_revision}")
+
+    async def run(self, controller: Any) -> None:
+        """Follow etcd forever (the controller supervises this task): read, watch, and on any
+        failure go stale, back off and read again."""
+        backoff = BACKOFF_START
+        while True:
+            try:
+                await self._follow(controller)
+            except asyncio.CancelledError:
+                raise
+            except EtcdCompacted as exc:
+                self.events.emit("etcd_compacted", f"etcd compacted the history past revision "
+                                 f"{exc.compact_revision}: reading the whole config again")
+                continue
+            except EtcdError as exc:
+                self._go_stale(str(exc))
+            except Exception as exc:  # a bug must not end the task; report it and retry
+                self._go_stale(f"unexpected {exc!r}")
+            if not self.stale:
+                backoff = BACKOFF_START
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _follow(self, controller: Any) -> None:
+        kvs = (await self.client.get_prefix(layout.config_prefix(self.prefix)))[1]
+        self.full_reads += 1
+        revision = layout.config_revision(kvs)
+        self.objects = {kv.key: kv.value for kv in kvs}
+        self._go_fresh()
+        self._offer(controller, revision)
+        watch_from = max(revision, 0) + 1
+        endpoint = self.client.endpoint
+        watch = asyncio.create_task(self._watch(controller, watch_from), name="etcd-watch")
+        beat = asyncio.create_task(self._heartbeat(endpoint), name="etcd-heartbeat")
+        try:
+            done, _ = await asyncio.wait({watch, beat}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what ended it
+            raise EtcdError("watch ended")
+        finally:
+            for task in (watch, beat):
+                task.cancel()
+            await asyncio.gather(watch, beat, return_exceptions=True)
+
+    async def _watch(self, controller: Any, start: int) -> None:
+        async for revision, events in self.client.watch(layout.config_prefix(self.prefix), start):
+            for event in events:
+                if event.type == "DELETE":
+                    self.objects.pop(event.kv.key, None)
+                else:
+                    self.objects[event.kv.key] = event.kv.value
+            self._go_fresh()
+            self._offer(controller, revision)
+
+    async def _heartbeat(self, watch_endpoint: str) -> None:
+        """A watch over a dead link can hang without an error: a quorum read every
+        HEARTBEAT_INTERVAL proves etcd answers, and a move to another member restarts the
+        watch there (the old stream may be stuck on a member that can no longer reach a quorum)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await self.client.revision(layout.config_prefix(self.prefix))
+            if self.client.endpoint != watch_endpoint:
+                raise EtcdError(f"moved from {watch_endpoint} to {self.client.endpoint}")
+
+    def _offer(self, controller: Any, revision: int) -> None:
+        if revision == self.applied_revision and self.objects == self.applied_objects:
+            return  # a re-read after a reconnect that found nothing new
+        self.candidate_revision = revision
+        result = controller.reload(f"etcd revision {revision}")
+        if result.ok:
+            self.applied_revision = revision
+            self.applied_objects = dict(self.objects)
+            self.rejected = None
+            self._save_cache()
+        else:
+            self.rejected = {"revision": revision, "problems": result.problems}
+
+    # ------------------------------------------------------------------ staleness
+
+    def _go_stale(self, reason: str) -> None:
+        if not self.stale:
+            self.stale, self.stale_since = True, self.clock()
+            self.stale_events += 1
+            self.events.emit(
+                "config_source_stale",
+                f"lost etcd ({reason}); still serving revision {self.applied_revision}, nothing "
+                "is withdrawn for this; retrying",
+                level="warning", revision=self.applied_revision)
+        self.stale_reason = reason
+
+    def _go_fresh(self) -> None:
+        if self.stale:
+            was = self.stale_since
+            self.stale, self.stale_since, self.stale_reason = False, None, ""
+            self.events.emit("config_source_fresh",
+                             f"etcd reachable at {self.client.endpoint} again"
+                             + (f" after {self.clock() - was:.1f} s" if was else ""))
+
+    # ------------------------------------------------------------------ the local copy
+
+    def _save_cache(self) -> None:
+        from node.controller import atomic_write
+
+        data = {"revision": self.applied_revision,
+                "objects": {k: v.decode() for k, v in sorted(self.applied_objects.items())}}
+        try:
+            atomic_write(self.cache_file, json.dumps(data, indent=1))
+        except OSError as exc:
+            self.events.emit("config_cache_failed", f"cannot persist the last good config to "
+                             f"{self.cache_file}: {exc}; a restart without etcd would start empty",
+                             level="error")
+
+    def _load_cache(self) -> bool:
+        try:
+            data = json.loads(self.cache_file.read_text())
+            objects = {str(k): str(v).encode() for k, v in data["objects"].items()}
+            revision = int(data["revision"])
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.events.emit("config_cache_unreadable", f"ignoring unreadable {self.cache_file}: {exc}",
+                             level="warning")
+            return False
+        self.objects, self.candidate_revision = objects, revision
+        return True
+
+    # ------------------------------------------------------------------ views
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "type": "etcd",
+            "endpoints": self.client.endpoints,
+            "endpoint": self.client.endpoint,
+            "prefix": self.prefix,
+            "revision": self.applied_revision,
+            "stale": self.stale,
+            "stale_for": round(self.clock() - self.stale_since, 1) if self.stale_since else 0.0,
+            "stale_reason": self.stale_reason or None,
+            "rejected": self.rejected,
+            "served_from_cache": self.from_cache and self.full_reads == 0,
+        }
+
+    def metrics(self, ex: Any) -> None:
+        ex.metric("maglev_config_revision", "gauge", "etcd revision of the VIP config this node applied",
+                  [({}, self.applied_revision)])
+        ex.metric("maglev_config_source_stale", "gauge",
+                  "1 while the node cannot reach etcd (it keeps serving its last good config)",
+                  [({}, int(self.stale))])
+        ex.metric("maglev_config_source_stale_total", "counter", "Times the node lost etcd",
+                  [({}, self.stale_events)])
+        ex.metric("maglev_config_revision_rejected", "gauge",
+                  "etcd revision this node refused (0: none); see status.config_source.rejected",
+                  [({}, (self.rejected or {}).get("revision", 0))])

@@ -1,0 +1,445 @@
+"""The fleet against a real etcd: members started by the test on loopback (unique ports, own
+data directories), stopped by PID.
+
+Nodes here are real Controllers with their real etcd source, registry and monitor; their
+forwarder, BGP speaker and health monitor are the unit tests' fakes, because what is under test
+is the etcd side (the lab's end-to-end tests run whole nodes against a 3-member cluster). The
+operator's side is the real `maglev fleet` command, run as a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from healthcheck import State
+from lab.etcd import EtcdCluster
+from node.config import parse_node_object
+from node.controller import Controller
+from node.events import EventLog
+from node.fleet import layout
+from node.fleet.etcd import EtcdClient, EtcdCompacted
+from node.fleet.member import FleetMember
+from tests.unit.test_controller import FakeForwarder, FakeHealth, FakeSpeaker, spec
+
+pytestmark = [pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+MAGLEV = [sys.executable, "-m", "node.cli"]
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    cluster = EtcdCluster.on_loopback(tmp_path / "etcd", size=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd3(tmp_path):
+    cluster = EtcdCluster.on_loopback(tmp_path / "etcd3", size=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def vip(name: str, address: str, backends=("10.0.1.1", "10.0.1.2", "10.0.1.3"), **extra) -> dict:
+    return {"name": name, "address": address, "port": 80, "table_size": 251,
+            "backends": [{"address": a} for a in backends],
+            "health_check": {"type": "tcp", "interval": 1, "timeout": 0.5}, **extra}
+
+
+class FleetNode:
+    """One node of the fleet: a Controller whose VIPs come from etcd."""
+
+    def __init__(self, tmp: Path, node_id: str, endpoints: list[str], prefix: str = "/t/") -> None:
+        self.dir = tmp / node_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        node = yaml.safe_load((REPO / "configs/node.yaml").read_text())
+        node.update(node_id=node_id, vip_dir=str(self.dir / "unused"), run_dir=str(self.dir / "run"),
+                    warmup=0, config_source="etcd",
+                    etcd={"endpoints": endpoints, "prefix": prefix, "lease_ttl": 2, "request_timeout": 0.5})
+        node.pop("api")
+        self.config = parse_node_object(node, f"{node_id}.yaml")
+        self.node_file = self.dir / "node.yaml"
+        self.node_file.write_text(yaml.safe_dump({**node, "api": {"port": 9180}}))
+        self.events = EventLog("text", stream=open(self.dir / "events.log", "a"))
+        self.health: FakeHealth | None = None
+        self.forwarder = FakeForwarder()
+        self.member = FleetMember(self.config, self.dir / "run", self.dir, self.events)
+
+        def health_factory(cb):
+            self.health = FakeHealth(cb)
+            return self.health
+
+        self.c = Controller(self.config, health_factory=health_factory, speaker=FakeSpeaker(),
+                            forwarder=self.forwarder, events=self.events, spec_builder=spec,
+                            vip_source=self.member)
+
+    async def start(self) -> None:
+        await self.c.start()
+
+    async def stop(self) -> None:
+        await self.c.stop()
+
+    def all_up(self) -> None:
+        for t in self.health.targets:
+            self.health.states[t] = State.UP
+        self.c.mark_dirty()
+
+    @property
+    def revision(self) -> int:
+        return self.member.source.applied_revision
+
+    def digest(self, name: str) -> str | None:
+        d = self.c.desired.vips.get(name) if self.c.desired else None
+        return d.table.digest() if d and d.table else None
+
+    def event_names(self) -> list[str]:
+        return [e["event"] for e in self.events.recent]
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def fleet(endpoints: list[str], *args: str, prefix: str = "/t/") -> subprocess.CompletedProcess:
+    env = {**os.environ, "MAGLEV_ETCD_ENDPOINTS": ",".join(endpoints), "MAGLEV_ETCD_PREFIX": prefix}
+    return await asyncio.to_thread(subprocess.run, [*MAGLEV, "fleet", *args], capture_output=True,
+                                   text=True, env=env, cwd=REPO, timeout=60)
+
+
+def vip_file(tmp: Path, name: str, vips: list[dict]) -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump({"vips": vips}))
+    return path
+
+
+async def etcd_revision(endpoints: list[str]) -> int:
+    async with EtcdClient(endpoints) as client:
+        return await client.revision("/")
+
+
+# ------------------------------------------------------------------------------ the client
+
+
+async def test_client_txn_watch_and_compaction(etcd):
+    async with EtcdClient(etcd.endpoints) as client:
+        r1 = await client.put("/c/a", "1")
+        ok, r2 = await client.txn([{"key": layout_b64("/c/a"), "target": "MOD", "result": "EQUAL",
+                                    "mod_revision": str(r1)}],
+                                  [{"requestPut": {"key": layout_b64("/c/b"), "value": layout_b64("2")}}])
+        assert ok and r2 == r1 + 1
+        ok, _ = await client.txn([{"key": layout_b64("/c/a"), "target": "MOD", "result": "EQUAL",
+                                   "mod_revision": "1"}], [])
+        assert not ok
+        rev, kvs = await client.get_prefix("/c/")
+        assert rev == r2 and [(kv.key, kv.value) for kv in kvs] == [("/c/a", b"1"), ("/c/b", b"2")]
+
+        watched = []
+
+        async def watch():
+            async for revision, events in client.watch("/c/", r2 + 1):
+                watched.append((revision, [(e.type, e.kv.key) for e in events]))
+                return
+
+        task = asyncio.create_task(watch())
+        await asyncio.sleep(0.3)
+        async with EtcdClient(etcd.endpoints) as other:
+            r3 = await other.put("/c/a", "3")
+        await asyncio.wait_for(task, 5)
+        assert watched == [(r3, [("PUT", "/c/a")])]
+
+        await client.compact(r3)
+        with pytest.raises(EtcdCompacted):
+            async for _ in client.watch("/c/", r1):
+                pass
+
+
+def layout_b64(text: str) -> str:
+    from node.fleet.etcd import b64
+
+    return b64(text)
+
+
+# ------------------------------------------------------------------------------ the fleet
+
+
+async def test_apply_reaches_every_node_at_one_revision(etcd, tmp_path):
+    nodes = [FleetNode(tmp_path, f"n{i}", etcd.endpoints) for i in range(2)]
+    for n in nodes:
+        await n.start()
+    try:
+        await wait_for(lambda: all(not n.member.source.stale for n in nodes), 5, "nodes reading etcd")
+        f = vip_file(tmp_path, "web.yaml", [vip("web", "10.100.0.1"), vip("api", "10.100.0.2")])
+        out = await fleet(etcd.endpoints, "apply", str(f))
+        assert out.returncode == 0, out.stderr
+        assert "add       api" in out.stdout and "add       web" in out.stdout
+        for n in nodes:
+            n.all_up()
+        await wait_for(lambda: all(set(n.c.vips) == {"web", "api"} for n in nodes), 5, "VIPs on both nodes")
+        await wait_for(lambda: all(n.digest("web") for n in nodes), 5, "tables built")
+        assert nodes[0].revision == nodes[1].revision > 0
+        assert nodes[0].digest("web") == nodes[1].digest("web")
+        assert nodes[0].c.status()["config_source"]["revision"] == nodes[0].revision
+
+        # Both registered; the fleet view agrees (exit 0) and names the revision.
+        out = await fleet(etcd.endpoints, "status", "--json")
+        await wait_for(lambda: all(n.member.registry.published and n.member.registry.published["vips"].get("web", {}).get("digest")
+                                   for n in nodes), 5, "records published")
+        out = await fleet(etcd.endpoints, "status", "--json")
+        view = json.loads(out.stdout)
+        assert out.returncode == 0, out.stdout
+        assert [x["node_id"] for x in view["nodes"]] == ["n0", "n1"]
+        assert view["revisions"] == [nodes[0].revision] and view["differing"] == []
+
+        # Re-applying the same file is a no-op: no new revision, nothing reloaded.
+        before = await etcd_revision(etcd.endpoints)
+        out = await fleet(etcd.endpoints, "apply", str(f))
+        assert out.returncode == 0 and "unchanged web" in out.stdout
+        assert await etcd_revision(etcd.endpoints) == before
+
+        # get prints a VIP file that round-trips; delete removes the VIP everywhere.
+        out = await fleet(etcd.endpoints, "get", "web")
+        assert yaml.safe_load(out.stdout)["vips"][0]["name"] == "web"
+        out = await fleet(etcd.endpoints, "delete", "api")
+        assert out.returncode == 0, out.stderr
+        await wait_for(lambda: all(set(n.c.vips) == {"web"} for n in nodes), 5, "api deleted on both")
+        assert nodes[0].revision == nodes[1].revision
+    finally:
+        for n in nodes:
+            await n.stop()
+
+
+async def test_bad_object_refused_changes_nothing(etcd, tmp_path):
+    node = FleetNode(tmp_path, "n0", etcd.endpoints)
+    await node.start()
+    try:
+        good = vip_file(tmp_path, "good.yaml", [vip("web", "10.100.0.1")])
+        assert (await fleet(etcd.endpoints, "apply", str(good))).returncode == 0
+        await wait_for(lambda: "web" in node.c.vips, 5, "web applied")
+        revision = await etcd_revision(etcd.endpoints)
+        applied = node.revision
+
+        # A non-prime table, and a VIP overlapping one already in etcd: both refused by name.
+        bad = vip_file(tmp_path, "bad.yaml", [vip("web2", "10.100.0.3", table_size=250)])
+        out = await fleet(etcd.endpoints, "apply", str(bad))
+        assert out.returncode == 2 and "table_size 250 is not prime" in out.stderr and "web2" in out.stderr
+        clash = vip_file(tmp_path, "clash.yaml", [vip("other", "10.100.0.1")])
+        out = await fleet(etcd.endpoints, "apply", str(clash))
+        assert out.returncode == 2 and "overlaps VIP 'web'" in out.stderr
+
+        assert await etcd_revision(etcd.endpoints) == revision
+        assert set(node.c.vips) == {"web"} and node.revision == applied
+
+        # diff shows a change without writing it.
+        changed = vip_file(tmp_path, "changed.yaml", [vip("web", "10.100.0.1", backends=("10.0.1.1",))])
+        out = await fleet(etcd.endpoints, "diff", str(changed))
+        assert out.returncode == 0 and "change    web" in out.stdout and "-  - address: 10.0.1.2" in out.stdout
+        assert await etcd_revision(etcd.endpoints) == revision
+    finally:
+        await node.stop()
+
+
+async def test_node_keeps_last_good_when_a_revision_is_bad_for_it(etcd, tmp_path):
+    """An object written around `maglev fleet` (etcdctl) that fails validation on the node:
+    the revision is refused whole, the last good set is kept, and the refusal is reported."""
+    node = FleetNode(tmp_path, "n0", etcd.endpoints)
+    await node.start()
+    try:
+        assert (await fleet(etcd.endpoints, "apply", str(vip_file(tmp_path, "a.yaml", [vip("web", "10.100.0.1")])))).returncode == 0
+        await wait_for(lambda: "web" in node.c.vips, 5, "web applied")
+        good = node.revision
+        async with EtcdClient(etcd.endpoints) as client:
+            bad = json.dumps(vip("web2", "10.100.0.2", table_size=250))
+            ok, rev = await client.txn([], [{"requestPut": {"key": layout_b64(layout.vip_key("/t/", "web2")), "value": layout_b64(bad)}},
+                                            {"requestPut": {"key": layout_b64(layout.vip_key("/t/", "web")), "value": layout_b64(json.dumps(vip("web", "10.100.0.1", backends=("10.0.1.9",))))}}])
+        await wait_for(lambda: node.member.source.rejected, 5, "revision rejected")
+        assert node.member.source.rejected["revision"] == rev
+        assert any("table_size 250 is not prime" in p for p in node.member.source.rejected["problems"])
+        # All or nothing: the valid half of the transaction (web's new backend) is not applied.
+        assert set(node.c.vips) == {"web"} and str(node.c.vips["web"].backends[0].address) == "10.0.1.1"
+        assert node.revision == good
+        assert "config_rejected" in node.event_names()
+    finally:
+        await node.stop()
+
+
+async def test_etcd_lost_keeps_serving_reports_stale_and_catches_up(etcd, tmp_path):
+    node = FleetNode(tmp_path, "n0", etcd.endpoints)
+    await node.start()
+    try:
+        assert (await fleet(etcd.endpoints, "apply", str(vip_file(tmp_path, "a.yaml", [vip("web", "10.100.0.1")])))).returncode == 0
+        node.all_up()
+        await wait_for(lambda: node.c.desired and node.c.desired.vips.get("web") and node.c.desired.vips["web"].announce,
+                       5, "web announced")
+        good = node.revision
+
+        etcd.stop()
+        await wait_for(lambda: node.member.source.stale, 5, "stale reported")
+        assert "config_source_stale" in node.event_names()
+        status = node.c.status()["config_source"]
+        assert status["stale"] and status["revision"] == good
+        metrics = node_metrics(node)
+        assert metrics["maglev_config_source_stale"] == 1 and metrics["maglev_config_revision"] == good
+        await asyncio.sleep(1.0)
+        assert node.c.desired.vips["web"].announce and set(node.c.vips) == {"web"}  # nothing withdrawn
+    finally:
+        await node.stop()
+
+    # A restart without etcd serves the persisted last good config.
+    again = FleetNode(tmp_path, "n0", etcd.endpoints)
+    await again.start()
+    try:
+        assert set(again.c.vips) == {"web"} and again.revision == good
+        assert again.c.status()["config_source"]["served_from_cache"]
+
+        # etcd returns with a change made meanwhile: the node catches up by a full re-read.
+        etcd.restart(etcd.members[0])
+        await wait_for(lambda: not again.member.source.stale, 10, "fresh again")
+        out = await fleet(etcd.endpoints, "apply", str(vip_file(tmp_path, "b.yaml", [vip("api", "10.100.0.2")])))
+        assert out.returncode == 0, out.stderr
+        await wait_for(lambda: set(again.c.vips) == {"web", "api"}, 5, "api applied after the outage")
+        assert again.revision > good
+    finally:
+        await again.stop()
+
+
+def node_metrics(node: FleetNode) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from node import metrics
+
+    out = {}
+    for family in text_string_to_metric_families(metrics.render(node.c, {})):
+        for s in family.samples:
+            if not s.labels:
+                out[s.name] = s.value
+    return out
+
+
+async def test_one_member_killed_changes_nothing(etcd3, tmp_path):
+    nodes = [FleetNode(tmp_path, f"n{i}", etcd3.endpoints) for i in range(2)]
+    for n in nodes:
+        await n.start()
+    try:
+        assert (await fleet(etcd3.endpoints, "apply", str(vip_file(tmp_path, "a.yaml", [vip("web", "10.100.0.1")])))).returncode == 0
+        await wait_for(lambda: all("web" in n.c.vips for n in nodes), 5, "web on both")
+        stale_events = [n.member.source.stale_events for n in nodes]
+        etcd3.members[0].kill()
+        # The fleet still takes changes through the surviving quorum, and the nodes follow.
+        out = await fleet(etcd3.endpoints, "apply", str(vip_file(tmp_path, "b.yaml", [vip("api", "10.100.0.2")])))
+        assert out.returncode == 0, out.stderr
+        await wait_for(lambda: all("api" in n.c.vips for n in nodes), 10, "api on both with a member down")
+        assert nodes[0].revision == nodes[1].revision
+        assert not any(n.member.source.stale for n in nodes)
+        assert set(nodes[0].c.vips) == {"web", "api"}
+        # A node whose member died moved to another one; at most a blip, nothing withdrawn.
+        assert [n.member.source.stale_events for n in nodes] == stale_events or all(not n.member.source.stale for n in nodes)
+    finally:
+        for n in nodes:
+            await n.stop()
+
+
+async def test_differing_health_view_is_flagged_with_the_backend(etcd, tmp_path):
+    nodes = [FleetNode(tmp_path, f"n{i}", etcd.endpoints) for i in range(2)]
+    for n in nodes:
+        await n.start()
+    try:
+        assert (await fleet(etcd.endpoints, "apply", str(vip_file(tmp_path, "a.yaml", [vip("web", "10.100.0.1")])))).returncode == 0
+        await wait_for(lambda: all("web" in n.c.vips for n in nodes), 5, "web on both")
+        for n in nodes:
+            n.all_up()
+        nodes[1].health.set("10.0.1.2", State.DOWN)
+        nodes[1].c.mark_dirty()
+
+        def flagged() -> bool:
+            fleet_view = nodes[0].member.monitor.last
+            return bool(fleet_view and fleet_view["differing"] == ["web"])
+
+        await wait_for(flagged, 5, "the monitor flags web")
+        out = await fleet(etcd.endpoints, "status")
+        assert out.returncode == 3, out.stdout
+        assert "VIP web: DIGESTS DIFFER" in out.stdout
+        assert "different health view of backend 10.0.1.2: down on n1; up on n0" in out.stdout
+        assert "different revision" not in out.stdout
+        from node import metrics as m
+
+        text = m.render(nodes[0].c, {})
+        assert 'maglev_fleet_vip_digest_mismatch{vip="web"} 1' in text
+
+        # An operator override on one node is named as such.
+        nodes[1].health.set("10.0.1.2", State.UP)
+        nodes[1].c.set_backend_state("web", "10.0.1.3", "drain")
+        await wait_for(lambda: nodes[0].member.monitor.last and any(
+            "operator override of backend 10.0.1.3 on n1 (drain)" in r
+            for r in nodes[0].member.monitor.last["vips"]["web"]["reasons"]), 5, "override flagged")
+    finally:
+        for n in nodes:
+            await n.stop()
+
+
+DEAD_NODE = textwrap.dedent("""
+    import asyncio, sys
+    from node.fleet.etcd import EtcdClient
+    from node.fleet.registry import NodeRegistry
+    from node.events import EventLog
+
+    async def main():
+        client = EtcdClient(sys.argv[1].split(","))
+        reg = NodeRegistry(client, "/t/", "doomed", 2, lambda: {"node_id": "doomed", "revision": 1, "vips": {}},
+                           EventLog("text"))
+        task = asyncio.create_task(reg.run())
+        while not reg.registered:
+            await asyncio.sleep(0.05)
+        print("registered", flush=True)
+        await task
+
+    asyncio.run(main())
+""")
+
+
+async def test_dead_node_leaves_the_registry_when_its_lease_expires(etcd, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", DEAD_NODE, ",".join(etcd.endpoints)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert line.strip() == "registered"
+        view = json.loads((await fleet(etcd.endpoints, "status", "--json")).stdout)
+        assert [n["node_id"] for n in view["nodes"]] == ["doomed"]
+        await asyncio.sleep(3)  # alive past its TTL: the keep-alives hold it
+        view = json.loads((await fleet(etcd.endpoints, "status", "--json")).stdout)
+        assert [n["node_id"] for n in view["nodes"]] == ["doomed"]
+        proc.kill()  # no revoke: only the lease's expiry can remove it
+        proc.wait(5)
+
+        async def gone() -> bool:
+            return json.loads((await fleet(etcd.endpoints, "status", "--json")).stdout)["nodes"] == []
+
+        deadline = time.monotonic() + 10
+        while not await gone():
+            assert time.monotonic() < deadline, "the dead node's record outlived its lease"
+            await asyncio.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

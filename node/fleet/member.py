@@ -47,8 +47,11 @@ class FleetMember:
         return {**self.source.status(), "registered": self.registry.registered,
                 "node_key": self.registry.key}
 
-    def metrics(self, ex: Any) -> None:
-        self.source.metrics(ex)
-        ex.metric("maglev_fleet_registered", "gauge", "1 while this node's record is in the fleet registry",
-                  [({}, int(self.registry.registered))])
-        self.monitor.metrics(ex)
+    def metrics(self) -> list[tuple[str, str, str, list]]:
+        """(name, type, help, [(labels, value)]): revision, staleness, fleet agreement."""
+        return [
+            *self.source.metrics(),
+            ("maglev_fleet_registered", "gauge", "1 while this node's record is in the fleet registry",
+             [({}, int(self.registry.registered))]),
+            *self.monitor.metrics(),
+        ]

@@ -147,13 +147,15 @@ class FleetMonitor:
             if name not in differing:
                 del self.mismatch_since[name]
 
-    def metrics(self, ex: Any) -> None:
+    def metrics(self) -> list[tuple[str, str, str, list]]:
         fleet = self.last or {"nodes": [], "vips": {}}
         now = self.clock()
-        ex.metric("maglev_fleet_nodes", "gauge", "Live nodes in the fleet registry", [({}, len(fleet["nodes"]))])
-        ex.metric("maglev_fleet_vip_digest_mismatch", "gauge",
-                  "1 while the VIP's table digest differs between live nodes (see `maglev fleet status`)",
-                  [({"vip": n}, int(n in self.mismatch_since)) for n in sorted(fleet["vips"])])
-        ex.metric("maglev_fleet_vip_digest_mismatch_seconds", "gauge",
-                  "How long the VIP's digests have differed, as seen by this node",
-                  [({"vip": n}, round(now - t, 1)) for n, t in sorted(self.mismatch_since.items())])
+        return [
+            ("maglev_fleet_nodes", "gauge", "Live nodes in the fleet registry", [({}, len(fleet["nodes"]))]),
+            ("maglev_fleet_vip_digest_mismatch", "gauge",
+             "1 while the VIP's table digest differs between live nodes (see `maglev fleet status`)",
+             [({"vip": n}, int(n in self.mismatch_since)) for n in sorted(fleet["vips"])]),
+            ("maglev_fleet_vip_digest_mismatch_seconds", "gauge",
+             "How long the VIP's digests have differed, as seen by this node",
+             [({"vip": n}, round(now - t, 1)) for n, t in sorted(self.mismatch_since.items())]),
+        ]

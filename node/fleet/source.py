@@ -201,14 +201,17 @@ class EtcdSource:
             "served_from_cache": self.from_cache and self.full_reads == 0,
         }
 
-    def metrics(self, ex: Any) -> None:
-        ex.metric("maglev_config_revision", "gauge", "etcd revision of the VIP config this node applied",
-                  [({}, self.applied_revision)])
-        ex.metric("maglev_config_source_stale", "gauge",
-                  "1 while the node cannot reach etcd (it keeps serving its last good config)",
-                  [({}, int(self.stale))])
-        ex.metric("maglev_config_source_stale_total", "counter", "Times the node lost etcd",
-                  [({}, self.stale_events)])
-        ex.metric("maglev_config_revision_rejected", "gauge",
-                  "etcd revision this node refused (0: none); see status.config_source.rejected",
-                  [({}, (self.rejected or {}).get("revision", 0))])
+    def metrics(self) -> list[tuple[str, str, str, list]]:
+        """(name, type, help, [(labels, value)]) for the node's exposition."""
+        return [
+            ("maglev_config_revision", "gauge", "etcd revision of the VIP config this node applied",
+             [({}, self.applied_revision)]),
+            ("maglev_config_source_stale", "gauge",
+             "1 while the node cannot reach etcd (it keeps serving its last good config)",
+             [({}, int(self.stale))]),
+            ("maglev_config_source_lost_total", "counter", "Times the node lost etcd",
+             [({}, self.stale_events)]),
+            ("maglev_config_revision_rejected", "gauge",
+             "etcd revision this node refused (0: none); see status.config_source.rejected",
+             [({}, (self.rejected or {}).get("revision", 0))]),
+        ]

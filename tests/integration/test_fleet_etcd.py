@@ -443,3 +443,36 @@ async def test_dead_node_leaves_the_registry_when_its_lease_expires(etcd, tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+async def test_node_api_serves_the_fleet_and_refuses_local_vip_writes(etcd, tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.api import make_app
+
+    node = FleetNode(tmp_path, "n0", etcd.endpoints)
+    await node.start()
+    client = TestClient(TestServer(make_app(node.c, "tok")))
+    await client.start_server()
+    try:
+        assert (await fleet(etcd.endpoints, "apply", str(vip_file(tmp_path, "a.yaml", [vip("web", "10.100.0.1")])))).returncode == 0
+        await wait_for(lambda: node.member.registry.published and "web" in node.member.registry.published["vips"],
+                       5, "record with web")
+        resp = await client.get("/api/v1/fleet")
+        body = await resp.json()
+        assert resp.status == 200 and [n["node_id"] for n in body["nodes"]] == ["n0"]
+        assert body["revisions"] == [node.revision] and "web" in body["vips"]
+
+        resp = await client.put("/api/v1/vips/x", json=vip("x", "10.100.0.9"), headers={"Authorization": "Bearer tok"})
+        assert resp.status == 409 and "maglev fleet apply" in (await resp.json())["error"]
+        assert set(node.c.vips) == {"web"}
+
+        etcd.stop()
+        resp = await client.get("/api/v1/fleet")
+        assert resp.status == 503 and "cannot read the fleet registry" in (await resp.json())["error"]
+        await wait_for(lambda: node.member.source.stale, 5, "stale")
+        status = await (await client.get("/api/v1/status")).json()
+        assert status["config_source"]["stale"] and status["config_source"]["revision"] == node.revision
+    finally:
+        await client.close()
+        await node.stop()

@@ -1,0 +1,146 @@
+"""The fleet's pure parts: the comparison of node records, the key layout and object parsing,
+the node file's etcd section, and the apply plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.config import ConfigError, parse_node_object, parse_vip_object
+from node.fleet import layout, objects, view
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def record(node: str, revision: int = 7, digest: str = "aaaa", health=None, override=None, vips=("web",)):
+    health = health or {}
+    backends = {k: {"health": health.get(k, "up"), "admin": "active", "serving": True,
+                    "override": (override or {}).get(k)} for k in ("10.0.1.1", "10.0.1.2")}
+    return {"node_id": node, "revision": revision, "stale": False, "drained": False,
+            "vips": {v: {"digest": digest, "announced": True, "reason": "", "backends": backends} for v in vips}}
+
+
+def test_agreeing_fleet():
+    fleet = view.compare([record("b"), record("a")])
+    assert [n["node_id"] for n in fleet["nodes"]] == ["a", "b"]
+    assert fleet["differing"] == [] and fleet["revisions"] == [7]
+    assert fleet["vips"]["web"] == {"agree": True, "digests": {"a": "aaaa", "b": "aaaa"}, "reasons": []}
+    assert "same table digest on every live node" in view.render(fleet)
+
+
+def test_reason_different_revision():
+    fleet = view.compare([record("a"), record("b", revision=6, digest="bbbb")])
+    assert fleet["differing"] == ["web"]
+    assert fleet["vips"]["web"]["reasons"] == ["different revision: a at 7, b at 6"]
+
+
+def test_reason_health_view_names_the_backend_and_nodes():
+    fleet = view.compare([record("a"), record("b"), record("c", digest="cccc", health={"10.0.1.2": "down"})])
+    assert fleet["vips"]["web"]["reasons"] == [
+        "different health view of backend 10.0.1.2: down on c; up on a, b"]
+    text = view.render(fleet)
+    assert "VIP web: DIGESTS DIFFER: a=aaaa, b=aaaa, c=cccc" in text
+
+
+def test_reason_operator_override():
+    fleet = view.compare([record("a"), record("b", digest="bbbb", override={"10.0.1.1": "drain"})])
+    assert fleet["vips"]["web"]["reasons"] == ["operator override of backend 10.0.1.1 on b (drain)"]
+
+
+def test_reason_missing_vip_and_unexplained():
+    fleet = view.compare([record("a", vips=("web", "api")), record("b")])
+    assert fleet["differing"] == ["api"]
+    assert fleet["vips"]["api"]["reasons"] == ["not configured on b"]
+    fleet = view.compare([record("a"), record("b", digest="bbbb")])
+    assert "compare `maglev table`" in fleet["vips"]["web"]["reasons"][0]
+
+
+def test_empty_fleet():
+    fleet = view.compare([])
+    assert fleet["nodes"] == [] and "(no live node in the registry)" in view.render(fleet)
+
+
+def vip(name="web", address="10.100.0.1", **extra) -> dict:
+    return {"name": name, "address": address, "port": 80, "table_size": 251,
+            "backends": [{"address": "10.0.1.1"}], **extra}
+
+
+def test_parse_objects_validates_like_a_directory():
+    good = {layout.vip_key("/m/", "web"): json.dumps(vip()).encode(), layout.stamp_key("/m/"): b"{}"}
+    parsed = layout.parse_objects("/m/", good, "revision 3")
+    assert list(parsed) == ["web"] and str(parsed["web"][0]) == "etcd:/m/config/vips/web"
+
+    bad = {
+        layout.vip_key("/m/", "web"): json.dumps(vip()).encode(),
+        layout.vip_key("/m/", "other"): json.dumps(vip("other")).encode(),  # same address+port
+        layout.vip_key("/m/", "named"): json.dumps(vip("wrong", "10.100.0.3")).encode(),
+        layout.vip_key("/m/", "junk"): b"{not json",
+        layout.vip_key("/m/", "prime"): json.dumps(vip("prime", "10.100.0.4", table_size=250)).encode(),
+    }
+    with pytest.raises(ConfigError) as exc:
+        layout.parse_objects("/m/", bad, "revision 4")
+    text = str(exc.value)
+    assert "etcd /m/config/vips/junk (revision 4): not JSON" in text
+    assert "the key names VIP 'named' but the object says 'wrong'" in text
+    assert "table_size 250 is not prime" in text
+    assert "overlaps VIP" in text
+
+
+def test_encoding_is_canonical():
+    a = parse_vip_object(vip(port=80))
+    b = parse_vip_object(dict(reversed(list(vip().items()))))
+    assert layout.encode_vip(a) == layout.encode_vip(b)
+
+
+def node_dict(**extra) -> dict:
+    node = yaml.safe_load((REPO / "configs/node.yaml").read_text())
+    node.update(extra)
+    return node
+
+
+def test_node_file_etcd_section():
+    cfg = parse_node_object(node_dict(config_source="etcd", etcd={"endpoints": ["http://10.0.9.1:2379/"]}), "n.yaml")
+    assert cfg.etcd.endpoints == ["http://10.0.9.1:2379"] and cfg.etcd.prefix == "/maglev/"
+    assert parse_node_object(node_dict(), "n.yaml").config_source == "directory"
+    cases = [
+        ({"config_source": "etcd"}, "config_source etcd needs an etcd section"),
+        ({"config_source": "etcd", "etcd": {"endpoints": ["10.0.9.1:2379"]}}, "must be a URL like http://"),
+        ({"config_source": "etcd", "etcd": {"endpoints": ["http://a:1"], "prefix": "maglev"}}, "must start and end with '/'"),
+        ({"config_source": "etcd", "etcd": {"endpoints": ["http://a:1"], "username": "u"}}, "username and password_file"),
+        ({"config_source": "zookeeper"}, "config_source"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError) as exc:
+            parse_node_object(node_dict(**extra), "n.yaml")
+        assert message in str(exc.value), (extra, str(exc.value))
+
+
+def current(*vips_: dict) -> objects.Current:
+    parsed = [parse_vip_object(v) for v in vips_]
+    return objects.Current(stamp_revision=5, vips={v.name: v for v in parsed},
+                           raw={v.name: layout.encode_vip(v) for v in parsed}, mod={v.name: 5 for v in parsed})
+
+
+def test_plan_add_change_unchanged():
+    cur = current(vip(), vip("api", "10.100.0.2"))
+    new = [parse_vip_object(vip()), parse_vip_object(vip("api", "10.100.0.2", port=81)),
+           parse_vip_object(vip("dns", "10.100.0.3"))]
+    p = objects.plan(cur, new)
+    assert (p.added, p.changed, p.unchanged) == (["dns"], ["api"], ["web"])
+    assert "-  port: 80" in p.diffs["api"] and "+  port: 81" in p.diffs["api"]
+    assert objects.plan(cur, [parse_vip_object(vip())]).empty
+
+
+def test_result_set_checked_against_what_stays():
+    cur = current(vip())
+    with pytest.raises(objects.Refused) as exc:
+        objects.check_result(cur, [parse_vip_object(vip("other"))], [], None)
+    assert "overlaps VIP 'web'" in " ".join(exc.value.problems)
+    objects.check_result(cur, [parse_vip_object(vip("other"))], ["web"], None)  # web replaced: fine
+    node = parse_node_object(node_dict(forwarder={**node_dict()["forwarder"], "table_capacity": 256}), "n.yaml")
+    with pytest.raises(objects.Refused) as exc:
+        objects.check_result(cur, [], [], node)
+    assert "forwarder.table_capacity is 256" in " ".join(exc.value.problems)

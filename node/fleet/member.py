@@ -27,6 +27,9 @@ class FleetMember:
         self.monitor = FleetMonitor(self.client, cfg.prefix)
         self.label = self.source.label
 
+    async def prime(self) -> None:
+        await self.source.prime()
+
     def load(self) -> dict:
         return self.source.load()
 

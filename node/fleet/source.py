@@ -60,9 +60,29 @@ class EtcdSource:
         this node and installs it, or keeps the last good set."""
         return layout.parse_objects(self.prefix, self.objects, f"revision {self.candidate_revision}")
 
+    async def prime(self) -> None:
+        """One read before the controller starts, so a node that can reach etcd starts with the
+        current set (its warm-up then covers those VIPs); otherwise it starts on its cache."""
+        try:
+            kvs = (await self.client.get_prefix(layout.config_prefix(self.prefix)))[1]
+        except EtcdError as exc:
+            what = f"its cached revision {self.candidate_revision}" if self.from_cache else "no VIPs"
+            self.events.emit("config_source_stale", f"etcd unreachable at start ({exc}); starting with "
+                             f"{what}, following etcd once it answers", level="warning")
+            self.stale_reason = str(exc)
+            return
+        self.objects = {kv.key: kv.value for kv in kvs}
+        self.candidate_revision = layout.config_revision(kvs)
+        self.full_reads += 1
+        self._go_fresh()
+
     async def run(self, controller: Any) -> None:
         """Follow etcd forever (the controller supervises this task): read, watch, and on any
         failure go stale, back off and read again."""
+        # The controller started on load(): what is in self.objects now is what it serves.
+        if (self.applied_revision, self.applied_objects) != (self.candidate_revision, self.objects):
+            self.applied_revision, self.applied_objects = self.candidate_revision, dict(self.objects)
+            self._save_cache()
         backoff = BACKOFF_START
         while True:
             try:
@@ -154,8 +174,8 @@ class EtcdSource:
             was = self.stale_since
             self.stale, self.stale_since, self.stale_reason = False, None, ""
             self.events.emit("config_source_fresh",
-                             f"etcd reachable at {self.client.endpoint} again"
-                             + (f" after {self.clock() - was:.1f} s" if was else ""))
+                             f"etcd reachable at {self.client.endpoint}"
+                             + (f" again after {self.clock() - was:.1f} s" if self.stale_events else ""))
 
     # ------------------------------------------------------------------ the local copy
 

@@ -178,3 +178,68 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 def etcd_available() -> bool:
     return shutil.which(ETCD) is not None and os.access(shutil.which(ETCD), os.X_OK)
+
+
+# ---------------------------------------------------------------------------------- the lab
+
+
+def etcd_ns(k: int) -> str:
+    from lab import plan as P
+
+    return f"{P.NS_PREFIX}etcd-{k}"
+
+
+def lab_members(plan) -> list[EtcdMember]:
+    """The lab's members: mlb-etcd-K, data under the lab's run dir (removed by `lab down`)."""
+    from lab import plan as P
+
+    return [EtcdMember(f"etcd-{k}", P.etcd_address(k), P.ETCD_CLIENT_PORT, P.ETCD_PEER_PORT,
+                       plan.run_dir / f"etcd-{k}" / "data", plan.run_dir / f"etcd-{k}" / "etcd.log",
+                       netns=etcd_ns(k))
+            for k in range(1, P.ETCD_MEMBERS + 1)]
+
+
+def build_control_network(plan) -> None:
+    """The control bridge in the router's namespace (no address on it: the router does not
+    route between the control network and the fabric), each member's namespace on it, and a
+    ctl0 link from every node."""
+    from lab import plan as P
+    from lab.netns import Netns, quiet_ipv6, veth
+
+    router = Netns(P.ROUTER_NS)
+    router.ip("link", "add", P.CONTROL_BRIDGE, "type", "bridge")
+    router.ip("link", "set", P.CONTROL_BRIDGE, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+    router.link_up(P.CONTROL_BRIDGE)
+    for k in range(1, P.ETCD_MEMBERS + 1):
+        ns = Netns.create(etcd_ns(k))
+        quiet_ipv6(ns)
+        veth(router, f"etcd-{k}", ns, "eth0")
+        router.ip("link", "set", f"etcd-{k}", "master", P.CONTROL_BRIDGE)
+        ns.add_address("eth0", f"{P.etcd_address(k)}/24")
+    for h in plan.node_hosts:
+        port = f"ctl-{h.name}"
+        veth(router, port, Netns(h.ns), "ctl0")
+        router.ip("link", "set", port, "master", P.CONTROL_BRIDGE)
+        Netns(h.ns).add_address("ctl0", f"{P.node_control_address(h.index)}/24")
+
+
+def set_control_link(plan, index: int, up: bool) -> None:
+    """Cut node I off from etcd (its ctl0 down) or reconnect it; its data path (eth0) is untouched."""
+    from lab.netns import Netns
+
+    Netns(plan.node(index).ns).ip("link", "set", "ctl0", "up" if up else "down")
+
+
+def fleet_argv(plan, action: str, *args: str, node: int = 1) -> list[str]:
+    """`maglev fleet ACTION ARGS` as an operator on node I runs it (the members are on the
+    control network, which only the nodes reach)."""
+    import sys
+
+    from lab import plan as P
+
+    return ["ip", "netns", "exec", plan.node(node).ns, sys.executable, "-m", "node.cli", "fleet", action,
+            "--endpoints", ",".join(P.etcd_endpoints()), "--prefix", P.ETCD_PREFIX, *args]
+
+
+def fleet(plan, *args: str, node: int = 1, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(fleet_argv(plan, *args, node=node), capture_output=True, text=True, timeout=timeout)

@@ -108,7 +108,8 @@ class Lab:
             state = json.loads((run_dir / STATE_FILE).read_text())
         except FileNotFoundError:
             raise LabError("no lab is up (start one with `maglev lab up`)") from None
-        return cls(P.LabPlan(nodes=state["nodes"], backends=state["backends"], run_dir=run_dir), progress)
+        return cls(P.LabPlan(nodes=state["nodes"], backends=state["backends"], run_dir=run_dir,
+                             config_source=state.get("config_source", "directory")), progress)
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -175,6 +176,8 @@ class Lab:
         self._write_token()
         self.progress("router: starting FRR (zebra + bgpd + bfdd), ECMP over the nodes, BFD with each")
         self.router().start()
+        if self.plan.config_source == "etcd":
+            self.start_etcd_cluster()
         for h in self.plan.backend_hosts:
             self.progress(f"{h.name}: maglev backend setup (decap, VIPs on lo, DSR sysctls) + HTTP server")
             self.setup_backend(h.index)
@@ -189,6 +192,7 @@ class Lab:
 
     def _write_state(self) -> None:
         state = {"nodes": self.plan.nodes, "backends": self.plan.backends, "pids": {},
+                 "config_source": self.plan.config_source,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
@@ -317,6 +321,61 @@ class Lab:
         self._save_pid(name, proc.pid)
         return proc.pid
 
+    # -- etcd (--config-source etcd; lab/etcd.py)
+
+    def start_etcd_cluster(self) -> None:
+        from lab import etcd
+
+        self.progress(f"etcd: control network (bridge {P.CONTROL_BRIDGE}), {P.ETCD_MEMBERS} members "
+                      f"mlb-etcd-1..{P.ETCD_MEMBERS}, nodes' ctl0")
+        etcd.build_control_network(self.plan)
+        cluster = etcd.EtcdCluster(etcd.lab_members(self.plan))
+        for m in cluster.members:
+            self._save_pid(m.name, m.start(cluster.initial_cluster))
+        cluster.wait_healthy(30)
+        vip_file = self.run_dir / "fleet-vips.yaml"
+        vip_file.write_text(P.dump_yaml(self.plan.vip_file(), "# the lab's VIPs, applied to etcd by lab up"))
+        self.progress(f"etcd: maglev fleet apply {vip_file}")
+        out = etcd.fleet(self.plan, "apply", str(vip_file))
+        if out.returncode != 0:
+            raise LabError(f"maglev fleet apply of the lab's VIPs failed: {out.stderr.strip()}")
+
+    def etcd_member(self, k: int):
+        from lab import etcd
+
+        members = etcd.lab_members(self.plan)
+        if not 1 <= k <= len(members):
+            raise LabError(f"etcd member {k} does not exist (the lab has members 1-{len(members)})")
+        return members[k - 1]
+
+    def kill_etcd(self, k: int) -> int | None:
+        """SIGKILL etcd member K (by its recorded PID)."""
+        m = self.etcd_member(k)
+        pid = self.pid(m.name)
+        if pid and _signal(pid, signal.SIGKILL):
+            _wait_gone(pid, 5)
+        self._save_pid(m.name, None)
+        return pid
+
+    def start_etcd(self, k: int, timeout: float = 30) -> int:
+        """Start member K again on its data directory: it rejoins and catches up."""
+        from lab import etcd
+
+        m = self.etcd_member(k)
+        if self.pid(m.name):
+            return self.pid(m.name)
+        cluster = etcd.EtcdCluster(etcd.lab_members(self.plan))
+        pid = m.start(cluster.initial_cluster, state="existing")
+        self._save_pid(m.name, pid)
+        cluster.wait_healthy(timeout, [m])
+        return pid
+
+    def set_etcd_link(self, index: int, up: bool) -> None:
+        """Node I's links to etcd down (up): its data path stays as it is."""
+        from lab import etcd
+
+        etcd.set_control_link(self.plan, index, up)
+
     # -- nodes
 
     def write_node_files(self, index: int) -> Path:
@@ -326,7 +385,7 @@ class Lab:
         node_yaml = d / "node.yaml"
         node_yaml.write_text(P.dump_yaml(self.plan.node_file(index), "# written by maglev lab up"))
         vips = d / "vips.d" / "lab.yaml"
-        if not vips.exists():
+        if not vips.exists() and self.plan.config_source == "directory":  # etcd: `fleet apply`
             vips.write_text(P.dump_yaml(self.plan.vip_file(), "# written by maglev lab up"))
         return node_yaml
 

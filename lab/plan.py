@@ -65,6 +65,28 @@ BFD_MULTIPLIER = 3
 GR_RESTART_TIME = 10
 GR_STALEPATH_TIME = 20
 
+# --config-source etcd: a 3-member etcd cluster on its own control network (bridge "control" in
+# the router's namespace, not routed), so a node's links to etcd can fail while its data path
+# stays up. Node I has ctl0 10.2.0.(10+I); etcd member K is mlb-etcd-K at 10.2.0.(30+K).
+CONFIG_SOURCES = ("directory", "etcd")
+ETCD_MEMBERS = 3
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_PREFIX = "/maglev/"
+CONTROL_BRIDGE = "control"
+
+
+def etcd_address(k: int) -> str:
+    return f"10.2.0.{30 + k}"
+
+
+def node_control_address(i: int) -> str:
+    return f"10.2.0.{10 + i}"
+
+
+def etcd_endpoints() -> list[str]:
+    return [f"http://{etcd_address(k)}:{ETCD_CLIENT_PORT}" for k in range(1, ETCD_MEMBERS + 1)]
+
 
 @dataclass(frozen=True)
 class Host:
@@ -102,6 +124,7 @@ class LabPlan:
     nodes: int = 3
     backends: int = 3
     run_dir: Path = RUN_DIR
+    config_source: str = "directory"
     node_hosts: tuple[Host, ...] = field(init=False)
     backend_hosts: tuple[Host, ...] = field(init=False)
 
@@ -110,6 +133,8 @@ class LabPlan:
             raise ValueError(f"--nodes {self.nodes}: the lab supports 1 to {MAX_NODES} nodes")
         if not 1 <= self.backends <= MAX_BACKENDS:
             raise ValueError(f"--backends {self.backends}: the lab supports 1 to {MAX_BACKENDS} backends")
+        if self.config_source not in CONFIG_SOURCES:
+            raise ValueError(f"--config-source {self.config_source}: use {' or '.join(CONFIG_SOURCES)}")
         object.__setattr__(self, "node_hosts", tuple(_host("node", i, 10) for i in range(1, self.nodes + 1)))
         object.__setattr__(
             self, "backend_hosts", tuple(_host("backend", j, 20) for j in range(1, self.backends + 1))
@@ -215,7 +240,7 @@ class LabPlan:
         its own."""
         h = self.node(index)
         d = self.node_dir(index)
-        return {
+        node = {
             "node_id": h.name,
             "vip_dir": vip_dir or str(d / "vips.d"),
             "run_dir": run_dir or str(d / "run"),
@@ -255,6 +280,12 @@ class LabPlan:
                 "token_file": token_file or str(self.token_file),
             },
         }
+        if self.config_source == "etcd":
+            node["config_source"] = "etcd"
+            # Lab timings: a dead node leaves the registry in 3 s; a dead member costs 0.5 s.
+            node["etcd"] = {"endpoints": etcd_endpoints(), "prefix": ETCD_PREFIX, "lease_ttl": 3,
+                            "request_timeout": 0.5}
+        return node
 
     def frr_config(self) -> str:
         """bgpd's config for the router (rendered by lab.frr): one static eBGP neighbor per node
@@ -293,6 +324,10 @@ class LabPlan:
                 f"{h.name:<8} {h.ns:<14} eth0 {h.v4}/24 {h.v6}/64 mac {h.mac} <-> router port "
                 f"{h.router_port}; HTTP on the VIPs :{VIP_PORT}, health :{HEALTH_PORT}/healthz"
             )
+        if self.config_source == "etcd":
+            out.append(f"etcd     mlb-etcd-1..{ETCD_MEMBERS} {etcd_address(1)}-{etcd_address(ETCD_MEMBERS)}:"
+                       f"{ETCD_CLIENT_PORT} on bridge {CONTROL_BRIDGE} (router ns, not routed); "
+                       f"nodes' ctl0 {node_control_address(1)}...; VIPs under {ETCD_PREFIX}")
         out.append(f"VIPs     web4 {VIP_V4}:{VIP_PORT}/tcp, web6 [{VIP_V6}]:{VIP_PORT}/tcp")
         return "\n".join(out)
 

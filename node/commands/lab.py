@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
     up = lab_sub.add_parser("up", help="build the lab (removes an earlier one first)")
     _sizes(up)
+    up.add_argument("--config-source", choices=("directory", "etcd"), default="directory",
+                    help="where nodes read VIPs: each its own directory (default), or a 3-member "
+                         "etcd cluster the lab starts (`maglev fleet ...` manages the VIPs)")
     up.set_defaults(func=_up)
     st = lab_sub.add_parser("status", help="router nexthops, node state and VIPs, backend health")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -44,6 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     web.add_argument("index", type=int, metavar="I")
     web.add_argument("--port", type=int, default=9180, help="port on the host's loopback (default 9180)")
     web.set_defaults(func=_web)
+    for name, helptext, fn in (
+        ("kill-etcd", "SIGKILL etcd member K (--config-source etcd)", _kill_etcd),
+        ("start-etcd", "start etcd member K again", _start_etcd),
+    ):
+        sp = lab_sub.add_parser(name, help=helptext)
+        sp.add_argument("index", type=int, metavar="K")
+        sp.set_defaults(func=fn)
+    for name, helptext, fn in (
+        ("cut-etcd", "take node I's links to etcd down (its data path stays up)", _cut_etcd),
+        ("reconnect-etcd", "bring node I's links to etcd back", _reconnect_etcd),
+    ):
+        sp = lab_sub.add_parser(name, help=helptext)
+        sp.add_argument("index", type=int, metavar="I")
+        sp.set_defaults(func=fn)
     ex = lab_sub.add_parser("exec", help="run a command in a lab namespace: exec ROLE -- CMD...")
     ex.add_argument("role", help="router, client, node-I or backend-J")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
@@ -92,8 +109,10 @@ def _loaded():
 def _up(args: argparse.Namespace) -> int:
     from lab.lab import Lab
 
-    Lab(LabPlan(nodes=args.nodes, backends=args.backends), _say).up()
+    Lab(LabPlan(nodes=args.nodes, backends=args.backends, config_source=args.config_source), _say).up()
     _say("try: maglev lab status; maglev lab exec client -- curl -s http://10.100.0.1/")
+    if args.config_source == "etcd":
+        _say("fleet: maglev lab exec node-1 -- maglev fleet status --config /run/maglev-lab/node-1/node.yaml")
     return 0
 
 
@@ -158,6 +177,34 @@ def _kill_backend(args: argparse.Namespace) -> int:
 def _start_backend(args: argparse.Namespace) -> int:
     pid = _loaded().start_backend(args.index)
     _say(f"backend-{args.index}'s server started (pid {pid})")
+    return 0
+
+
+@_guard
+def _kill_etcd(args: argparse.Namespace) -> int:
+    pid = _loaded().kill_etcd(args.index)
+    _say(f"etcd-{args.index} killed (pid {pid}); the other two keep the quorum, nodes move to them")
+    return 0
+
+
+@_guard
+def _start_etcd(args: argparse.Namespace) -> int:
+    pid = _loaded().start_etcd(args.index)
+    _say(f"etcd-{args.index} started again (pid {pid}) on its data directory")
+    return 0
+
+
+@_guard
+def _cut_etcd(args: argparse.Namespace) -> int:
+    _loaded().set_etcd_link(args.index, False)
+    _say(f"node-{args.index} cut off from etcd: it keeps serving its last good config and reports stale")
+    return 0
+
+
+@_guard
+def _reconnect_etcd(args: argparse.Namespace) -> int:
+    _loaded().set_etcd_link(args.index, True)
+    _say(f"node-{args.index} reconnected to etcd: it re-reads the config and catches up")
     return 0
 
 

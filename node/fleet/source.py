@@ -24,6 +24,9 @@ from node.fleet import layout
 from node.fleet.etcd import EtcdClient, EtcdCompacted, EtcdError
 
 HEARTBEAT_INTERVAL = 0.5
+# etcd electing a new leader (a member died) fails reads for about an election timeout: that is
+# not "lost etcd". Stale is declared once no member has answered for this long.
+STALE_AFTER = 2.0
 BACKOFF_START, BACKOFF_MAX = 0.2, 5.0
 
 
@@ -48,6 +51,7 @@ class EtcdSource:
         self.stale_reason = "not read from etcd yet"
         self.stale_events = 0
         self.full_reads = 0
+        self.last_contact = 0.0
         self.from_cache = self._load_cache()
         if self.from_cache:  # what the controller serves at start (or it does not start)
             self.applied_revision = self.candidate_revision
@@ -94,13 +98,18 @@ class EtcdSource:
                                  f"{exc.compact_revision}: reading the whole config again")
                 continue
             except EtcdError as exc:
-                self._go_stale(str(exc))
+                self._failed(str(exc))
             except Exception as exc:  # a bug must not end the task; report it and retry
-                self._go_stale(f"unexpected {exc!r}")
+                self._failed(f"unexpected {exc!r}")
             if not self.stale:
                 backoff = BACKOFF_START
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _failed(self, reason: str) -> None:
+        self.stale_reason = reason
+        if self.clock() - self.last_contact >= STALE_AFTER:
+            self._go_stale(reason)
 
     async def _follow(self, controller: Any) -> None:
         kvs = (await self.client.get_prefix(layout.config_prefix(self.prefix)))[1]
@@ -140,6 +149,7 @@ class EtcdSource:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             await self.client.revision(layout.config_prefix(self.prefix))
+            self.last_contact = self.clock()
             if self.client.endpoint != watch_endpoint:
                 raise EtcdError(f"moved from {watch_endpoint} to {self.client.endpoint}")
 
@@ -170,6 +180,7 @@ class EtcdSource:
         self.stale_reason = reason
 
     def _go_fresh(self) -> None:
+        self.last_contact = self.clock()
         if self.stale:
             was = self.stale_since
             self.stale, self.stale_since, self.stale_reason = False, None, ""
@@ -216,7 +227,7 @@ class EtcdSource:
             "revision": self.applied_revision,
             "stale": self.stale,
             "stale_for": round(self.clock() - self.stale_since, 1) if self.stale_since else 0.0,
-            "stale_reason": self.stale_reason or None,
+            "stale_reason": (self.stale_reason or None) if self.stale else None,
             "rejected": self.rejected,
             "served_from_cache": self.from_cache and self.full_reads == 0,
         }

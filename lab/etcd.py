@@ -41,6 +41,8 @@ class EtcdMember:
     data_dir: Path
     log: Path
     netns: str | None = None
+    # Every member of one cluster must share it (etcd refuses peers with another cluster ID).
+    cluster_token: str = "maglev"
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -57,7 +59,7 @@ class EtcdMember:
             "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
-            "--initial-cluster-token", f"maglev-{self.data_dir.parent.name}",
+            "--initial-cluster-token", self.cluster_token,
             # Lab-sized timings: a lost leader is replaced within a second, not five.
             "--heartbeat-interval", "100", "--election-timeout", "1000",
             "--log-level", "warn",
@@ -126,7 +128,8 @@ class EtcdCluster:
     @classmethod
     def on_loopback(cls, base: Path, size: int = 1) -> "EtcdCluster":
         return cls([EtcdMember(f"m{i}", "127.0.0.1", free_port(), free_port(), base / f"m{i}",
-                               base / f"m{i}.log") for i in range(size)])
+                               base / f"m{i}.log", cluster_token=f"maglev-test-{os.getpid()}-{base.name}")
+                    for i in range(size)])
 
     @property
     def initial_cluster(self) -> str:
@@ -195,7 +198,7 @@ def lab_members(plan) -> list[EtcdMember]:
 
     return [EtcdMember(f"etcd-{k}", P.etcd_address(k), P.ETCD_CLIENT_PORT, P.ETCD_PEER_PORT,
                        plan.run_dir / f"etcd-{k}" / "data", plan.run_dir / f"etcd-{k}" / "etcd.log",
-                       netns=etcd_ns(k))
+                       netns=etcd_ns(k), cluster_token="maglev-lab")
             for k in range(1, P.ETCD_MEMBERS + 1)]
 
 

@@ -6,7 +6,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
       python3 python3-venv python3-dev gcc clang llvm libbpf-dev bpftool iproute2 ethtool \
-      tcpdump iputils-ping frr procps curl ca-certificates \
+      tcpdump iputils-ping frr procps curl ca-certificates etcd-server etcd-client \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/maglev-lb

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Entrypoint of the maglev-lb image for the docker-compose lab: `maglev-entrypoint ROLE [ARGS]`.
-# Roles: router, node, backend NAME, client. Each prepares its container the way `maglev lab up`
+# Roles: router, node, backend NAME, client; etcd NAME ADDRESS and fleet-seed for
+# docker-compose.etcd.yml. Each prepares its container the way `maglev lab up`
 # prepares a namespace (see lab/topology.py for why each step matters), then runs its process
 # in the foreground so Docker supervises it.
 set -eu
@@ -54,6 +55,20 @@ backend)
     maglev backend setup --vip 10.100.0.1 --vip fd00:100::1 --interface eth0 --decap bpf
     exec python -m lab.backend_server --name "$name" --vip 10.100.0.1 --vip fd00:100::1 --port 80 --health-port 8080
     ;;
+etcd)
+    # A member of the lab's etcd cluster (docker-compose.etcd.yml): etcd NAME ADDRESS.
+    name="${1:?etcd needs its name}"; addr="${2:?etcd needs its address}"
+    exec etcd --name "$name" --data-dir "/var/lib/etcd-lab/$name" \
+        --listen-client-urls "http://$addr:2379" --advertise-client-urls "http://$addr:2379" \
+        --listen-peer-urls "http://$addr:2380" --initial-advertise-peer-urls "http://$addr:2380" \
+        --initial-cluster "$MAGLEV_ETCD_CLUSTER" --initial-cluster-token maglev-lab \
+        --heartbeat-interval 100 --election-timeout 1000 --log-level warn
+    ;;
+fleet-seed)
+    # The lab's VIPs into etcd, the way an operator writes them; exits non-zero (and compose
+    # retries) until the cluster answers. Re-applying the same file writes nothing.
+    exec maglev fleet apply /etc/maglev/vips.d/lab.yaml
+    ;;
 client)
     no_offload
     # The VIPs are reachable only through the router.
@@ -63,7 +78,7 @@ client)
     exec sleep infinity
     ;;
 *)
-    echo "usage: maglev-entrypoint router|node|backend NAME|client" >&2
+    echo "usage: maglev-entrypoint router|node|backend NAME|client|etcd NAME ADDRESS|fleet-seed" >&2
     exit 2
     ;;
 esac

@@ -182,7 +182,8 @@ class EtcdClient:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise EtcdError(f"authenticating: {exc}") from None
             if "token" not in data:
-                err = EtcdError(f"etcd refused user {self.username!r}: {data.get('message') or data}")
+                err = EtcdError(f"etcd refused user {self.username!r}: "
+                                f"{data.get('message') or data.get('error') or data}")
                 err.final = True
                 raise err
             self._token = data["token"]
@@ -273,10 +274,17 @@ def unchanged_since(key: str, mod_revision: int) -> dict[str, Any]:
     return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(mod_revision)}
 
 
+CN_HINT = ("etcd's JSON gateway refuses a client certificate with a CommonName while auth is "
+           "enabled: issue the node's client certificate without a CN, and authenticate with "
+           "username/password_file")
+
+
 def _json(text: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except ValueError:
+        if "CommonName of client" in text:
+            return {"error": CN_HINT}
         return {"error": f"not JSON: {text[:200]!r}"}
     return data if isinstance(data, dict) else {"error": f"unexpected answer: {text[:200]!r}"}
 

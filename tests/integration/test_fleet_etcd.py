@@ -135,8 +135,10 @@ def vip_file(tmp: Path, name: str, vips: list[dict]) -> Path:
 
 
 async def etcd_revision(endpoints: list[str]) -> int:
+    """The config's revision: the last write under /t/config/ (the nodes' registry writes under
+    /t/nodes/ move the store's revision, not this one)."""
     async with EtcdClient(endpoints) as client:
-        return await client.revision("/")
+        return layout.config_revision((await client.get_prefix(layout.config_prefix("/t/")))[1])
 
 
 # ------------------------------------------------------------------------------ the client

@@ -100,6 +100,11 @@ def cmd_status(client: Client, args) -> int:
         if t:  # only once a tunnel check made the node set it up
             print(f"health tunnel: {'OK' if t.get('ok') else 'FAILING'}" + (
                 f" ({t.get('targets')} backend(s) via {t.get('device')})" if t.get("ok") else f": {t.get('error')}"))
+        src = s.get("config_source") or {}
+        if src.get("type") == "etcd":  # a fleet node: which revision it serves, and whether etcd answers
+            print(f"config: etcd {src['endpoint']} {src['prefix']}  revision {src['revision']}"
+                  + (f"  STALE for {src['stale_for']} s ({src['stale_reason']}): serving the last good config"
+                     if src["stale"] else ""))
         sessions = (s.get("bgp") or {}).get("sessions", {})
         bfd = (s.get("bgp") or {}).get("bfd") or {}
         if bfd.get("enabled"):  # bgp.bfd: each peer's BFD session next to its BGP session

@@ -176,6 +176,13 @@ async def test_node_cut_off_from_etcd_keeps_serving_reports_stale_then_catches_u
     lab.set_etcd_link(1, False)
     try:
         wait_until(lambda: source(lab, 1).get("stale"), 10, "node-1 to report itself stale")
+        import subprocess
+        import sys
+
+        out = subprocess.run(["ip", "netns", "exec", lab.plan.node(1).ns, sys.executable, "-m", "node.cli", "status",
+                              "--config", str(lab.plan.node_dir(1) / "node.yaml")],
+                             capture_output=True, text=True, timeout=30)
+        assert f"revision {before}  STALE for" in out.stdout and "serving the last good config" in out.stdout, out.stdout
         # Its data path is untouched: still a nexthop, still serving, nothing withdrawn.
         assert lab.router_nexthops(P.VIP_V4) == node_addresses(lab, 4)
         assert all(node_vips(lab, 1)[v]["announced"] for v in VIPS)
@@ -230,6 +237,7 @@ def test_differing_health_view_is_flagged_by_fleet_status(fleet_ready: Lab) -> N
 
         wait_until(flagged, 5, "fleet status to flag web4 with node-1's view of backend-2", interval=0.1)
         out = etcd.fleet(lab.plan, "status", node=2)
+        print(out.stdout)  # the README's example comes from here
         assert "VIP web4: DIGESTS DIFFER" in out.stdout and "VIP web6" not in out.stdout
     finally:
         node1.ip(*[("del" if a == "add" else a) for a in rule])

@@ -12,6 +12,8 @@
 5. A backend that loses the VIP on lo (host and health port fine): the tunnel health check
    (to the VIP through GRE) takes it out of web4's tables, where a direct check would not.
 6. A graceful node stop under load: the node withdraws first, so no request fails.
+6b. With --config-source etcd (lab/fleet_demo.py): the fleet view, a change through etcd while a
+   node is cut off from etcd (it keeps serving, then catches up), an etcd member killed.
 7. Summary, then down.
 """
 
@@ -219,6 +221,13 @@ async def scenario(lab: Lab) -> dict:
         say(f"failed requests during the graceful stop: {failed}")
         summary["graceful stop"] = f"{failed} failed requests"
         await asyncio.to_thread(lab.start_node, n)
+
+    if lab.plan.config_source == "etcd":  # lab/fleet_demo.py
+        from lab.fleet_demo import fleet_steps
+
+        await wait_for(lambda: all(len(lab.router_nexthops(v)) == n for v in VIPS), 30)
+        summary.update(await fleet_steps(lab, say, step, lambda s, label: watch(table, s, label), wait_for,
+                                         lab.run_dir / "demo-web4.yaml"))
 
     await load.stop()
     for c in conns:

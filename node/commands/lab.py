@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dn.set_defaults(func=_down)
     demo = lab_sub.add_parser("demo", help="up, traffic, a node crash, a backend failure, a graceful stop, down")
     _sizes(demo)
+    demo.add_argument("--config-source", choices=("directory", "etcd"), default="directory",
+                      help="etcd: the nodes follow a 3-member etcd cluster, and the demo adds the fleet steps")
     demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     demo.set_defaults(func=_demo)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -230,4 +232,5 @@ def _down(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lab.demo import run_demo
 
-    return run_demo(LabPlan(nodes=args.nodes, backends=args.backends), keep=args.keep)
+    return run_demo(LabPlan(nodes=args.nodes, backends=args.backends, config_source=args.config_source),
+                    keep=args.keep)

@@ -127,6 +127,9 @@ class Snapshot:
     task_restarts: dict[str, int] = field(default_factory=dict)
     api: dict[str, int] | None = None  # the API's connection guard (node.api_server), when serving
     tunnel: dict[str, Any] | None = None  # the tunnel for health checks (node.health_path), if any
+    # config_source etcd (node/fleet/): (name, type, help, [(labels, value)]) for revision,
+    # staleness and fleet agreement.
+    source: list[tuple[str, str, str, list]] = field(default_factory=list)
 
 
 def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None = None) -> Snapshot:
@@ -159,6 +162,7 @@ def snapshot(c: Any, counters: dict[str, Any], conntrack: tuple[int, int] | None
         self_test_glitches=getattr(c.metrics, "self_test_glitches", 0),
         task_restarts=c.supervisor.restarts() if hasattr(c, "supervisor") else {},
         tunnel=_tunnel_status(c),
+        source=c.vip_source.metrics() if getattr(c, "vip_source", None) is not None else [],
     )
 
 
@@ -188,6 +192,15 @@ class SnapshotCollector:
         yield from self._bgp()
         yield from self._forwarder_counters()
         yield from self._api()
+        yield from self._source()
+
+    def _source(self) -> Iterator[Any]:
+        for name, kind, doc, samples in self.s.source:
+            labels = sorted({k for lbl, _ in samples for k in lbl})
+            family = _counter(name.removesuffix("_total"), doc, labels) if kind == "counter" else _gauge(name, doc, labels)
+            for lbl, value in samples:
+                family.add_metric([str(lbl.get(k, "")) for k in labels], value)
+            yield family
 
     def _node(self) -> Iterator[Any]:
         s = self.s

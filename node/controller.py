@@ -49,7 +49,7 @@ from node.self_test import SelfTest, SelfTester
 from node.supervisor import Supervisor
 from node.transitions import transition_events
 from node.vip_reader import VipReader
-from node.vip_source import read_vips, source_label, watcher
+from node.vip_source import initial_vips, read_vips, source_label, watcher
 from node import views
 
 log = logging.getLogger("maglev.controller")
@@ -162,9 +162,7 @@ class Controller:
         to keep serving), open the forwarder, start health checks and BGP."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.admin.load()
-        if self.vip_source is not None:
-            await self.vip_source.prime()  # etcd: the current set, or the last good one cached
-        sources = await read_vips(self)  # raises ConfigError
+        sources = await initial_vips(self)  # raises ConfigError
         self._install_vips(sources, "startup")
         self._watch_signature = self._dir_signature()
         size_tables = getattr(self.forwarder, "size_tables", None)

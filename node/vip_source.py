@@ -29,6 +29,21 @@ def make_source(config: NodeConfig, run_dir: Path, base_dir: Path, events: Any) 
     return FleetMember(config, run_dir, base_dir, events)
 
 
+async def initial_vips(controller: Any) -> Sources:
+    """The set the node starts on (ConfigError: it cannot start). etcd: one read first, so a
+    node that reaches etcd starts on the current revision (its warm-up then covers those VIPs);
+    if etcd is away, or holds a set this node refuses, the persisted last good set."""
+    src = controller.vip_source
+    if src is not None:
+        await src.prime()
+    try:
+        return await read_vips(controller)
+    except ConfigError as exc:
+        if src is None or not src.fall_back([str(p) for p in exc.problems]):
+            raise
+    return await read_vips(controller)
+
+
 async def read_vips(controller: Any, capacity: int | None = None) -> Sources:
     """The candidate VIP set, validated exactly as a reload needs it (ConfigError otherwise)."""
     src = controller.vip_source

@@ -16,11 +16,11 @@ from node.fleet.source import EtcdSource
 class FleetMember:
     kind = "etcd"
 
-    def __init__(self, config: Any, run_dir: Path, base_dir: Path, events: Any) -> None:
+    def __init__(self, config: Any, state_dir: Path, base_dir: Path, events: Any) -> None:
         cfg = config.etcd
         self.prefix = cfg.prefix
         self.client = EtcdClient.from_config(cfg, base_dir)
-        cache = cfg.cache_file if cfg.cache_file.is_absolute() else run_dir / cfg.cache_file
+        cache = cfg.cache_file if cfg.cache_file.is_absolute() else state_dir / cfg.cache_file
         self.source = EtcdSource(self.client, cfg.prefix, cache, events)
         self.registry = NodeRegistry(self.client, cfg.prefix, config.node_id, cfg.lease_ttl,
                                      record=lambda: {}, events=events)
@@ -30,15 +30,21 @@ class FleetMember:
     async def prime(self) -> None:
         await self.source.prime()
 
-    def load(self) -> dict:
-        return self.source.load()
+    def candidate(self) -> tuple[int, dict[str, bytes]]:
+        return self.source.candidate()
 
     async def run(self, controller: Any) -> None:
-        """Source, registry and monitor loops; each handles its own failures, so none ends
-        before the controller cancels this task."""
+        """Source, registry and monitor loops, as the supervised task "vip-source". Each
+        handles its own failures; should one still raise, the task group cancels the other two
+        and the supervisor starts all three again (no orphan loop left behind)."""
         self.registry.record = lambda: node_record(controller, self.source)
         try:
-            await asyncio.gather(self.source.run(controller), self.registry.run(), self.monitor.run())
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.source.run(controller), name="etcd-source")
+                group.create_task(self.registry.run(), name="fleet-registry")
+                group.create_task(self.monitor.run(), name="fleet-monitor")
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the supervisor logs and counts it
         finally:
             await self.client.close()
 

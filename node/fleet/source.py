@@ -52,17 +52,23 @@ class EtcdSource:
         self.stale_events = 0
         self.full_reads = 0
         self.last_contact = 0.0
+        self.last_read: tuple[int, dict[str, bytes]] | None = None
+        self.cached: tuple[int, dict[str, bytes]] | None = None  # the persisted last good set
+        self.following = False  # run() has taken over from the set the controller started on
         self.from_cache = self._load_cache()
+        self.on_cache = self.from_cache  # serving the persisted set, not one read from etcd
         if self.from_cache:  # what the controller serves at start (or it does not start)
             self.applied_revision = self.candidate_revision
             self.applied_objects = dict(self.objects)
 
     # ------------------------------------------------------------------ the controller's side
 
-    def load(self) -> dict[str, tuple[Path, VipConfig]]:
-        """The candidate VIP set (raises ConfigError); the controller validates it further for
-        this node and installs it, or keeps the last good set."""
-        return layout.parse_objects(self.prefix, self.objects, f"revision {self.candidate_revision}")
+    def candidate(self) -> tuple[int, dict[str, bytes]]:
+        """The revision to apply and a copy of its objects, for node.vip_source.read_vips: the
+        controller parses and validates them in its reader's thread and installs the set, or
+        keeps the last good one. The copy read last is what an install that succeeds applied."""
+        self.last_read = (self.candidate_revision, dict(self.objects))
+        return self.last_read
 
     async def prime(self) -> None:
         """One read before the controller starts, so a node that can reach etcd starts with the
@@ -80,13 +86,31 @@ class EtcdSource:
         self.full_reads += 1
         self._go_fresh()
 
+    def fall_back(self, problems: list[str]) -> bool:
+        """The set read from etcd at start is refused by this node: start on the persisted last
+        good set instead (False when there is none: the node cannot start). The refused revision
+        stays reported until etcd holds one this node accepts."""
+        if self.cached is None:
+            return False
+        refused = self.candidate_revision
+        self.rejected = {"revision": refused, "problems": problems}
+        self.candidate_revision, self.objects = self.cached[0], dict(self.cached[1])
+        self.on_cache = True
+        self.events.emit("config_rejected", f"etcd revision {refused} is refused by this node ("
+                         + "; ".join(problems) + f"); starting on the last good revision {self.cached[0]} "
+                         f"from {self.cache_file}: fix the objects with `maglev fleet apply`",
+                         level="error", revision=refused)
+        return True
+
     async def run(self, controller: Any) -> None:
         """Follow etcd forever (the controller supervises this task): read, watch, and on any
         failure go stale, back off and read again."""
-        # The controller started on load(): what is in self.objects now is what it serves.
-        if (self.applied_revision, self.applied_objects) != (self.candidate_revision, self.objects):
-            self.applied_revision, self.applied_objects = self.candidate_revision, dict(self.objects)
-            self._save_cache()
+        if not self.following:  # the first run: the controller started on what it read last
+            self.following = True
+            if self.last_read is not None:
+                rejected = self.rejected  # a revision refused at start stays reported
+                self._applied(*self.last_read)
+                self.rejected = rejected
         backoff = BACKOFF_START
         while True:
             try:
@@ -112,13 +136,16 @@ class EtcdSource:
             self._go_stale(reason)
 
     async def _follow(self, controller: Any) -> None:
-        kvs = (await self.client.get_prefix(layout.config_prefix(self.prefix)))[1]
+        store_revision, kvs = await self.client.get_prefix(layout.config_prefix(self.prefix))
         self.full_reads += 1
         revision = layout.config_revision(kvs)
         self.objects = {kv.key: kv.value for kv in kvs}
         self._go_fresh()
-        self._offer(controller, revision)
-        watch_from = max(revision, 0) + 1
+        await self._offer(controller, revision)
+        # From the store's revision at the read, not the config's: the registry's writes move
+        # the store on every second, and etcd's compaction (auto-compaction included) soon
+        # passes the config's last write; a watch from there would be refused on every try.
+        watch_from = store_revision + 1
         endpoint = self.client.endpoint
         watch = asyncio.create_task(self._watch(controller, watch_from), name="etcd-watch")
         beat = asyncio.create_task(self._heartbeat(endpoint), name="etcd-heartbeat")
@@ -140,7 +167,7 @@ class EtcdSource:
                 else:
                     self.objects[event.kv.key] = event.kv.value
             self._go_fresh()
-            self._offer(controller, revision)
+            await self._offer(controller, revision)
 
     async def _heartbeat(self, watch_endpoint: str) -> None:
         """A watch over a dead link can hang without an error: a quorum read every
@@ -153,18 +180,26 @@ class EtcdSource:
             if self.client.endpoint != watch_endpoint:
                 raise EtcdError(f"moved from {watch_endpoint} to {self.client.endpoint}")
 
-    def _offer(self, controller: Any, revision: int) -> None:
+    async def _offer(self, controller: Any, revision: int) -> None:
+        """One etcd revision -> one reload of the controller (all of it or nothing, parsed off
+        the event loop); the watch waits for it, so revisions are applied in order."""
         if revision == self.applied_revision and self.objects == self.applied_objects:
             return  # a re-read after a reconnect that found nothing new
         self.candidate_revision = revision
-        result = controller.reload(f"etcd revision {revision}")
-        if result.ok:
-            self.applied_revision = revision
-            self.applied_objects = dict(self.objects)
-            self.rejected = None
-            self._save_cache()
-        else:
+        result = await controller.reload(f"etcd revision {revision}")
+        if result.ok and self.last_read is not None:
+            self._applied(*self.last_read)
+        elif not result.ok:
             self.rejected = {"revision": revision, "problems": result.problems}
+
+    def _applied(self, revision: int, objects: dict[str, bytes]) -> None:
+        """The controller serves this revision now: it is the last good config, persisted."""
+        changed = (revision, objects) != (self.applied_revision, self.applied_objects)
+        self.applied_revision, self.applied_objects = revision, objects
+        self.rejected = None
+        self.on_cache = self.on_cache and (revision, objects) == self.cached
+        if changed or not self.cache_file.exists():
+            self._save_cache()
 
     # ------------------------------------------------------------------ staleness
 
@@ -197,6 +232,7 @@ class EtcdSource:
                 "objects": {k: v.decode() for k, v in sorted(self.applied_objects.items())}}
         try:
             atomic_write(self.cache_file, json.dumps(data, indent=1))
+            self.cached = (self.applied_revision, dict(self.applied_objects))
         except OSError as exc:
             self.events.emit("config_cache_failed", f"cannot persist the last good config to "
                              f"{self.cache_file}: {exc}; a restart without etcd would start empty",
@@ -214,6 +250,7 @@ class EtcdSource:
                              level="warning")
             return False
         self.objects, self.candidate_revision = objects, revision
+        self.cached = (revision, dict(objects))
         return True
 
     # ------------------------------------------------------------------ views
@@ -229,7 +266,7 @@ class EtcdSource:
             "stale_for": round(self.clock() - self.stale_since, 1) if self.stale_since else 0.0,
             "stale_reason": (self.stale_reason or None) if self.stale else None,
             "rejected": self.rejected,
-            "served_from_cache": self.from_cache and self.full_reads == 0,
+            "served_from_cache": self.on_cache,
         }
 
     def metrics(self) -> list[tuple[str, str, str, list]]:

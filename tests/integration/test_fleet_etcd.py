@@ -78,10 +78,10 @@ class FleetNode:
         self.config = parse_node_object(node, f"{node_id}.yaml")
         self.node_file = self.dir / "node.yaml"
         self.node_file.write_text(yaml.safe_dump({**node, "api": {"port": 9180}}))
-        self.events = EventLog("text", stream=open(self.dir / "events.log", "a"))
+        self.events = EventLog()
         self.health: FakeHealth | None = None
         self.forwarder = FakeForwarder()
-        self.member = FleetMember(self.config, self.dir / "run", self.dir, self.events)
+        self.member = FleetMember(self.config, self.dir / "run", self.dir, self.events)  # state dir = run dir here
 
         def health_factory(cb):
             self.health = FakeHealth(cb)
@@ -409,7 +409,7 @@ DEAD_NODE = textwrap.dedent("""
     async def main():
         client = EtcdClient(sys.argv[1].split(","))
         reg = NodeRegistry(client, "/t/", "doomed", 2, lambda: {"node_id": "doomed", "revision": 1, "vips": {}},
-                           EventLog("text"))
+                           EventLog())
         task = asyncio.create_task(reg.run())
         while not reg.registered:
             await asyncio.sleep(0.05)

@@ -12,6 +12,7 @@ good set. The etcd source's own loop (node/fleet/source.py) turns each etcd revi
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -75,7 +76,18 @@ def watcher(controller: Any) -> tuple[str, Callable[[], Awaitable[None]]]:
     src = controller.vip_source
     if src is None:
         return "vip-dir-watch", controller._watch_loop
-    return "vip-source", lambda: src.run(controller)
+
+    async def follow() -> None:
+        # The directory watcher's loop also serves SIGHUP (`systemctl reload`): on an etcd node
+        # it re-applies the current revision, as POST /api/v1/reload does, instead of nothing.
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(src.run(controller), name="etcd")
+                group.create_task(controller._watch_loop(), name="sighup")
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the supervisor reports and counts it
+
+    return "vip-source", follow
 
 
 def source_label(controller: Any) -> str:

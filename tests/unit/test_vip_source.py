@@ -144,6 +144,10 @@ async def test_the_source_is_the_supervised_task_vip_source(tmp_path):
         # Restarted, it follows etcd again.
         etcd.put_vip(vip("api", "10.100.0.2"))
         await wait_for(lambda: "api" in node.c.vips, 5, "api applied after the restart")
+        # SIGHUP (`systemctl reload`) re-applies the current revision rather than nothing.
+        node.c.request_reload()
+        await wait_for(lambda: node.c.last_reload.source == "SIGHUP", 5, "the SIGHUP reload")
+        assert node.c.last_reload.ok and set(node.c.vips) == {"web", "api"}
     finally:
         await node.c.stop()
 

@@ -21,13 +21,13 @@ from node.config import ConfigError, Deadline, NodeConfig, VipConfig, validate_v
 Sources = dict[str, tuple[Path, VipConfig]]
 
 
-def make_source(config: NodeConfig, run_dir: Path, base_dir: Path, events: Any) -> Any:
+def make_source(config: NodeConfig, state_dir: Path, base_dir: Path, events: Any) -> Any:
     """The node file's config_source: None for ``directory``, the fleet membership for ``etcd``."""
     if config.config_source != "etcd":
         return None
     from node.fleet.member import FleetMember  # a directory node never loads the fleet code
 
-    return FleetMember(config, run_dir, base_dir, events)
+    return FleetMember(config, state_dir, base_dir, events)
 
 
 async def initial_vips(controller: Any) -> Sources:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from node.config import ConfigError, VipConfig
+from node.files import atomic_write
 from node.fleet import layout
 from node.fleet.etcd import EtcdClient, EtcdCompacted, EtcdError
 
@@ -226,8 +226,6 @@ class EtcdSource:
     # ------------------------------------------------------------------ the local copy
 
     def _save_cache(self) -> None:
-        from node.controller import atomic_write
-
         data = {"revision": self.applied_revision,
                 "objects": {k: v.decode() for k, v in sorted(self.applied_objects.items())}}
         try:

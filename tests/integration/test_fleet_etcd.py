@@ -388,6 +388,14 @@ async def test_differing_health_view_is_flagged_with_the_backend(etcd, tmp_path)
 
         text = m.render(nodes[0].c, {})
         assert 'maglev_fleet_vip_digest_mismatch{vip="web"} 1' in text
+        # Every series the shipped alert rules name is one a fleet node exports.
+        import re
+
+        rules = yaml.safe_load((REPO / "configs/prometheus/fleet-rules.yml").read_text())
+        named = {n for g in rules["groups"] for r in g["rules"]
+                 for n in re.findall(r"\bmaglev_[a-z_]+", r["expr"] + str(r.get("annotations")))}
+        exported = set(re.findall(r"^(maglev_[a-z_]+)", text, re.M))
+        assert named and named <= exported, named - exported
 
         # An operator override on one node is named as such.
         nodes[1].health.set("10.0.1.2", State.UP)

@@ -43,11 +43,15 @@ def check_path(path: Path) -> list[str]:
     kind = _kind(path)
     if kind == "node":
         node = load_node_file(path)
+        source = (f"VIPs from etcd {', '.join(node.etcd.endpoints)} under {node.etcd.prefix} "
+                  "(`maglev fleet diff FILE --config NODE.yaml` checks a change)"
+                  if node.config_source == "etcd" else f"VIP directory {node.vip_dir}")
         lines = [
             f"{path}: node {node.node_id!r}: AS {node.bgp.local_as}, {len(node.bgp.peers)} BGP peer(s), "
-            f"forwarder on {', '.join(node.forwarder.interfaces)} ({node.forwarder.xdp_mode}), "
-            f"VIP directory {node.vip_dir}"
+            f"forwarder on {', '.join(node.forwarder.interfaces)} ({node.forwarder.xdp_mode}), {source}"
         ]
+        if node.config_source == "etcd":
+            return lines  # the node never reads its vip_dir
         vip_dir = node.vip_dir if node.vip_dir.is_absolute() else path.parent / node.vip_dir
         if vip_dir.is_dir():
             lines.extend(check_path(vip_dir))

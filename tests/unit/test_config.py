@@ -139,6 +139,13 @@ def test_check_config_examples_valid():
     assert any(line.startswith("configs/vips.d/web.yaml: 2 VIP(s)") for line in lines)
 
 
+def test_check_config_of_an_etcd_node_names_its_source_not_a_directory():
+    r = run_cli("check-config", "configs/lab/etcd/node-1.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "VIPs from etcd http://10.2.0.31:2379, http://10.2.0.32:2379, http://10.2.0.33:2379 under /maglev/" in r.stdout
+    assert "VIP directory" not in r.stdout
+
+
 def test_check_config_lists_every_error(tmp_path):
     f = write(tmp_path / "a.yaml", {"vips": [vip(table_size=100, bogus=1)]})
     r = run_cli("check-config", str(f), str(tmp_path / "missing.yaml"))

@@ -105,7 +105,6 @@ class Controller:
         # None: the VIP directory. Otherwise where the VIP set comes from instead (etcd: a
         # node.fleet.member.FleetMember); node/vip_source.py is the one place that tells them apart.
         self.vip_source = vip_source
-
         self.vips: dict[str, VipConfig] = {}
         self.vip_sources: dict[str, Path] = {}
         self.targets: dict[tuple[str, str], Any] = {}  # (vip, backend key) -> health Target

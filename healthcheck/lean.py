@@ -205,6 +205,15 @@ class LeanProbes:
 
     # ------------------------------------------------------------------ readiness
 
+    def poll_now(self) -> None:
+        """Read the verdicts already in, without waiting for the event loop to report the epoll
+        fd. The scheduler calls it right after starting a batch: a connect to a nearby backend
+        (same host, same rack) is often complete by then, and judging it in the same callback
+        saves a whole event-loop wake-up (an epoll_wait and a loop iteration), which on a VM
+        costs more than the probe's own system calls. Never from inside ``start``: a verdict
+        must not reach its caller before ``start`` has returned the handle."""
+        self._on_ready()
+
     def _on_ready(self) -> None:
         finished: list[tuple[_Probe, bool, str]] = []
         by_fd = self._by_fd

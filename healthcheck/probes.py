@@ -228,6 +228,12 @@ class Prober:
         task.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))
         return task
 
+    def settle(self) -> None:
+        """Judge the lean probes whose answer is already in (see LeanProbes.poll_now); the
+        scheduler calls it after each batch of starts."""
+        if self._lean is not None:
+            self._lean.poll_now()
+
     def _lean_engine(self) -> LeanProbes:
         loop = asyncio.get_running_loop()
         if self._lean is None or self._lean.loop is not loop:

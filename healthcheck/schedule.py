@@ -65,6 +65,7 @@ class Schedule:
         self._timer_at = math.inf
         self._tasks: set[asyncio.Task[Any]] = set()  # probes that run as tasks (exec, udp...)
         self._closed = False
+        self._firing = False  # inside _fire, which arms the timer once at its end
 
     def add(self, target: Target, owner: Any, first_at: float) -> Job:
         job = Job(target, owner, first_at)
@@ -96,7 +97,7 @@ class Schedule:
         if jobs is None:
             self._slots[slot] = [job]
             heapq.heappush(self._heap, slot)
-            if slot * SLOT_GRAIN < self._timer_at:
+            if slot * SLOT_GRAIN < self._timer_at and not self._firing:
                 self._arm(slot * SLOT_GRAIN)
         else:
             jobs.append(job)
@@ -111,6 +112,20 @@ class Schedule:
 
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf
+        self._firing = True
+        try:
+            self._start_due()
+            # Verdicts already in (a nearby backend answers within the connect) are handled now
+            # rather than in a wake-up of their own; the jobs they reschedule land in the heap.
+            self._prober.settle()
+        finally:  # whatever happened above, the schedule goes on
+            self._firing = False
+            heap, loop = self._heap, self._loop
+            if self._timer is None and heap:
+                self._arm(max(heap[0] * SLOT_GRAIN, loop.time() + SLOT_GRAIN / 2))
+
+    def _start_due(self) -> None:
+        """Start the probes of every slot that has come, BATCH at most (then arm for at once)."""
         heap, loop = self._heap, self._loop
         # The timer may run a hair before its slot's time (the loop's clock resolution, float
         # rounding of slot * SLOT_GRAIN): a thousandth of a slot of slack keeps it from missing.
@@ -131,8 +146,6 @@ class Schedule:
                 if job.active:
                     self._launch(job)
                     budget -= 1
-        if heap:
-            self._arm(max(heap[0] * SLOT_GRAIN, loop.time() + SLOT_GRAIN / 2))
 
     def _launch(self, job: Job) -> None:
         scheduled, started = job.next_at, self._loop.time()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import select
 import socket
 import threading
 import time
@@ -295,3 +296,46 @@ async def test_a_raising_verdict_callback_costs_no_other_probe_its_verdict(caplo
             await asyncio.sleep(0.8)  # past the timeout: every verdict is in by now
     assert len(got) == 10 and all(r.ok for r in got), [r.reason for r in got]
     assert "a probe's verdict callback failed" in caplog.text
+
+
+async def test_settle_judges_answers_already_in_without_an_event_loop_wakeup():
+    """Prober.settle (what the schedule calls after a batch of starts) hands over the verdicts
+    whose answer is already in, in the caller's own callback: the event loop never runs between
+    start and verdict. Each probe is still its own new connection (accepted one by one), and
+    ``start`` itself never calls back (the handle is returned first)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    tcp = Target(ipaddress.ip_address("127.0.0.1"), listener.getsockname()[1],
+                 _checks.validate_python({"type": "tcp", "interval": 2, "timeout": 1}))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    refused = Target(ipaddress.ip_address("127.0.0.1"), closed.getsockname()[1], tcp.check)
+    try:
+        async with Prober() as prober:
+            for want, t in ((True, tcp), (False, refused), (True, tcp)):
+                got: list[Any] = []
+                prober.start(t, got.append)
+                assert got == []
+                lean = prober._lean
+                assert lean is not None
+                # Block (outside the loop) until the kernel has the answer, then settle.
+                ready, _, _ = select.select([lean._epoll.fileno()], [], [], 5)
+                assert ready
+                prober.settle()
+                assert [r.ok for r in got] == [want], [r.reason for r in got]
+                assert not lean._by_fd  # the socket is closed and forgotten
+            listener.setblocking(False)
+            accepted = 0
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                accepted += 1
+            assert accepted == 2
+            prober.settle()  # nothing in flight: a no-op
+    finally:
+        listener.close()
+        closed.close()

@@ -123,6 +123,30 @@ async def test_durations_are_histograms_and_probes_are_counted(env):
     assert results == {("ok", "connected"): 1, ("fail", "connection failed"): 1}
 
 
+async def test_probe_series_kept_per_target_count_every_probe(env):
+    """on_probe keeps each target's series at hand: repeated verdicts, reasons with variable
+    detail (more than it keeps per target) and a second target all land in the right series."""
+    await env.c.reconcile()
+    first, second = list(env.c.targets.values())[:2]
+    for _ in range(5):
+        env.c.metrics.on_probe(first, 0.0, 0.0, ProbeResult(True, "connected", 0.0004, 1.0))
+    for n in range(metrics.PROBE_REASONS_KEPT + 3):  # "exit 1: <detail>" varies probe to probe
+        env.c.metrics.on_probe(first, 0.0, 0.0, ProbeResult(False, f"exit 1: disk {n} full", 0.002, 1.0))
+    env.c.metrics.on_probe(first, 0.0, 0.0, ProbeResult(True, "connected", 0.0004, 1.0))
+    env.c.metrics.on_probe(second, 0.0, 0.0, ProbeResult(False, "timeout after 1 s", 1.0, 1.0,
+                                                         inconclusive=True))
+    fams = families(metrics.render(env.c, {}))
+    results = {(s.labels["backend"], s.labels["result"], s.labels["reason"]): s.value
+               for s in fams["maglev_probe_results"].samples if s.name.endswith("_total")}
+    name = lambda t: f"{t.address}:{t.probe_port}" if t.probe_port else str(t.address)  # noqa: E731
+    assert results == {(name(first), "ok", "connected"): 6,
+                       (name(first), "fail", "exit 1"): metrics.PROBE_REASONS_KEPT + 3,
+                       (name(second), "inconclusive", "timeout after 1 s"): 1}
+    counts = {s.labels["backend"]: s.value for s in fams["maglev_probe_duration_seconds"].samples
+              if s.name.endswith("_count")}
+    assert counts == {name(first): 6 + metrics.PROBE_REASONS_KEPT + 3, name(second): 1}
+
+
 async def test_scrape_negotiates_like_prometheus_client(env):
     client = TestClient(TestServer(make_app(env.c, "t")))
     await client.start_server()

@@ -84,6 +84,24 @@ def fully_converged(lab: Lab) -> bool:
     )
 
 
+OWN_LAB_MODULES = ("test_fleet.py",)  # bring up a lab of their own (etcd): before the shared one
+LAST = "test_lab_down_leaves_nothing_behind"  # takes the shared lab down: the last e2e test
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Only one lab can be up at a time (fixed namespace names, /run/maglev-lab): the modules
+    with a lab of their own run first, then every test on the shared session lab, then the test
+    that takes it down. File names do not decide it."""
+    slots = [i for i, item in enumerate(items) if "/tests/e2e/" in str(item.path)]
+
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.path.name in OWN_LAB_MODULES else (2 if item.name == LAST else 1)
+
+    ordered = sorted((items[i] for i in slots), key=rank)
+    for i, item in zip(slots, ordered):
+        items[i] = item
+
+
 @pytest.fixture(scope="session")
 def lab() -> Lab:
     if os.geteuid() != 0:

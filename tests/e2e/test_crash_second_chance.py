@@ -5,8 +5,8 @@ it with their previous owner named in the GRE key, and its decap program hands t
 backend that has their socket. None is reset; the new backend still takes its share of new
 flows; both sides' counters show the path was taken.
 
-Runs before tests/e2e/test_lab.py (file order: that file ends by taking the lab down) on the same shared lab (always under
-`flock /tmp/mlb-lab.lock`)."""
+Runs on the shared session lab, before tests/e2e/test_lab.py's last test takes it down (the
+order is set in tests/e2e/conftest.py; always under `flock /tmp/mlb-lab.lock`)."""
 
 from __future__ import annotations
 

@@ -259,15 +259,19 @@ def compact_etcd(lab: Lab) -> int:
 
 
 def test_differing_health_view_is_flagged_by_fleet_status(fleet_ready: Lab) -> None:
-    """node-1 alone loses the health-check port of backend-2 (a policy rule that refuses TCP to
-    port 8080 only: the GRE data path and the other nodes are untouched)."""
+    """node-1 alone loses the health checks of backend-2. The lab's checks go through the
+    tunnel (to the VIP, GRE to the backend, answered straight back), so the cut is made where
+    only node-1's checks pass: backend-2 cannot send its health port's answers to node-1's
+    address (a policy rule in backend-2's namespace). The data path (answers to the client)
+    and the other nodes' checks are untouched."""
     lab = fleet_ready
     b2 = lab.plan.backend(2).v4
-    rule = ["rule", "add", "to", f"{b2}/32", "ipproto", "tcp", "dport", str(P.HEALTH_PORT), "prohibit", "pref", "90"]
+    rule = ["rule", "add", "from", f"{P.VIP_V4}/32", "to", f"{lab.plan.node(1).v4}/32", "ipproto", "tcp",
+            "sport", str(P.HEALTH_PORT), "prohibit", "pref", "90"]
     from lab.netns import Netns
 
-    node1 = Netns(lab.plan.node(1).ns)
-    node1.ip(*rule)
+    cut = Netns(lab.plan.backend(2).ns)  # backend-2's answers to node-1
+    cut.ip(*rule)
     try:
         def flagged() -> bool:
             code, view = fleet_status(lab, node=2)
@@ -276,10 +280,10 @@ def test_differing_health_view_is_flagged_by_fleet_status(fleet_ready: Lab) -> N
                                      for r in reasons)
 
         took = wait_until(flagged, 5, "fleet status to flag web4 with node-1's view of backend-2", interval=0.1)
-        print(f"[measure] health-check port refused on node-1 -> `fleet status` flags web4: {took:.2f} s", flush=True)
+        print(f"[measure] backend-2's health answers to node-1 cut -> `fleet status` flags web4: {took:.2f} s", flush=True)
         out = etcd.fleet(lab.plan, "status", node=2)
         print(out.stdout)  # the README's example comes from here
         assert "VIP web4: DIGESTS DIFFER" in out.stdout and "VIP web6" not in out.stdout
     finally:
-        node1.ip(*[("del" if a == "add" else a) for a in rule])
+        cut.ip(*[("del" if a == "add" else a) for a in rule])
     wait_until(lambda: fleet_status(lab)[0] == 0, 15, "the fleet to agree again")

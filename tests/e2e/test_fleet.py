@@ -266,7 +266,8 @@ def test_differing_health_view_is_flagged_by_fleet_status(fleet_ready: Lab) -> N
     and the other nodes' checks are untouched."""
     lab = fleet_ready
     b2 = lab.plan.backend(2).v4
-    rule = ["rule", "add", "from", f"{P.VIP_V4}/32", "to", f"{lab.plan.node(1).v4}/32", "ipproto", "tcp",
+    # ipproto 6 (tcp): a minimal Debian has no /etc/protocols to resolve the name.
+    rule = ["rule", "add", "from", f"{P.VIP_V4}/32", "to", f"{lab.plan.node(1).v4}/32", "ipproto", "6",
             "sport", str(P.HEALTH_PORT), "prohibit", "pref", "90"]
     from lab.netns import Netns
 

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from node.config import ConfigError, EtcdConfig, NodeConfig, load_node_file
 from node.fleet import objects, view
 from node.fleet.etcd import EtcdClient, EtcdError
@@ -68,27 +70,44 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _endpoint_list(text: str) -> list[str]:
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
 def _settings(args: argparse.Namespace) -> tuple[EtcdConfig, NodeConfig | None, Path | None]:
-    node = None
-    base = None
+    """etcd's settings: the node file's etcd section, with --endpoints/--prefix over it (checked
+    as the node file's are), or --endpoints/$MAGLEV_ETCD_ENDPOINTS alone. ValueError: unusable."""
+    node = base = None
+    update: dict[str, Any] = {}
     if args.config is not None:
         node = load_node_file(args.config)
         base = args.config.resolve().parent
         if node.etcd is None:
-            raise ConfigError([])  # replaced below with a plain message
-        cfg = node.etcd
+            raise ValueError(f"{args.config} has no etcd section (config_source: etcd)")
+        settings = node.etcd.model_dump()
     else:
         endpoints = args.endpoints or os.environ.get("MAGLEV_ETCD_ENDPOINTS")
         if not endpoints:
-            raise SystemExit("error: say where etcd is: --config NODE.yaml, --endpoints URL,... "
+            raise ValueError("say where etcd is: --config NODE.yaml, --endpoints URL,... "
                              "or $MAGLEV_ETCD_ENDPOINTS")
-        cfg = EtcdConfig(endpoints=[e.strip() for e in endpoints.split(",") if e.strip()])
-    prefix = args.prefix or (None if args.config else os.environ.get("MAGLEV_ETCD_PREFIX"))
+        settings = {"endpoints": _endpoint_list(endpoints)}
+        update["prefix"] = os.environ.get("MAGLEV_ETCD_PREFIX")
     if args.endpoints:
-        cfg = cfg.model_copy(update={"endpoints": [e.strip() for e in args.endpoints.split(",") if e.strip()]})
-    if prefix:
-        cfg = EtcdConfig.model_validate({**cfg.model_dump(), "prefix": prefix})
-    return cfg, node, base
+        update["endpoints"] = _endpoint_list(args.endpoints)
+    if args.prefix:
+        update["prefix"] = args.prefix
+    try:
+        return EtcdConfig.model_validate({**settings, **{k: v for k, v in update.items() if v}}), node, base
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'etcd'}: {e['msg'].removeprefix('Value error, ')}"
+                                   for e in exc.errors())) from None
+
+
+def _fail(message: object, details: list[Any], code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    for d in details:
+        print(f"  {d}", file=sys.stderr)
+    return code
 
 
 def _run(fn):
@@ -96,14 +115,9 @@ def _run(fn):
         try:
             cfg, node, base = _settings(args)
         except ConfigError as exc:
-            if not exc.problems:
-                print(f"error: {args.config} has no etcd section (config_source: etcd)", file=sys.stderr)
-            for p in exc.problems:
-                print(f"error: {p}", file=sys.stderr)
-            return 2
+            return _fail(f"cannot use the node file {args.config}", exc.problems, 2)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(exc, [], 2)
 
         async def go() -> int:
             async with EtcdClient.from_config(cfg, base) as client:
@@ -112,13 +126,9 @@ def _run(fn):
         try:
             return asyncio.run(go())
         except objects.Refused as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            for p in exc.problems:
-                print(f"  {p}", file=sys.stderr)
-            return 2
+            return _fail(exc, exc.problems, 2)
         except EtcdError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _fail(exc, [], 1)
     return run
 
 

@@ -118,6 +118,30 @@ def test_node_file_etcd_section():
         assert message in str(exc.value), (extra, str(exc.value))
 
 
+def test_fleet_command_checks_endpoints_and_prefix_given_over_a_node_file(tmp_path, capsys, monkeypatch):
+    """--endpoints and --prefix over a node file's etcd section get the node file's checks (they
+    used to reach the client unchecked), and every refusal names what to fix; nothing is sent."""
+    from node.cli import main
+
+    monkeypatch.delenv("MAGLEV_ETCD_ENDPOINTS", raising=False)
+    node = tmp_path / "node.yaml"
+    node.write_text(yaml.safe_dump(node_dict(config_source="etcd", etcd={"endpoints": ["http://127.0.0.1:1"]})))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(node_dict()))
+    cases = [
+        (["-c", str(node), "--endpoints", "10.0.9.1:2379"], "endpoints: endpoint '10.0.9.1:2379' must be a URL"),
+        (["-c", str(node), "--prefix", "maglev"], "prefix: prefix 'maglev' must start and end with '/'"),
+        (["--endpoints", "etcd-1"], "endpoint 'etcd-1' must be a URL"),
+        (["-c", str(plain)], f"{plain} has no etcd section"),
+        (["-c", str(tmp_path / "missing.yaml")], "missing.yaml: cannot read"),
+        ([], "say where etcd is"),
+    ]
+    for extra, message in cases:
+        assert main(["fleet", "status", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "pydantic" not in err, (extra, err)
+
+
 def current(*vips_: dict) -> objects.Current:
     parsed = [parse_vip_object(v) for v in vips_]
     return objects.Current(stamp_revision=5, vips={v.name: v for v in parsed},

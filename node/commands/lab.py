@@ -28,39 +28,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     st = lab_sub.add_parser("status", help="router nexthops, node state and VIPs, backend health")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
-    for name, helptext, fn in (
-        ("kill-node", "crash node I: links down, SIGKILL its processes", _kill_node),
-        ("stop-node", "stop node I gracefully (SIGTERM: withdraw, wait, exit)", _stop_node),
-        ("start-node", "start node I again (links up)", _start_node),
+    for name, index, helptext, fn in (
+        ("kill-node", "I", "crash node I: links down, SIGKILL its processes", _kill_node),
+        ("stop-node", "I", "stop node I gracefully (SIGTERM: withdraw, wait, exit)", _stop_node),
+        ("start-node", "I", "start node I again (links up)", _start_node),
+        ("kill-backend", "J", "kill backend J's server (a backend failure)", _kill_backend),
+        ("start-backend", "J", "start backend J's server again", _start_backend),
+        ("kill-etcd", "K", "SIGKILL etcd member K (--config-source etcd)", _kill_etcd),
+        ("start-etcd", "K", "start etcd member K again", _start_etcd),
+        ("cut-etcd", "I", "take node I's links to etcd down (its data path stays up)", _cut_etcd),
+        ("reconnect-etcd", "I", "bring node I's links to etcd back", _reconnect_etcd),
     ):
         sp = lab_sub.add_parser(name, help=helptext)
-        sp.add_argument("index", type=int, metavar="I")
-        sp.set_defaults(func=fn)
-    for name, helptext, fn in (
-        ("kill-backend", "kill backend J's server (a backend failure)", _kill_backend),
-        ("start-backend", "start backend J's server again", _start_backend),
-    ):
-        sp = lab_sub.add_parser(name, help=helptext)
-        sp.add_argument("index", type=int, metavar="J")
+        sp.add_argument("index", type=int, metavar=index)
         sp.set_defaults(func=fn)
     web = lab_sub.add_parser("web", help="open node I's status page from the host: relay 127.0.0.1:PORT to its API")
     web.add_argument("index", type=int, metavar="I")
     web.add_argument("--port", type=int, default=9180, help="port on the host's loopback (default 9180)")
     web.set_defaults(func=_web)
-    for name, helptext, fn in (
-        ("kill-etcd", "SIGKILL etcd member K (--config-source etcd)", _kill_etcd),
-        ("start-etcd", "start etcd member K again", _start_etcd),
-    ):
-        sp = lab_sub.add_parser(name, help=helptext)
-        sp.add_argument("index", type=int, metavar="K")
-        sp.set_defaults(func=fn)
-    for name, helptext, fn in (
-        ("cut-etcd", "take node I's links to etcd down (its data path stays up)", _cut_etcd),
-        ("reconnect-etcd", "bring node I's links to etcd back", _reconnect_etcd),
-    ):
-        sp = lab_sub.add_parser(name, help=helptext)
-        sp.add_argument("index", type=int, metavar="I")
-        sp.set_defaults(func=fn)
     ex = lab_sub.add_parser("exec", help="run a command in a lab namespace: exec ROLE -- CMD...")
     ex.add_argument("role", help="router, client, node-I or backend-J")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")

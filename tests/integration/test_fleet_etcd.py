@@ -10,6 +10,7 @@ operator's side is the real `maglev fleet` command, run as a subprocess.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -38,24 +39,26 @@ REPO = Path(__file__).resolve().parents[2]
 MAGLEV = [sys.executable, "-m", "node.cli"]
 
 
-@pytest.fixture
-def etcd(tmp_path):
-    cluster = EtcdCluster.on_loopback(tmp_path / "etcd", size=1)
+@contextlib.contextmanager
+def running_cluster(data_dir: Path, size: int):
+    cluster = EtcdCluster.on_loopback(data_dir, size=size)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    with running_cluster(tmp_path / "etcd", 1) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 def etcd3(tmp_path):
-    cluster = EtcdCluster.on_loopback(tmp_path / "etcd3", size=3)
-    try:
-        cluster.start()
+    with running_cluster(tmp_path / "etcd3", 3) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def vip(name: str, address: str, backends=("10.0.1.1", "10.0.1.2", "10.0.1.3"), **extra) -> dict:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration.harness import decap_counters, maglev_backend, popen, teardown
+
 VIP4, VIP6, PORT = "198.51.100.10", "2001:db8:100::10", 8080
 CLIENT4, NODE4, BACKEND4 = "10.99.0.1", "10.99.0.2", "10.99.0.3"
 CLIENT6, NODE6, BACKEND6 = "fd99::1", "fd99::2", "fd99::3"
@@ -189,11 +190,7 @@ class Lab:
         wait_for_bridge(client, node, backend)
 
     def backend_cli(self, *args: str) -> str:
-        proc = self.ns["b"].run(sys.executable, "-m", "node.cli", "backend", *args,
-                                "--interface", "eth0", "--bpffs", str(self.tmp / "backend-bpffs"),
-                                "--state-dir", str(self.tmp / "backend-state"), check=False)
-        assert proc.returncode == 0, f"maglev backend {args[0]} failed: {proc.stderr}{proc.stdout}"
-        return proc.stdout
+        return maglev_backend(self.ns["b"], self.tmp, *args)
 
     def start_backend(self) -> None:
         self.backend_cli("setup", "--vip", VIP4, "--vip", VIP6)
@@ -220,12 +217,7 @@ class Lab:
         return json.loads(line)
 
     def decap_counters(self) -> dict[str, int]:
-        out = self.backend_cli("status")
-        counters = {}
-        for line in out.splitlines()[1:]:
-            name, packets, *_ = line.split()
-            counters[name] = int(packets)
-        return counters
+        return decap_counters(self.ns["b"], self.tmp)
 
     def link_stats(self, key: str) -> dict[str, int]:
         """rx_bytes/tx_bytes/rx_packets/tx_packets of the host's eth0."""
@@ -234,10 +226,7 @@ class Lab:
         return {f"{d}_{f}": stats[d][f] for d in ("rx", "tx") for f in ("bytes", "packets")}
 
     def popen(self, key: str, argv: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(self.ns[key].exec_argv(argv), cwd=REPO, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
+        return popen(self.ns[key], argv, self.procs)
 
     def transfer(self, vip: str) -> dict:
         proc = self.ns["c"].run(sys.executable, "-c", CLIENT, vip, str(PORT), str(TRANSFER),
@@ -246,35 +235,7 @@ class Lab:
         return json.loads(proc.stdout)
 
     def close(self) -> None:
-        from lab.netns import cleanup_prefix, umount
-
-        if self.node is not None and self.node.poll() is None:
-            try:  # a clean stop detaches XDP and removes the pins
-                self.node.stdin.write("quit\n")
-                self.node.stdin.flush()
-                self.node.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        if self.ns["b"].name in _namespaces():
-            self.ns["b"].run(sys.executable, "-m", "node.cli", "backend", "teardown", "--interface",
-                             "eth0", "--bpffs", str(self.tmp / "backend-bpffs"), "--state-dir",
-                             str(self.tmp / "backend-state"), check=False)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()  # by PID
-            proc.wait(5)
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                if f:
-                    f.close()
-        cleanup_prefix(self.prefix)
-        for mnt in ("node-bpffs", "backend-bpffs"):
-            umount(self.tmp / mnt)
-
-
-def _namespaces() -> list[str]:
-    from lab.netns import list_namespaces
-
-    return list_namespaces()
+        teardown(self.prefix, self.tmp, self.ns["b"], self.procs, self.node, "quit", wait=5)
 
 
 def wait_for_bridge(client, node, backend) -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration.harness import decap_counters, maglev_backend, popen, teardown
+
 VIP4, VIP6 = "198.51.100.20", "2001:db8:100::20"
 NODE4, NODE6 = "10.97.0.2", "fd97::2"
 BACKEND4, BACKEND6 = "10.97.0.3", "fd97::3"
@@ -217,20 +218,13 @@ class Env:
         self.mode = json.loads(line)["mode"]
 
     def backend_cli(self, *args: str) -> str:
-        proc = self.backend.run(sys.executable, "-m", "node.cli", "backend", *args, "--interface", "eth0",
-                                "--bpffs", str(self.tmp / "backend-bpffs"), "--state-dir",
-                                str(self.tmp / "backend-state"), check=False)
-        assert proc.returncode == 0, f"maglev backend {args[0]} failed: {proc.stderr}{proc.stdout}"
-        return proc.stdout
+        return maglev_backend(self.backend, self.tmp, *args)
 
     def setup_backend(self) -> None:
         self.backend_cli("setup", "--vip", VIP4, "--vip", VIP6)
 
     def popen(self, ns, argv: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(ns.exec_argv(argv), cwd=REPO, text=True, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
+        return popen(ns, argv, self.procs)
 
     def ask(self, request: dict):
         assert self.node_proc is not None
@@ -249,29 +243,8 @@ class Env:
                                     "vip": vip if via == "tunnel" else None}]})[0]
 
     def close(self) -> None:
-        from lab.netns import cleanup_prefix, list_namespaces, umount
-
-        if self.node_proc is not None and self.node_proc.poll() is None:
-            try:  # a clean stop removes the tunnel, detaches XDP and the pins
-                self.node_proc.stdin.write("{}\n")
-                self.node_proc.stdin.flush()
-                self.node_proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        if self.backend.name in list_namespaces():
-            self.backend.run(sys.executable, "-m", "node.cli", "backend", "teardown", "--interface", "eth0",
-                             "--bpffs", str(self.tmp / "backend-bpffs"), "--state-dir",
-                             str(self.tmp / "backend-state"), check=False)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()  # by PID
-            proc.wait(5)
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                if f:
-                    f.close()
-        cleanup_prefix(self.prefix)
-        for mnt in ("node-bpffs", "backend-bpffs"):
-            umount(self.tmp / mnt)
+        # a clean stop of the node's process removes the tunnel, detaches XDP and the pins
+        teardown(self.prefix, self.tmp, self.backend, self.procs, self.node_proc, "{}", wait=10)
 
 
 @pytest.fixture(scope="module")
@@ -309,11 +282,7 @@ def test_the_backend_answered_the_vip_not_its_own_address(env, family):
     """The decap counters of the backend move with tunnel probes: the VIP's answer came from a
     decapsulated packet, not from some route to the VIP."""
     def decapsulated() -> int:
-        for line in env.backend_cli("status").splitlines()[1:]:
-            name, packets, *_ = line.split()
-            if name == f"decap_v{family}":
-                return int(packets)
-        raise AssertionError("no decap counter")
+        return decap_counters(env.backend, env.tmp)[f"decap_v{family}"]
 
     before = decapsulated()
     assert env.probe("tcp", family, "tunnel")["ok"]

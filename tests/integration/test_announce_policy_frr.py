@@ -12,7 +12,6 @@ Namespaces carry a unique "p14" prefix and are removed even when a test fails.
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 import threading
 import time
@@ -22,12 +21,12 @@ import pytest
 
 from bgp import BgpSpeaker
 from lab.frr import FrrRouter, render_config
-from lab.netns import Netns, cleanup_prefix, point_to_point, quiet_ipv6, unique_prefix
+from lab.netns import Netns, quiet_ipv6, unique_prefix
 from node.announce_policy import DampingParams
 from node.config import VipConfig
 from node.effects import routes_for
 from node.reconcile import Desired, Health, Inputs, TableCache, decide
-from tests.integration.test_bgp_frr import EXABGP, LoopThread, node_config, wait_for
+from tests.integration.bgp_harness import EXABGP, LoopThread, node_config, node_namespaces, teardown, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -70,11 +69,7 @@ class Lab:
         for key in ("net.ipv4.ip_forward", "net.ipv4.fib_multipath_hash_policy"):
             rns.sysctl(key, 1)
         quiet_ipv6(rns)
-        for i in NODES:
-            ns = Netns.create(f"{self.prefix}-n{i}")
-            quiet_ipv6(ns, keep_addr_on_down=True)
-            point_to_point(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}", f"10.77.{i}", f"fd77:{i}")
-            self.nodes[i] = ns
+        self.nodes = node_namespaces(self.prefix, rns, NODES)
         self.router = FrrRouter(rns, render_config(asn=65000, router_id="10.77.0.1",
                                                    listen_ranges=["10.77.0.0/16"], timers=(1, 3)))
         self.router.start()
@@ -96,18 +91,8 @@ class Lab:
         return {p["nexthops"][0]["ip"]: p for p in self.router.bgp_paths(PREFIX)}
 
     def teardown(self) -> None:
-        if self.loop is not None:
-            for sp in self.speakers.values():
-                try:
-                    self.loop.run(sp.stop(graceful=False), timeout=10)
-                except Exception:
-                    pass
-            self.loop.close()
-        if self.router is not None:
-            self.router.stop()
-        cleanup_prefix(self.prefix)
-        for i in NODES:
-            shutil.rmtree(f"/tmp/{self.prefix}-n{i}", ignore_errors=True)
+        teardown(self.prefix, self.loop, self.speakers.values(), (self.router,),
+                 [Path(f"/tmp/{self.prefix}-n{i}") for i in NODES])
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from bgp import BgpSpeaker, Route
 from lab.frr import FrrRouter, Neighbor, render_bfd_config, render_config
-from lab.netns import Netns, cleanup_prefix, point_to_point, quiet_ipv6, unique_prefix
-from node.config import BgpConfig
+from lab.netns import Netns, quiet_ipv6, unique_prefix
+from tests.integration.bgp_harness import (EXABGP, HOLD, ROUTER_AS, LoopThread, node_config,
+                                           node_namespaces, teardown, wait_for)
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
-ROUTER_AS = 65000
 VIP4 = "10.77.100.1/32"
 VIP6 = "fd77:100::1/128"
 VIP_BFD = "10.77.101.1/32"  # announced by node5 only (BFD test)
@@ -45,62 +44,7 @@ BFD_NODE = 5
 GR_NODE = 6
 VIP_GR = "10.77.106.1/32"  # announced by node6 only (graceful restart tests)
 GR_RESTART = 6  # node6's bgp.graceful_restart.restart_time
-HOLD = 3
-EXABGP = [sys.executable, "-m", "exabgp", "server"]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> float:
-    """Poll cond until true; return the seconds it took, fail with `what` on timeout."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
-
-
-class LoopThread:
-    """One asyncio loop on a thread that lives as long as the lab.
-
-    ExaBGP's PR_SET_PDEATHSIG follows the thread that forked it, so the speakers' loop must
-    outlive the tests that use them; a module-lifetime thread gives exactly that.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn, *args):
-        async def _call():
-            return fn(*args)
-        return self.run(_call())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
-def node_config(i: int, **overrides) -> BgpConfig:
-    data = {
-        "local_as": 65100 + i,
-        "router_id": f"10.77.{i}.2",
-        "local_address": f"10.77.{i}.2",
-        "local_address_v6": f"fd77:{i}::2",
-        "hold_time": HOLD,
-        "peers": [{"address": f"10.77.{i}.1", "peer_as": ROUTER_AS},
-                  {"address": f"fd77:{i}::1", "peer_as": ROUTER_AS}],
-        "withdraw_delay": 0.5,
-        "min_change_interval": 0.2,
-        "flap_hold_down": 0,
-    }
-    data.update(overrides)
-    return BgpConfig.model_validate(data)
 
 
 def routes() -> list[Route]:
@@ -123,11 +67,7 @@ class Lab:
             rns.sysctl(key, 1)
         # FRR resets IPv6 sessions until the interface has its link-local address: skip DAD.
         quiet_ipv6(rns)
-        for i in range(1, n_nodes + 1):
-            ns = Netns.create(f"{self.prefix}-n{i}")
-            quiet_ipv6(ns, keep_addr_on_down=True)
-            point_to_point(rns, f"{self.prefix}r{i}", ns, f"{self.prefix}n{i}", f"10.77.{i}", f"fd77:{i}")
-            self.nodes[i] = ns
+        self.nodes = node_namespaces(self.prefix, rns, range(1, n_nodes + 1))
         # node5 is a static neighbor with BFD (listen-range peers get BFD re-created per flap).
         cfg = render_config(asn=ROUTER_AS, router_id="10.77.0.1",
                             neighbors=[Neighbor(f"10.77.{BFD_NODE}.2", 65100 + BFD_NODE, bfd=True),
@@ -155,20 +95,8 @@ class Lab:
         return sp
 
     def teardown(self) -> None:
-        if self.loop is not None:
-            for sp in self.speakers.values():
-                try:
-                    self.loop.run(sp.stop(graceful=False), timeout=10)
-                except Exception:
-                    pass
-            self.loop.close()
-        if self.router is not None:
-            self.router.stop()
-        if self.node_bfd is not None:
-            self.node_bfd.stop()
-        cleanup_prefix(self.prefix)
-        for i in self.nodes:
-            shutil.rmtree(self.run_dir(i), ignore_errors=True)
+        teardown(self.prefix, self.loop, self.speakers.values(), (self.router, self.node_bfd),
+                 [self.run_dir(i) for i in self.nodes])
 
 
 def node_hop(i: int, version: int) -> str:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -28,11 +27,10 @@ from bgp import exabgp
 from lab.frr import FrrRouter, Neighbor, render_config
 from lab.netns import Netns, cleanup_prefix, point_to_point, quiet_ipv6, unique_prefix
 from node.config import BgpConfig
+from tests.integration.bgp_harness import HOLD, ROUTER_AS, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
-ROUTER_AS = 65000
-HOLD = 3
 REPO = Path(__file__).resolve().parents[2]
 BFD_NODE, PLAIN_NODE = 1, 2
 
@@ -57,15 +55,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> float:
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 def v4(i: int) -> str:

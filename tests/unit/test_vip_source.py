@@ -67,11 +67,15 @@ class FakeEtcd:
         return self.store_revision
 
     async def watch(self, prefix: str, start: int):
+        """Changes from revision ``start`` on, as etcd's watch: a write the source has read
+        already is not sent again (the queue holds every write since the fake was made)."""
         self.watch_starts.append(start)
         if self.watch_errors:
             raise self.watch_errors.pop(0)
         while True:
-            yield await self.changes.get()
+            revision, events = await self.changes.get()
+            if revision >= start:
+                yield revision, events
 
     async def close(self) -> None:
         pass
@@ -123,11 +127,11 @@ async def test_a_compacted_watch_is_answered_by_a_full_re_read(tmp_path):
 
 
 class CrashingOnce(EtcdSource):
-    crashed = False
+    crashed = False  # per instance (set on self): every run of the test starts with a crash
 
     async def run(self, controller):
-        if not CrashingOnce.crashed:
-            CrashingOnce.crashed = True
+        if not self.crashed:
+            self.crashed = True
             raise RuntimeError("a bug in the source loop")
         await super().run(controller)
 

@@ -1,9 +1,10 @@
 """The node's status page at ``/``: one HTML document rendered on the server, in the spirit of
 HAProxy's stats page.
 
-Every VIP with its announce state and the reason, its backends with health, last check and
-latency, table share against the expected share (bars), packet and flow rates, the conntrack
-fill, the BGP and BFD sessions and the recent events. It refreshes itself with a meta refresh
+Where the config comes from (the directory, or etcd: revision, stale, refused), every VIP with
+its announce state and the reason, its backends with health, last check and latency, table
+share against the expected share (bars), packet and flow rates, the conntrack fill, the BGP and
+BFD sessions and the recent events. It refreshes itself with a meta refresh
 (``?refresh=N`` seconds, 0 to stop): no script, no framework, and every asset comes from the
 package, since a load balancer's management network rarely reaches a CDN. Read-only: writes
 stay on the token API.
@@ -95,6 +96,7 @@ def _header(s: dict[str, Any], data: dict[str, Any]) -> str:
         ("warm-up", "over" if s["warmup_over"] else "in progress (nothing announced yet)"),
         ("node", _badge(not s["node_drained"], "IN SERVICE", "DRAINED")),
         ("disable file", _disable(s.get("disable") or {})),
+        ("config source", _config_source(s.get("config_source") or {})),
         ("last reload", (_badge(reload.get("ok"), "OK", "FAILED") + " " + _e(reload.get("source", ""))
                          + (": " + _e("; ".join(reload.get("problems") or [])) if reload.get("problems") else ""))
          if reload else "none"),
@@ -117,6 +119,27 @@ def _disable(d: dict[str, Any]) -> str:
         return (f'<span class="badge warn" id="disabled">DISABLED</span> {_e(d.get("path"))} present '
                 f'({_e(what)}; remove it to announce again)')
     return f'absent ({_e(d.get("path"))})' + (f' · {_e(d["error"])}' if d.get("error") else "")
+
+
+def _config_source(src: dict[str, Any]) -> str:
+    """Where the VIPs come from: the directory, or etcd with the revision served, whether etcd
+    answers (stale: the last good config keeps serving), a revision this node refused."""
+    if src.get("type") != "etcd":
+        return f'directory {_e(src.get("dir"))}'
+    text = (f'etcd {_e(src.get("endpoint"))} {_e(src.get("prefix"))} · revision '
+            f'<span id="config-revision">{_e(src.get("revision"))}</span> ')
+    if src.get("stale"):
+        text += (f'<span class="badge warn" id="config-stale">STALE</span> for {_e(src.get("stale_for"))} s '
+                 f'({_e(src.get("stale_reason"))}): serving the last good config, nothing withdrawn for it')
+    else:
+        text += '<span class="badge ok" id="config-stale">FRESH</span>'
+    if src.get("served_from_cache"):
+        text += " · served from the local cache"
+    rejected = src.get("rejected")
+    if rejected:
+        text += (f' · <span class="badge bad">REFUSED</span> revision {_e(rejected.get("revision"))}: '
+                 f'{_e("; ".join(rejected.get("problems") or []))} (fix it with `maglev fleet apply`)')
+    return text
 
 
 def _sessions(bgp: dict[str, Any]) -> str:

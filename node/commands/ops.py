@@ -104,7 +104,12 @@ def cmd_status(client: Client, args) -> int:
         if src.get("type") == "etcd":  # a fleet node: which revision it serves, and whether etcd answers
             print(f"config: etcd {src['endpoint']} {src['prefix']}  revision {src['revision']}"
                   + (f"  STALE for {src['stale_for']} s ({src['stale_reason']}): serving the last good config"
-                     if src["stale"] else ""))
+                     if src["stale"] else "")
+                  + ("  (from the local cache)" if src.get("served_from_cache") else ""))
+            rejected = src.get("rejected")
+            if rejected:
+                print(f"config: etcd revision {rejected['revision']} REFUSED by this node: "
+                      + "; ".join(rejected.get("problems") or []) + " (fix it with `maglev fleet apply`)")
         sessions = (s.get("bgp") or {}).get("sessions", {})
         bfd = (s.get("bgp") or {}).get("bfd") or {}
         if bfd.get("enabled"):  # bgp.bfd: each peer's BFD session next to its BGP session

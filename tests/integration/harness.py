@@ -2,7 +2,7 @@
 share (test_forwarder_live.py, test_health_tunnel.py): the backend set up and read by the real
 `maglev backend` command, child processes in namespaces, and a teardown that leaves nothing
 behind (processes stopped by PID, the backend's decap removed, namespaces and bpffs mounts gone)
-whatever the test did. Each test's tmp directory holds node-bpffs/, backend-bpffs/ and
+whatever the test did. Also the flags of the real browser the status page tests use. Each test's tmp directory holds node-bpffs/, backend-bpffs/ and
 backend-state/."""
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# A real headless Chromium for the status page: no sandbox (root), nothing fetched from outside.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def maglev_backend(ns, tmp: Path, *args: str, check: bool = True) -> str:

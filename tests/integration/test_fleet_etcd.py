@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from node.events import EventLog
 from node.fleet import layout
 from node.fleet.etcd import EtcdClient, EtcdCompacted
 from node.fleet.member import FleetMember
+from tests.integration.harness import CHROMIUM_FLAGS
 from tests.unit.test_controller import FakeForwarder, FakeHealth, FakeSpeaker, spec
 
 pytestmark = [pytest.mark.integration]
@@ -483,9 +486,26 @@ async def test_node_api_serves_the_fleet_and_refuses_local_vip_writes(etcd, tmp_
         await wait_for(lambda: node.member.source.stale, 5, "stale")
         status = await (await client.get("/api/v1/status")).json()
         assert status["config_source"]["stale"] and status["config_source"]["revision"] == node.revision
+
+        # The status page says it too, as a real browser renders it.
+        dom = await chromium_dom(str(client.make_url("/?refresh=0")))
+        assert f'<span id="config-revision">{node.revision}</span>' in dom, dom[-3000:]
+        assert 'id="config-stale">STALE</span>' in dom and "serving the last good config" in dom
     finally:
         await client.close()
         await node.stop()
+
+
+async def chromium_dom(url: str) -> str:
+    """The DOM of ``url`` after a real headless Chromium loaded it (on this host's loopback)."""
+    profile = tempfile.mkdtemp(prefix="mlbchrome")
+    try:
+        r = await asyncio.to_thread(subprocess.run, ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                                     "--dump-dom", url], capture_output=True, text=True, timeout=90)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert r.returncode == 0 and "<h1>" in r.stdout, r.stderr[-2000:]
+    return r.stdout
 
 
 async def test_auth_and_tls_options(tmp_path):

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from lab.nssocket import in_netns
+from tests.integration.harness import CHROMIUM_FLAGS
 from tests.integration.test_node import BACKENDS, ROUTER, VIP, NodeLab, wait_for
 from tests.unit.test_prometheus_rules import RULES, dashboard_exprs, exported_names, unknown_names
 
@@ -33,8 +34,6 @@ pytestmark = [pytest.mark.root, pytest.mark.integration]
 
 API = "http://127.0.0.1:9180"
 PROMETHEUS_PORT = 19090  # inside the node's namespace: nothing else listens there
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +193,7 @@ def test_status_page_renders_the_vips_and_backends_in_chromium(lab):
     assert ROUTER in dom and "ESTABLISHED" in dom  # the BGP session
     assert "table share / expected" in dom and 'class="fill"' in dom
     assert "vip_announced" in dom  # the event timeline
+    assert "<th>config source</th><td>directory " in dom
     assert 'http-equiv="refresh"' in dom
     assert "<script" not in dom  # readable as it is: no framework, nothing fetched from elsewhere
 

@@ -168,3 +168,32 @@ def test_result_set_checked_against_what_stays():
     with pytest.raises(objects.Refused) as exc:
         objects.check_result(cur, [], [], node)
     assert "forwarder.table_capacity is 256" in " ".join(exc.value.problems)
+
+
+def test_maglev_status_shows_the_etcd_revision_staleness_cache_and_refusal(capsys):
+    import argparse
+
+    from node.commands.ops import cmd_status
+
+    source = {"type": "etcd", "endpoint": "http://10.0.9.1:2379", "prefix": "/maglev/", "revision": 42,
+              "stale": True, "stale_for": 3.0, "stale_reason": "no etcd endpoint answered",
+              "served_from_cache": True,
+              "rejected": {"revision": 43, "problems": ["revision 43: web: table_size 250 is not prime"]}}
+    status = {"node_id": "lb-1", "uptime": 1.0, "warmup_over": True, "node_drained": False,
+              "forwarder": {"ok": True, "mode": "native", "interfaces": ["eth0"], "error": None,
+                            "last_self_test": {"reason": "ok"}},
+              "bgp": {"sessions": {}}, "vips": {}, "last_reload": None, "config_source": source}
+
+    class Client:
+        def get(self, path):
+            return status
+
+    cmd_status(Client(), argparse.Namespace(json=False))
+    out = capsys.readouterr().out
+    assert ("config: etcd http://10.0.9.1:2379 /maglev/  revision 42  STALE for 3.0 s (no etcd endpoint "
+            "answered): serving the last good config  (from the local cache)") in out
+    assert "config: etcd revision 43 REFUSED by this node: revision 43: web: table_size 250 is not prime" in out
+    source.update(stale=False, served_from_cache=False, rejected=None)
+    cmd_status(Client(), argparse.Namespace(json=False))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("config:")]
+    assert lines == ["config: etcd http://10.0.9.1:2379 /maglev/  revision 42"]

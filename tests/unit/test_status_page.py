@@ -85,3 +85,26 @@ async def test_page_shows_a_de_preferred_vip_and_the_disable_file(client):
     assert '<span class="badge warn announce-state">DE-PREFERRED</span>' in page
     assert 'id="disabled"' in page and str(env.c.run_dir / "disable") in page
     assert "every VIP de-preferred" in page
+
+
+async def test_page_shows_the_config_source(client):
+    env, c = client
+    page = await (await c.get("/?refresh=0")).text()
+    assert f"<th>config source</th><td>directory {env.c.vip_dir}</td>" in page
+
+
+def test_the_etcd_source_on_the_page_says_revision_stale_cache_and_refusal():
+    from node.status_page import _config_source
+
+    fresh = {"type": "etcd", "endpoint": "http://10.0.9.1:2379", "prefix": "/maglev/", "revision": 42,
+             "stale": False, "stale_for": 0.0, "stale_reason": None, "rejected": None, "served_from_cache": False}
+    text = _config_source(fresh)
+    assert "etcd http://10.0.9.1:2379 /maglev/" in text and '<span id="config-revision">42</span>' in text
+    assert 'id="config-stale">FRESH' in text and "cache" not in text and "REFUSED" not in text
+    stale = {**fresh, "stale": True, "stale_for": 7.5, "stale_reason": "no etcd endpoint answered",
+             "served_from_cache": True,
+             "rejected": {"revision": 43, "problems": ["revision 43: web: table_size 250 is <not> prime"]}}
+    text = _config_source(stale)
+    assert 'id="config-stale">STALE</span> for 7.5 s (no etcd endpoint answered)' in text
+    assert "serving the last good config" in text and "served from the local cache" in text
+    assert "REFUSED</span> revision 43: revision 43: web: table_size 250 is &lt;not&gt; prime" in text

@@ -73,6 +73,7 @@ def render_config(config: BgpConfig, socket_path: Path, python: str = sys.execut
             "    api {",
             f"        processes [ {PROCESS_NAME} ];",
             "        neighbor-changes;",
+            *_router_open(config),
             "    }",
             "}",
             "",
@@ -93,6 +94,14 @@ def _graceful_restart(config: BgpConfig) -> list[str]:
     if not gr.enabled:
         return []
     return ["    manual-eor true;", "    capability {", f"        graceful-restart {int(gr.restart_time)};", "    }"]
+
+
+def _router_open(config: BgpConfig) -> list[str]:
+    """With graceful restart, the router's OPEN goes to the speaker: whether it offers the
+    capability is whether restart is negotiated (ExaBGP reports nothing else of it)."""
+    if not config.graceful_restart.enabled:
+        return []
+    return ["        receive {", "            parsed;", "            open;", "        }"]
 
 
 def environment(run_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:

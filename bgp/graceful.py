@@ -45,6 +45,9 @@ class EndOfRib:
         self._owed: dict[str, float] = {}  # peer -> not before (clock): sessions up, no EOR yet
         self.sent_at: dict[str, float] = {}  # peer -> wall-clock time of its last End-of-RIB
         self.sent_total = 0
+        # peer -> the restart time its router's OPEN offered (None: it did not offer graceful
+        # restart, so a restart of this node withdraws at that router). Known once its OPEN came.
+        self.router_offer: dict[str, int | None] = {}
 
     def routes_ready(self) -> None:
         """The controller handed over its first decision after warm-up (idempotent)."""
@@ -56,6 +59,18 @@ class EndOfRib:
 
     def session_down(self, peer: str) -> None:
         self._owed.pop(peer, None)
+
+    def router_open(self, peer: str, capability: dict | None) -> None:
+        """The router's OPEN on this session: its graceful restart capability, or None."""
+        if not self.enabled:
+            return
+        if capability is None:
+            self.router_offer[peer] = None
+            return
+        try:
+            self.router_offer[peer] = int(capability.get("time", 0))
+        except (TypeError, ValueError):
+            self.router_offer[peer] = 0
 
     def next_command(self) -> EorCommand | None:
         """The End-of-RIB to send now, if any (call only when no route is left to send)."""
@@ -92,6 +107,10 @@ class EndOfRib:
             "end_of_rib_owed": sorted(self._owed),
             "end_of_rib_sent_at": dict(sorted(self.sent_at.items())),
             "end_of_rib_sent_total": self.sent_total,
+            # Negotiated = offered by both sides (RFC 4724): ours is in the config, the
+            # router's in the OPEN of the session's last start.
+            "negotiated_with": sorted(p for p, t in self.router_offer.items() if t is not None),
+            "not_negotiated_with": sorted(p for p, t in self.router_offer.items() if t is None),
         }
 
 

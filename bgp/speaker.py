@@ -338,6 +338,21 @@ class BgpSpeaker(Supervised):
             return
         if msg.get("type") == "state":
             self._on_state(msg.get("neighbor") or {})
+        elif msg.get("type") == "open":
+            self._on_open(msg.get("neighbor") or {})
+
+    def _on_open(self, nb: dict[str, Any]) -> None:
+        """The router's OPEN (sent with graceful restart only): does it offer the capability?"""
+        try:
+            peer = str(ipaddress.ip_address(nb["address"]["peer"]))
+            capabilities = nb["open"]["capabilities"]
+        except (KeyError, TypeError, ValueError):
+            return
+        if nb.get("direction") != "receive" or peer not in self._sessions or not isinstance(capabilities, dict):
+            return
+        offered = next((c for c in capabilities.values()
+                        if isinstance(c, dict) and c.get("name") == "graceful restart"), None)
+        self.graceful.router_open(peer, offered)
 
     def _on_state(self, nb: dict[str, Any]) -> None:
         try:

@@ -126,6 +126,11 @@ def cmd_status(client: Client, args) -> int:
             print(f"graceful restart: on (restart time {gr.get('restart_time')} s); End-of-RIB "
                   + (f"owed to {', '.join(owed)} (routers keep this node's earlier routes until then)" if owed
                      else "sent to every session that is up"))
+            if gr.get("negotiated_with"):
+                print(f"graceful restart: negotiated with {', '.join(gr['negotiated_with'])}")
+            if gr.get("not_negotiated_with"):  # that router does not help: a restart withdraws there
+                print(f"graceful restart: NOT negotiated with {', '.join(gr['not_negotiated_with'])} (the router's "
+                      "OPEN does not offer it: a restart of this node withdraws its routes there)")
         rows = [[n, _state(v), f"{v['serving']}/{v['backends']}", v["digest"], v["reason"]]
                 for n, v in sorted(s["vips"].items())]
         print(table(rows, ["VIP", "ROUTE", "SERVING", "DIGEST", "WHY"]))

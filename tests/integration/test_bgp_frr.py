@@ -416,6 +416,8 @@ def test_graceful_restart_is_negotiated_and_end_of_rib_waits_for_the_controller(
     sp = start_gr_speaker(lab, ready=False)
     wait_for(lambda: gr_hops(lab) == {gr_peer()}, 15, "node6's VIP at the router")
     wait_for(lambda: lab.router.bfd_peers().get(gr_peer()) == "up", 10, "BFD up with node6")
+    # The speaker saw the router's OPEN offer it too: negotiated, as `maglev status` says.
+    assert sp.status()["graceful_restart"]["negotiated_with"] == [f"10.77.{GR_NODE}.1"], sp.status()
     gr = lab.router.graceful_restart(gr_peer())
     assert gr["remoteGrMode"] == "Restart", gr
     assert gr["timers"]["receivedRestartTimer"] == GR_RESTART, gr
@@ -491,3 +493,28 @@ def test_stale_route_of_a_node_that_does_not_come_back_goes_after_the_restart_ti
     print(f"\n[bgp] node6 stopped keeping its routes and did not come back: stale route gone "
           f"{took:.2f} s after it was seen stale (restart time {GR_RESTART} s)")
     assert not lab.router.bgp_paths(VIP_GR)
+
+
+def test_a_router_that_does_not_offer_graceful_restart_is_shown_as_not_negotiated(lab: Lab):
+    """Per neighbor `graceful-restart-disable` on the router: its OPEN lacks the capability, so
+    the speaker says restart is NOT negotiated there (a restart of this node would withdraw),
+    and says negotiated again once the router offers it."""
+    peer = f"10.77.{GR_NODE}.1"
+
+    def set_router_gr(offer: bool) -> None:
+        lab.router.vtysh("configure terminal", f"router bgp {ROUTER_AS}",
+                         f"{'no ' if offer else ''}neighbor {gr_peer()} graceful-restart-disable")
+        lab.router.vtysh(f"clear bgp {gr_peer()}")
+
+    sp = lab.speakers.get(GR_NODE) or start_gr_speaker(lab)
+    try:
+        set_router_gr(False)
+        wait_for(lambda: sp.status()["graceful_restart"]["not_negotiated_with"] == [peer]
+                 and sp.status()["sessions"][peer]["state"] == "established", 20,
+                 "the speaker to see the router's OPEN without graceful restart")
+        assert sp.status()["graceful_restart"]["negotiated_with"] == []
+        assert lab.router.graceful_restart(gr_peer()).get("localGrMode") == "Disable"
+    finally:
+        set_router_gr(True)
+    wait_for(lambda: sp.status()["graceful_restart"]["negotiated_with"] == [peer], 20,
+             "negotiated again once the router offers it")

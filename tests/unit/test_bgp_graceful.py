@@ -73,8 +73,23 @@ def test_restart_time_is_bounded():
 def test_exabgp_gets_the_capability_and_manual_end_of_rib_only_when_enabled():
     on = render_config(config(enabled=True, restart_time=42), "/run/x/api.sock")
     assert on.count("graceful-restart 42;") == 2 and on.count("manual-eor true;") == 2
+    assert on.count("open;") == 2  # the router's OPEN tells whether it offers restart too
     off = render_config(config(enabled=False), "/run/x/api.sock")
-    assert "graceful-restart" not in off and "manual-eor" not in off
+    assert "graceful-restart" not in off and "manual-eor" not in off and "open;" not in off
+
+
+def test_negotiated_only_with_a_router_whose_open_offers_it():
+    eor = EndOfRib(config(), Clock())
+    assert eor.status()["negotiated_with"] == [] and eor.status()["not_negotiated_with"] == []
+    eor.router_open("10.0.0.1", {"name": "graceful restart", "time": 120, "address-family-flags": {}})
+    eor.router_open("fd00::1", None)
+    st = eor.status()
+    assert st["negotiated_with"] == ["10.0.0.1"] and st["not_negotiated_with"] == ["fd00::1"]
+    eor.router_open("fd00::1", {"name": "graceful restart", "time": 0})  # the router changed its mind
+    assert eor.status()["negotiated_with"] == ["10.0.0.1", "fd00::1"]
+    off = EndOfRib(config(enabled=False), Clock())
+    off.router_open("10.0.0.1", {"name": "graceful restart", "time": 120})
+    assert off.status()["negotiated_with"] == []  # we do not offer it: nothing is negotiated
 
 
 def test_only_keep_with_graceful_restart_keeps_routes():
@@ -106,9 +121,14 @@ def test_maglev_status_says_when_a_router_may_hold_stale_routes(capsys):
     cmd_status(Client(), argparse.Namespace(json=False))
     out = capsys.readouterr().out
     assert "graceful restart: on (restart time 15 s); End-of-RIB owed to 192.0.2.1" in out
-    status["bgp"]["graceful_restart"]["end_of_rib_owed"] = []
+    assert "negotiated" not in out  # no router's OPEN seen yet: nothing is claimed
+    status["bgp"]["graceful_restart"].update(end_of_rib_owed=[], negotiated_with=["192.0.2.1"],
+                                             not_negotiated_with=["192.0.2.9"])
     cmd_status(Client(), argparse.Namespace(json=False))
-    assert "End-of-RIB sent to every session that is up" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "End-of-RIB sent to every session that is up" in out
+    assert "graceful restart: negotiated with 192.0.2.1\n" in out
+    assert "graceful restart: NOT negotiated with 192.0.2.9 (the router's OPEN does not offer it" in out
     status["bgp"]["graceful_restart"] = {"enabled": False}
     cmd_status(Client(), argparse.Namespace(json=False))
     assert "graceful restart" not in capsys.readouterr().out

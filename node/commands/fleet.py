@@ -119,8 +119,13 @@ def _run(fn):
         except ValueError as exc:
             return _fail(exc, [], 2)
 
+        try:
+            client = EtcdClient.from_config(cfg, base)
+        except ValueError as exc:
+            return _fail(exc, [], 2)
+
         async def go() -> int:
-            async with EtcdClient.from_config(cfg, base) as client:
+            async with client:
                 return await fn(client, cfg.prefix, node, args)
 
         try:

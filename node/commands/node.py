@@ -52,6 +52,7 @@ async def serve(config, base_dir: Path) -> int:
     from node.api import make_app, read_token, token_file_warnings
     from node.api_server import FileLimitError, api_connection_cap, reserve_file_handles, start_api
     from node.runtime import build_controller
+    from node.vip_source import source_label
 
     try:
         file_limit = reserve_file_handles()
@@ -69,14 +70,19 @@ async def serve(config, base_dir: Path) -> int:
     # many short calls into C and the kernel, each giving the GIL up; the default 5 ms switch
     # interval would let the busy event loop keep it 5 ms per call (1000 VIPs: seconds).
     sys.setswitchinterval(0.0005)
-    controller = build_controller(config, base_dir)
+    try:
+        controller = build_controller(config, base_dir)
+    except ValueError as exc:  # a file the node file names cannot be used (etcd's password, TLS)
+        log.error("%s", exc, extra=logs.event("config_invalid"))
+        return 2
     for warning in token_warnings:
         controller.events.emit("token_file_unsafe", warning, level="warning")
     try:
         await controller.start()
     except ConfigError as exc:
         _config_error(exc)
-        log.error("the VIP directory is invalid at start; fix it and start again", extra=logs.event("node_failed"))
+        log.error("the VIP set (%s) is invalid at start; fix it and start again", source_label(controller),
+                  extra=logs.event("node_failed"))
         await _abort(controller)
         return 2
     except Exception as exc:

@@ -101,7 +101,8 @@ class EtcdClient:
 
     @classmethod
     def from_config(cls, cfg: Any, base_dir: Path | None = None) -> "EtcdClient":
-        """From a node file's ``etcd`` section (node.config.EtcdConfig)."""
+        """From a node file's ``etcd`` section (node.config.EtcdConfig). ValueError, naming the
+        field and file, when the password or TLS files cannot be read."""
 
         def path(p: Path | None) -> Path | None:
             if p is None or p.is_absolute() or base_dir is None:
@@ -110,10 +111,20 @@ class EtcdClient:
 
         password = None
         if cfg.password_file is not None:
-            password = path(cfg.password_file).read_text().strip()
-        return cls(cfg.endpoints, timeout=cfg.request_timeout, ca_file=path(cfg.ca_file),
-                   cert_file=path(cfg.cert_file), key_file=path(cfg.key_file),
-                   username=cfg.username, password=password)
+            try:
+                password = path(cfg.password_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"etcd.password_file {path(cfg.password_file)}: cannot read: "
+                                 f"{exc.strerror or exc}") from None
+        try:
+            return cls(cfg.endpoints, timeout=cfg.request_timeout, ca_file=path(cfg.ca_file),
+                       cert_file=path(cfg.cert_file), key_file=path(cfg.key_file),
+                       username=cfg.username, password=password)
+        except (OSError, ssl.SSLError) as exc:  # ssl.SSLError is an OSError; named for the reader
+            files = ", ".join(f"{name} {path(p)}" for name, p in
+                              (("ca_file", cfg.ca_file), ("cert_file", cfg.cert_file), ("key_file", cfg.key_file))
+                              if p is not None)
+            raise ValueError(f"etcd TLS files ({files}): cannot load: {exc.strerror or exc}") from None
 
     @property
     def endpoint(self) -> str:

@@ -120,12 +120,19 @@ def test_node_file_etcd_section():
 
 def test_fleet_command_checks_endpoints_and_prefix_given_over_a_node_file(tmp_path, capsys, monkeypatch):
     """--endpoints and --prefix over a node file's etcd section get the node file's checks (they
-    used to reach the client unchecked), and every refusal names what to fix; nothing is sent."""
+    used to reach the client unchecked), an unreadable password or CA file is named (it was a
+    traceback), and every refusal names what to fix; nothing is sent."""
     from node.cli import main
 
     monkeypatch.delenv("MAGLEV_ETCD_ENDPOINTS", raising=False)
     node = tmp_path / "node.yaml"
     node.write_text(yaml.safe_dump(node_dict(config_source="etcd", etcd={"endpoints": ["http://127.0.0.1:1"]})))
+    secured = tmp_path / "secured.yaml"
+    secured.write_text(yaml.safe_dump(node_dict(config_source="etcd", etcd={
+        "endpoints": ["http://127.0.0.1:1"], "username": "u", "password_file": "no-password"})))
+    tls = tmp_path / "tls.yaml"
+    tls.write_text(yaml.safe_dump(node_dict(config_source="etcd", etcd={
+        "endpoints": ["https://127.0.0.1:1"], "ca_file": str(tmp_path / "no-ca.pem")})))
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump(node_dict()))
     cases = [
@@ -134,6 +141,8 @@ def test_fleet_command_checks_endpoints_and_prefix_given_over_a_node_file(tmp_pa
         (["--endpoints", "etcd-1"], "endpoint 'etcd-1' must be a URL"),
         (["-c", str(plain)], f"{plain} has no etcd section"),
         (["-c", str(tmp_path / "missing.yaml")], "missing.yaml: cannot read"),
+        (["-c", str(secured)], f"etcd.password_file {tmp_path / 'no-password'}: cannot read: No such file"),
+        (["-c", str(tls)], f"etcd TLS files (ca_file {tmp_path / 'no-ca.pem'}): cannot load: No such file"),
         ([], "say where etcd is"),
     ]
     for extra, message in cases:
@@ -197,3 +206,20 @@ def test_maglev_status_shows_the_etcd_revision_staleness_cache_and_refusal(capsy
     cmd_status(Client(), argparse.Namespace(json=False))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("config:")]
     assert lines == ["config: etcd http://10.0.9.1:2379 /maglev/  revision 42"]
+
+
+def test_a_node_whose_etcd_password_file_is_missing_says_so_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    node = node_dict(config_source="etcd", etcd={"endpoints": ["http://127.0.0.1:1"], "username": "u",
+                                                 "password_file": "no-password"})
+    node.update(run_dir=str(tmp_path / "run"), vip_dir=str(tmp_path / "vips"), api={"token_file": "token"})
+    (tmp_path / "token").write_text("t" * 32 + "\n")
+    (tmp_path / "token").chmod(0o600)
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(node))
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "node", "-c", str(tmp_path / "node.yaml")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"etcd.password_file {tmp_path / 'no-password'}: cannot read" in proc.stderr
+    assert "Traceback" not in proc.stderr

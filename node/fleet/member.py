@@ -24,7 +24,7 @@ class FleetMember:
         self.source = EtcdSource(self.client, cfg.prefix, cache, events)
         self.registry = NodeRegistry(self.client, cfg.prefix, config.node_id, cfg.lease_ttl,
                                      record=lambda: {}, events=events)
-        self.monitor = FleetMonitor(self.client, cfg.prefix)
+        self.monitor = FleetMonitor(self.client, cfg.prefix, events=events)
         self.label = self.source.label
 
     async def prime(self) -> None:

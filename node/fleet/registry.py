@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, Callable
 
 from node.fleet import layout, view
 from node.fleet.etcd import EtcdClient, EtcdError
+
+log = logging.getLogger("maglev.fleet")
 
 SNAPSHOT_INTERVAL = 0.2
 MONITOR_INTERVAL = 1.0
@@ -108,33 +111,60 @@ class NodeRegistry:
 
 
 async def read_records(client: EtcdClient, prefix: str) -> list[dict[str, Any]]:
+    """Every node's record. A key under the nodes prefix that is not a record (written by hand
+    or by another tool) is skipped: it must not break the view of the nodes that are there."""
     _, kvs = await client.get_prefix(layout.nodes_prefix(prefix))
     out = []
     for kv in kvs:
         try:
-            out.append(json.loads(kv.value))
+            record = json.loads(kv.value)
         except ValueError:
-            continue  # a record is rewritten whole; a bad one is someone else's key
+            continue
+        if _is_record(record):
+            out.append(record)
     return out
+
+
+def _is_record(record: Any) -> bool:
+    """The shape node_record writes, as far as the fleet view reads it."""
+    if not isinstance(record, dict) or not isinstance(record.get("node_id"), str):
+        return False
+    vips = record.get("vips", {})
+    return isinstance(vips, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("backends", {}), dict)
+        and all(isinstance(b, dict) for b in v.get("backends", {}).values())
+        for v in vips.values())
 
 
 class FleetMonitor:
     """Reads every node's record each MONITOR_INTERVAL, for this node's fleet metrics: a VIP's
     mismatch is exported with how long it has lasted, and the alert rule's `for:` is the grace."""
 
-    def __init__(self, client: EtcdClient, prefix: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, clock: Callable[[], float] = time.time,
+                 events: Any = None) -> None:
         self.client = client
         self.prefix = prefix
         self.clock = clock
+        self.events = events
         self.last: dict[str, Any] | None = None
         self.mismatch_since: dict[str, float] = {}
 
     async def run(self) -> None:
+        failed = ""
         while True:
             try:
                 self.observe(view.compare(await read_records(self.client, self.prefix)))
+                failed = ""
             except EtcdError:
                 pass  # the source reports etcd being away; the last view stays as it was
+            except Exception as exc:  # noqa: BLE001 - a bug here must not restart the etcd source
+                if repr(exc) != failed:  # once per distinct failure, not every second
+                    failed = repr(exc)
+                    log.exception("fleet monitor: comparing the node records failed")
+                    if self.events is not None:
+                        self.events.emit("fleet_monitor_failed", f"comparing the fleet's node records "
+                                         f"failed: {exc!r}; the fleet metrics keep the last view",
+                                         level="error")
             await asyncio.sleep(MONITOR_INTERVAL)
 
     def observe(self, fleet: dict[str, Any]) -> None:

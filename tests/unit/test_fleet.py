@@ -223,3 +223,52 @@ def test_a_node_whose_etcd_password_file_is_missing_says_so_and_exits_2(tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"etcd.password_file {tmp_path / 'no-password'}: cannot read" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_key_under_the_nodes_prefix_that_is_not_a_record_is_skipped():
+    """Someone else's key under <prefix>nodes/ must not break the fleet view (it crashed the
+    monitor, and with it the node's whole etcd task group, every second)."""
+    from node.fleet.etcd import KeyValue
+    from node.fleet.registry import FleetMonitor, read_records
+
+    good = record("n1")
+    values = [json.dumps(good), "[1, 2]", '"text"', "not json", json.dumps({"node_id": 7}),
+              json.dumps({"node_id": "x", "vips": {"web": "digest"}}),
+              json.dumps({"node_id": "y", "vips": {"web": {"backends": ["10.0.1.1"]}}})]
+
+    class Client:
+        async def get_prefix(self, prefix):
+            return 9, [KeyValue(f"/m/nodes/{i}", v.encode(), 9) for i, v in enumerate(values)]
+
+    assert await read_records(Client(), "/m/") == [good]
+    monitor = FleetMonitor(Client(), "/m/")
+    monitor.observe(view.compare(await read_records(Client(), "/m/")))
+    assert [n["node_id"] for n in monitor.last["nodes"]] == ["n1"]
+
+
+async def test_the_fleet_monitor_survives_a_failing_comparison(monkeypatch):
+    import asyncio
+
+    from node.events import EventLog
+    from node.fleet import registry
+
+    class Client:
+        async def get_prefix(self, prefix):
+            return 1, []
+
+    def broken(records):
+        raise RuntimeError("a bug in the comparison")
+
+    monkeypatch.setattr(registry.view, "compare", broken)
+    events = EventLog()
+    task = asyncio.create_task(registry.FleetMonitor(Client(), "/m/", events=events).run())
+    try:
+        for _ in range(100):
+            if events.recent:
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()  # it goes on (a crash would restart the node's etcd task group)
+        assert [e["event"] for e in events.recent] == ["fleet_monitor_failed"]
+        assert "a bug in the comparison" in events.recent[0]["msg"]
+    finally:
+        task.cancel()

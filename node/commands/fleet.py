@@ -162,6 +162,7 @@ async def cmd_diff(client: EtcdClient, prefix: str, node: Any, args: argparse.Na
 
 async def cmd_get(client: EtcdClient, prefix: str, node: Any, args: argparse.Namespace) -> int:
     current = await objects.read_current(client, prefix)
+    objects.refuse_broken(current, args.names or None)
     missing = [n for n in args.names if n not in current.vips]
     if missing:
         raise objects.Refused(f"no VIP named {', '.join(missing)} in etcd "

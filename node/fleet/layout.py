@@ -21,7 +21,6 @@ from node.config import (
     ConfigProblem,
     Deadline,
     VipConfig,
-    check_vip_set,
     parse_vip_object,
 )
 
@@ -54,16 +53,6 @@ def encode_vip(vip: VipConfig) -> str:
     """Canonical JSON: the same VIP always encodes to the same bytes, so `fleet diff` and the
     transaction's 'unchanged' check compare content, not formatting."""
     return json.dumps(vip.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
-
-
-def parse_objects(prefix: str, objects: dict[str, bytes], where: str) -> dict[str, tuple[Path, VipConfig]]:
-    """VIP objects as read from etcd -> {name: (source, VipConfig)}, with the same validation a
-    VIP directory gets; any problem rejects the whole set (ConfigError)."""
-    found, problems = parse_found(prefix, objects, where)
-    problems.extend(check_vip_set(found))
-    if problems:
-        raise ConfigError(problems)
-    return sources(prefix, found)
 
 
 def parse_found(prefix: str, objects: dict[str, bytes], where: str,

@@ -40,6 +40,9 @@ class Current:
     vips: dict[str, VipConfig]
     raw: dict[str, str]
     mod: dict[str, int]
+    # objects that do not parse (written around `maglev fleet`, e.g. with etcdctl): name ->
+    # problems. `apply` of a file that replaces them and `delete` of them are what fix them.
+    broken: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,21 +67,34 @@ class Refused(Exception):
 
 
 async def read_current(client: EtcdClient, prefix: str) -> Current:
+    """config/ as it is now. An object that does not parse is kept aside in ``broken`` rather
+    than refusing everything: the write that replaces or deletes it must go through."""
     _, kvs = await client.get_prefix(layout.config_prefix(prefix))
-    objects = {kv.key: kv.value for kv in kvs}
-    try:
-        vips = {n: v for n, (_, v) in layout.parse_objects(prefix, objects, "now").items()}
-    except ConfigError as exc:
-        raise Refused("the objects already in etcd are invalid; fix or delete them first",
-                      [str(p) for p in exc.problems]) from None
     base = layout.vips_prefix(prefix)
+    found, problems = layout.parse_found(prefix, {kv.key: kv.value for kv in kvs}, "now")
+    vips = {v.name: v for _, v in found}
+    broken: dict[str, list[str]] = {}
+    for kv in kvs:
+        name = kv.key[len(base):]
+        if kv.key.startswith(base) and name not in vips:
+            broken[name] = [str(p) for p in problems if p.file.startswith(f"etcd {kv.key} ")]
     stamp = next((kv.mod_revision for kv in kvs if kv.key == layout.stamp_key(prefix)), 0)
     return Current(
         stamp_revision=stamp,
         vips=vips,
-        raw={kv.key[len(base):]: kv.value.decode() for kv in kvs if kv.key.startswith(base)},
+        raw={kv.key[len(base):]: kv.value.decode(errors="replace") for kv in kvs if kv.key.startswith(base)},
         mod={kv.key[len(base):]: kv.mod_revision for kv in kvs if kv.key.startswith(base)},
+        broken=broken,
     )
+
+
+def refuse_broken(current: Current, names: list[str] | None = None) -> None:
+    """Refused, naming them and how to fix them, if any of ``names`` (None: any) is broken."""
+    bad = sorted(n for n in current.broken if names is None or n in names)
+    if bad:
+        raise Refused(f"invalid object(s) in etcd: {', '.join(bad)}; replace them with `maglev fleet "
+                      f"apply FILE` or remove them with `maglev fleet delete NAME`",
+                      [p for n in bad for p in current.broken[n]])
 
 
 def load_files(files: list[Path]) -> list[tuple[str, VipConfig]]:
@@ -107,7 +123,8 @@ def plan(current: Current, new: list[VipConfig], remove: list[str] = ()) -> Plan
             p.unchanged.append(vip.name)
         else:
             p.changed.append(vip.name)
-            p.diffs[vip.name] = _yaml_diff(vip.name, current.vips[vip.name], vip)
+            p.diffs[vip.name] = (_yaml_diff(vip.name, current.vips[vip.name], vip) if vip.name in current.vips
+                                 else f"{vip.name}: replaces an invalid object ({'; '.join(current.broken[vip.name])})")
     p.removed = sorted(n for n in remove if n in current.raw)
     return p
 
@@ -115,6 +132,7 @@ def plan(current: Current, new: list[VipConfig], remove: list[str] = ()) -> Plan
 def check_result(current: Current, new: list[VipConfig], remove: list[str], node: NodeConfig | None) -> None:
     """The whole set as it would be after the write must be valid, like a VIP directory."""
     replaced = {v.name for v in new} | set(remove)
+    refuse_broken(current, [n for n in current.broken if n not in replaced])  # invalid ones that stay
     result = [(f"etcd object {n}", v) for n, v in sorted(current.vips.items()) if n not in replaced]
     result += [("new", v) for v in new]
     problems = check_vip_set(result)

@@ -297,6 +297,25 @@ async def test_node_keeps_last_good_when_a_revision_is_bad_for_it(etcd, tmp_path
         assert set(node.c.vips) == {"web"} and str(node.c.vips["web"].backends[0].address) == "10.0.1.1"
         assert node.revision == good
         assert "config_rejected" in node.event_names()
+
+        # What the refusal tells the operator to do works: `fleet apply` of anything else is
+        # refused, naming the invalid object; a file that replaces it goes through.
+        out = await fleet(etcd.endpoints, "apply", str(vip_file(tmp_path, "c.yaml", [vip("api", "10.100.0.3")])))
+        assert out.returncode == 2 and "invalid object(s) in etcd: web2" in out.stderr, out.stderr
+        assert "table_size 250 is not prime" in out.stderr
+        out = await fleet(etcd.endpoints, "get")
+        assert out.returncode == 2 and "invalid object(s) in etcd: web2" in out.stderr, out.stderr
+        fixed = vip_file(tmp_path, "fixed.yaml", [vip("web2", "10.100.0.2")])
+        out = await fleet(etcd.endpoints, "apply", str(fixed))
+        assert out.returncode == 0 and "change    web2" in out.stdout, out.stdout + out.stderr
+        await wait_for(lambda: "web2" in node.c.vips and not node.member.source.rejected, 5, "the fix applied")
+        # So does deleting one: a second invalid object, then `fleet delete` of it.
+        async with EtcdClient(etcd.endpoints) as client:
+            await client.put(layout.vip_key("/t/", "junk"), "{not json")
+        out = await fleet(etcd.endpoints, "delete", "junk")
+        assert out.returncode == 0, out.stdout + out.stderr
+        await wait_for(lambda: not node.member.source.rejected and set(node.c.vips) == {"web", "web2"}, 5,
+                       "the revision without junk applied")
     finally:
         await node.stop()
 

@@ -204,7 +204,7 @@ class ApiServer:
         now = time.monotonic()
         if self.on_error and now - self._last_error_log >= ACCEPT_ERROR_LOG_EVERY:
             self._last_error_log = now
-            self.on_error(f"API accept failed ({exc.strerror or exc}); retrying every {ACCEPT_BACKOFF:g} s "
+            self.on_error(f"API accept failed ({getattr(exc, 'strerror', None) or exc!r}); retrying every {ACCEPT_BACKOFF:g} s "
                           f"({self.guard.stats.accept_errors} failures so far)")
 
     async def close(self) -> None:

@@ -167,3 +167,34 @@ async def test_accept_loop_survives_running_out_of_file_handles(served):
     assert not server.task.done()
     status, _ = await get_status(port)
     assert status == 200
+
+
+async def test_accept_loop_survives_an_error_that_is_not_an_os_error(served, monkeypatch):
+    """The failure report itself must not end the loop (it read exc.strerror, which only an
+    OSError has: the API would have stopped accepting for good)."""
+    env, server, port = served
+    errors: list[str] = []
+    server.on_error = errors.append
+    loop = asyncio.get_running_loop()
+    real = loop.connect_accepted_socket
+    failed = []
+
+    async def fails_once(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug in the transport")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "connect_accepted_socket", fails_once)
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        for _ in range(100):
+            if server.guard.stats.accept_errors:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        client.close()
+    assert errors and "RuntimeError('a bug in the transport')" in errors[0]
+    assert not server.task.done()
+    status, _ = await get_status(port)
+    assert status == 200

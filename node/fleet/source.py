@@ -1,8 +1,9 @@
 """The etcd config source: a node's VIP set, one etcd revision at a time.
 
-The controller asks ``load()`` for the candidate VIP set whenever it reloads, exactly as it reads
-a directory, so a revision goes through the same validation (file checks, duplicates, this
-node's limits) and is applied as one reload: all of it, or none of it and the last good set kept.
+Each revision becomes one ``controller.reload(...)``: the reload takes the candidate set from
+``candidate()`` (through node.vip_source.read_vips) exactly as it reads a directory, so a
+revision goes through the same validation (object checks, duplicates, this node's limits) and is
+applied whole: all of it, or none of it and the last good set kept.
 
 etcd is kept out of the data path's failure domain:
 - the last applied set is persisted (``cache_file``) and served at start when etcd is away;

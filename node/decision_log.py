@@ -29,7 +29,7 @@ class DecisionLog:
             self.events.emit(
                 "tables_rebuilt",
                 f"{len(rebuilt)} VIPs got new tables in {sync_seconds * 1000:.0f} ms "
-                f"(first: {', '.join(rebuilt[:5])}); `maglev vip NAME` shows one",
+                f"(first: {', '.join(rebuilt[:5])}); `maglev vips NAME` shows one",
                 count=len(rebuilt),
                 sync_ms=round(sync_seconds * 1000, 1),
             )

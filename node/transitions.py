@@ -4,7 +4,7 @@ One backend address is often shared by many VIPs (a fleet's pool). A transition 
 that a handful of VIPs share gets one event per VIP, naming it; one shared by more gets ONE
 event naming the backend, how many VIPs have it and the first few of them: a thousand
 near-identical lines said nothing more, and formatting them cost the event loop about a
-quarter of a second before the affected tables could be rebuilt (issue 12). `maglev vip NAME`
+quarter of a second before the affected tables could be rebuilt (issue 12). `maglev vips NAME`
 and the per-(VIP, backend) transition counters still show every VIP.
 
 Pure: no I/O.
@@ -44,6 +44,6 @@ def transition_events(owners: list[tuple[str, str]], health: str, reason: str,
         out.append(Event(
             "backend_" + health,
             f"backend {key} is {health.upper()} in {len(vips)} VIPs ({', '.join(named)} and "
-            f"{len(vips) - len(named)} more): {reason}{note}; `maglev vip NAME` shows one",
+            f"{len(vips) - len(named)} more): {reason}{note}; `maglev vips NAME` shows one",
             level, {"backend": key, "vips": len(vips), "reason": reason}))
     return out

@@ -32,8 +32,15 @@ class AdminStore:
         except (OSError, ValueError) as exc:
             self.events.emit("state_unreadable", f"ignoring unreadable {self.path}: {exc}", level="warning")
             return
-        self.node_drained = bool(data.get("node_drained", False))
-        for vip, backends in data.get("overrides", {}).items():
+        overrides = data.get("overrides", {}) if isinstance(data, dict) else None
+        if not isinstance(overrides, dict) or not all(isinstance(b, dict) for b in overrides.values()):
+            # Valid JSON of another shape (edited by hand, another tool's file) is unreadable too.
+            self.events.emit("state_unreadable", f"ignoring {self.path}: not a node state file "
+                             '(expected {"node_drained": ..., "overrides": {VIP: {BACKEND: STATE}}})',
+                             level="warning")
+            return
+        self.node_drained = data.get("node_drained", False) is True
+        for vip, backends in overrides.items():
             for key, state in backends.items():
                 if state in STATES:
                     self.overrides[(vip, key)] = state

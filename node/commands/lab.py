@@ -131,68 +131,35 @@ def _web(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
-def _kill_node(args: argparse.Namespace) -> int:
-    pids = _loaded().kill_node(args.index)
-    _say(f"node-{args.index} crashed: links down, SIGKILL to pids {', '.join(map(str, pids)) or 'none'}; "
-         "the router drops it when its 3 s hold timer expires")
-    return 0
+def _on_index(act, said):
+    """An action on the loaded lab's node, backend or etcd member ``args.index``: ``act(lab, i)``
+    does it, ``said(i, result)`` is the line the operator reads."""
+    @_guard
+    def run(args: argparse.Namespace) -> int:
+        _say(said(args.index, act(_loaded(), args.index)))
+        return 0
+    return run
 
 
-@_guard
-def _stop_node(args: argparse.Namespace) -> int:
-    took = _loaded().stop_node(args.index)
-    _say(f"node-{args.index} stopped gracefully in {took:.1f} s (VIPs withdrawn first)")
-    return 0
-
-
-@_guard
-def _start_node(args: argparse.Namespace) -> int:
-    pid = _loaded().start_node(args.index)
-    _say(f"node-{args.index} started (pid {pid}); it announces its VIPs after warm-up")
-    return 0
-
-
-@_guard
-def _kill_backend(args: argparse.Namespace) -> int:
-    pid = _loaded().kill_backend(args.index)
-    _say(f"backend-{args.index}'s server killed (pid {pid}); health checks take it out of the tables")
-    return 0
-
-
-@_guard
-def _start_backend(args: argparse.Namespace) -> int:
-    pid = _loaded().start_backend(args.index)
-    _say(f"backend-{args.index}'s server started (pid {pid})")
-    return 0
-
-
-@_guard
-def _kill_etcd(args: argparse.Namespace) -> int:
-    pid = _loaded().kill_etcd(args.index)
-    _say(f"etcd-{args.index} killed (pid {pid}); the other two keep the quorum, nodes move to them")
-    return 0
-
-
-@_guard
-def _start_etcd(args: argparse.Namespace) -> int:
-    pid = _loaded().start_etcd(args.index)
-    _say(f"etcd-{args.index} started again (pid {pid}) on its data directory")
-    return 0
-
-
-@_guard
-def _cut_etcd(args: argparse.Namespace) -> int:
-    _loaded().set_etcd_link(args.index, False)
-    _say(f"node-{args.index} cut off from etcd: it keeps serving its last good config and reports stale")
-    return 0
-
-
-@_guard
-def _reconnect_etcd(args: argparse.Namespace) -> int:
-    _loaded().set_etcd_link(args.index, True)
-    _say(f"node-{args.index} reconnected to etcd: it re-reads the config and catches up")
-    return 0
+_kill_node = _on_index(lambda lab, i: lab.kill_node(i), lambda i, pids: (
+    f"node-{i} crashed: links down, SIGKILL to pids {', '.join(map(str, pids)) or 'none'}; "
+    "the router drops it when its 3 s hold timer expires"))
+_stop_node = _on_index(lambda lab, i: lab.stop_node(i),
+                       lambda i, took: f"node-{i} stopped gracefully in {took:.1f} s (VIPs withdrawn first)")
+_start_node = _on_index(lambda lab, i: lab.start_node(i),
+                        lambda i, pid: f"node-{i} started (pid {pid}); it announces its VIPs after warm-up")
+_kill_backend = _on_index(lambda lab, i: lab.kill_backend(i), lambda i, pid: (
+    f"backend-{i}'s server killed (pid {pid}); health checks take it out of the tables"))
+_start_backend = _on_index(lambda lab, i: lab.start_backend(i),
+                           lambda i, pid: f"backend-{i}'s server started (pid {pid})")
+_kill_etcd = _on_index(lambda lab, i: lab.kill_etcd(i), lambda i, pid: (
+    f"etcd-{i} killed (pid {pid}); the other two keep the quorum, nodes move to them"))
+_start_etcd = _on_index(lambda lab, i: lab.start_etcd(i),
+                        lambda i, pid: f"etcd-{i} started again (pid {pid}) on its data directory")
+_cut_etcd = _on_index(lambda lab, i: lab.set_etcd_link(i, False), lambda i, _: (
+    f"node-{i} cut off from etcd: it keeps serving its last good config and reports stale"))
+_reconnect_etcd = _on_index(lambda lab, i: lab.set_etcd_link(i, True), lambda i, _: (
+    f"node-{i} reconnected to etcd: it re-reads the config and catches up"))
 
 
 @_guard

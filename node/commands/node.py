@@ -104,16 +104,24 @@ async def serve(config, base_dir: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, controller.request_reload)
-    systemd = [asyncio.create_task(_ready_when_reconciled(controller), name="systemd-ready")]
-    if (interval := sd_notify.watchdog_interval()) is not None:
-        systemd.append(asyncio.create_task(sd_notify.watchdog(interval, controller.alive), name="systemd-watchdog"))
+    spawn_systemd_tasks(controller)
     await stop.wait()
     sd_notify.notify("STOPPING=1")
-    for task in systemd:
-        task.cancel()
     await api.close()
     await controller.stop()
     return 0
+
+
+def spawn_systemd_tasks(controller) -> None:
+    """READY and the watchdog pings run under the controller's supervisor like every other
+    background task: a crash is reported and the task started again (a dead ping task would
+    get a healthy node restarted by systemd, silently). Both are ``once``: READY is sent once,
+    and the watchdog returns on purpose when a controller loop stops, to stop the pings.
+    controller.stop() ends them with the rest."""
+    controller.supervisor.spawn("systemd-ready", lambda: _ready_when_reconciled(controller), once=True)
+    if (interval := sd_notify.watchdog_interval()) is not None:
+        controller.supervisor.spawn("systemd-watchdog", lambda: sd_notify.watchdog(interval, controller.alive),
+                                    once=True)
 
 
 async def _ready_when_reconciled(controller) -> None:

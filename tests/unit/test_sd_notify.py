@@ -85,3 +85,39 @@ async def test_ready_is_sent_only_after_the_first_successful_reconcile(listener,
     controller.reconciled.set()
     await asyncio.wait_for(task, 5)
     assert sock.recv(4096) == b"READY=1\nSTATUS=node lb-1: reconciled, 1 VIP(s)"
+
+
+async def test_the_systemd_tasks_are_supervised_and_a_crash_is_restarted(listener, monkeypatch):
+    """READY and the watchdog run under the controller's supervisor: a ping task that crashes
+    is reported and started again (before, it died silently and systemd restarted a healthy node)."""
+    from types import SimpleNamespace
+
+    from node.commands.node import spawn_systemd_tasks
+    from node.supervisor import Supervisor
+
+    sock, path = listener
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    emitted = []
+    events = SimpleNamespace(emit=lambda kind, msg, **kw: emitted.append((kind, kw.get("task"))))
+    supervisor = Supervisor(events, backoff_initial=0.01)
+    calls = [0]
+
+    def alive() -> bool:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("status read failed")
+        return True
+
+    controller = SimpleNamespace(supervisor=supervisor, alive=alive, reconciled=asyncio.Event(),
+                                 config=SimpleNamespace(node_id="lb-1"), vips={})
+    spawn_systemd_tasks(controller)
+    assert set(supervisor.tasks) == {"systemd-ready", "systemd-watchdog"}
+    loop = asyncio.get_running_loop()
+    pings = [await asyncio.wait_for(loop.sock_recv(sock, 100), 5) for _ in range(3)]
+    assert pings == [b"WATCHDOG=1"] * 3  # pinging again after the crash
+    assert ("task_restarted", "systemd-watchdog") in emitted
+    assert supervisor.tasks["systemd-watchdog"].restarts == 1
+    await supervisor.stop()

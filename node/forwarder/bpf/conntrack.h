@@ -146,21 +146,8 @@ static __always_inline void ct_forget(struct parsed *p, const struct config *cfg
 #define CT_LRU_FLAGS 0
 #endif
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, DEFAULT_CT_SIZE);
-	__uint(map_flags, CT_LRU_FLAGS);
-	__type(key, struct flow_key);
-	__type(value, struct ct_value);
-} conntrack SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, DEFAULT_CT_SIZE);
-	__uint(map_flags, CT_LRU_FLAGS);
-	__type(key, struct flow_key_v4);
-	__type(value, struct ct_value);
-} conntrack_v4 SEC(".maps");
+CT_LRU_MAP(struct flow_key, CT_LRU_FLAGS) conntrack SEC(".maps");
+CT_LRU_MAP(struct flow_key_v4, CT_LRU_FLAGS) conntrack_v4 SEC(".maps");
 
 /* An IPv4 flow's key in conntrack_v4, as two 8-byte stores: the addresses, then the 8 bytes
  * from sport_be to pad, which struct flow_key lays out exactly as struct flow_key_v4 does

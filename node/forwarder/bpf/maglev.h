@@ -195,6 +195,17 @@ struct ct_value {
 	__u64 last_seen_ns;    /* bpf_ktime_get_ns(); refreshed on UDP hits only */
 };
 
+/* An "lru" conntrack map (conntrack.h: conntrack_v4 and conntrack), defined once so the
+ * bench's insert probe (xdp_floor.c) measures the forwarder's own map shape. max_entries is
+ * set at load (conntrack_size). */
+#define CT_LRU_MAP(key_type, flags)                              \
+	struct {                                                  \
+		__uint(type, BPF_MAP_TYPE_LRU_HASH);              \
+		__uint(max_entries, DEFAULT_CT_SIZE);             \
+		__uint(map_flags, flags);                         \
+		__type(key, key_type);                            \
+		__type(value, struct ct_value);                   \
+	}
 struct ct_entry {             /* "direct" only */
 	__u32 seq;             /* even: stable; odd: being rewritten */
 	__u32 pad;

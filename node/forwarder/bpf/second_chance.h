@@ -24,6 +24,7 @@
 #include <bpf/bpf_helpers.h>
 #include "maglev.h"
 #include "parse.h"
+#include "counters.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -42,10 +43,7 @@ struct {
 
 static __always_inline void sc_count(__u32 reason)
 {
-	__u64 *v = bpf_map_lookup_elem(&sc_stats, &reason);
-
-	if (v)
-		*v += 1;
+	count_in(&sc_stats, reason);
 }
 
 /* The previous owner's address (wire order) for the packet's entry, or 0 for no hint. rel is

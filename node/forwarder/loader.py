@@ -237,6 +237,19 @@ def write_filter(fd: int, words: list[int]) -> None:
     libbpf.update(fd, C.c_uint32(0), (C.c_uint64 * maps.VIP_FILTER_WORDS)(*words))
 
 
+def read_only(fd: int) -> list[int]:
+    """vip_only's entries (the one value of its map, maglev.h)."""
+    entries = (C.c_uint16 * maps.VIP_ONLY_ENTRIES)()
+    libbpf.lookup(fd, C.c_uint32(0), entries)
+    return list(entries)
+
+
+def write_only(fd: int, entries: list[int]) -> None:
+    """Write vip_only in one update, like the filter: an entry that changes may be seen late,
+    one that does not stays as it is throughout the copy."""
+    libbpf.update(fd, C.c_uint32(0), (C.c_uint16 * maps.VIP_ONLY_ENTRIES)(*entries))
+
+
 def _read_percpu(fd: int, key: int, ctype, ncpu: int) -> list:
     stride = (C.sizeof(ctype) + 7) & ~7
     buf = (C.c_uint8 * (stride * ncpu))()
@@ -374,6 +387,7 @@ class Forwarder:
         self._attached: dict[str, tuple[int, str]] = {}  # ifname -> (ifindex, mode)
         self._runner: libbpf.TestRun | None = None
         self._filter: list[int] = []  # vip_addrs words as written
+        self._only: list[int] = []  # vip_only entries as written
         self._frag_keys: dict[tuple[int, bytes, int], int] = {}  # fragment keys in vips
         # What the pre-filter and fragment keys were last made from (VIP keys written so far,
         # the VIP ids): a sync that changed no VIP key skips the O(VIPs) recomputation.
@@ -877,6 +891,7 @@ class Forwarder:
         """Read back the pre-filter words and the fragment keys the maps hold now."""
         self._addresses_from = None
         self._filter[:] = read_filter(self.fds["vip_addrs"])
+        self._only[:] = read_only(self.fds["vip_only"])
         self._frag_keys.clear()
         val = maps.VipValue()
         for key in libbpf.keys(self.fds["vips"], maps.VipKey):
@@ -884,10 +899,13 @@ class Forwarder:
                 self._frag_keys[(key.family & ~maps.VIP_KEY_FRAG, bytes(key.addr), key.proto)] = val.vip_id
 
     def _sync_addresses(self, vids) -> None:
-        """Make the pre-filter and the fragment keys match the VIPs ``vids`` (whose keys are
-        written). Run before removed VIPs' keys go, so no fragment key names a removed VIP;
-        a filter bit set late or cleared early only sends that address's packets to the
-        kernel, as if the VIP did not exist yet or any more."""
+        """Make the pre-filter, vip_only and the fragment keys match the VIPs ``vids`` (whose
+        keys are written). Run before removed VIPs' keys go, so no fragment key names a removed
+        VIP; a filter bit set late or cleared early only sends that address's packets to the
+        kernel, as if the VIP did not exist yet or any more. A vip_only entry set late or
+        cleared early only costs a vips lookup; one cleared late (a second VIP's key is written
+        just before) can steer that VIP's packets by the first a moment longer, as if the
+        second came a moment later."""
         vids = list(vids)
         signature = (self._keys_written, vids)
         if signature == self._addresses_from:
@@ -900,6 +918,12 @@ class Forwarder:
         if words != self._filter:
             write_filter(self.fds["vip_addrs"], words)
             self._filter[:] = words
+        only = [0] * maps.VIP_ONLY_ENTRIES
+        for i, v in maps.vip_only_entries(keys).items():
+            only[i] = v
+        if only != self._only:
+            write_only(self.fds["vip_only"], only)
+            self._only[:] = only
         want = maps.fragment_owners(keys)
         for (fam, addr, proto), vid in want.items():
             if self._frag_keys.get((fam, addr, proto)) != vid:

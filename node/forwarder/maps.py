@@ -47,7 +47,8 @@ IPPROTO = {"tcp": 6, "udp": 17}
 
 # Map names as in xdp_lb.c (also the pin file names under the bpffs directory).
 MAP_NAMES = ("vips", "vip_meta", "tables", "backends", "vip_names", "be_names", "conntrack",
-             "config", "rate", "vip_stats", "be_stats", "stats", "vip_addrs", "sc_meta", "sc_stats")
+             "config", "rate", "vip_stats", "be_stats", "stats", "vip_addrs", "sc_meta", "sc_stats",
+             "vip_only")
 # "lru" keeps IPv4 flows in a map of their own (maglev.h: a 16-byte key hashes faster).
 CT_V4 = "conntrack_v4"
 ALL_MAP_NAMES = (*MAP_NAMES, CT_V4)
@@ -62,6 +63,7 @@ VIP_KEY_FRAG = 0x80
 VIP_FILTER_LOG2 = 16
 VIP_FILTER_WORDS = (1 << VIP_FILTER_LOG2) // 64
 VIP_FILTER_MUL = 0x9E3779B1
+VIP_ONLY_ENTRIES = 1 << VIP_FILTER_LOG2  # vip_only: one __u16 per pre-filter index
 
 
 class Stat(enum.IntEnum):
@@ -225,8 +227,10 @@ COUNTER_MAPS = ("vip_stats", "be_stats")
 # the pre-filter is global data (maglev.h): libbpf names its map after the section; it is
 # pinned as vip_addrs. An older version's vip_addrs (one word per element) is replaced: the
 # loader rebuilds the filter from the VIPs at every open.
-OBJECT_MAP_NAMES = {"vip_addrs": ".data.vip_addrs"}
-REBUILT_MAPS = ("vip_addrs",)
+# vip_only (maglev.h: the only VIP of each pre-filter index) is global data too, rebuilt the
+# same way (an older version's pins have none: it is made and written at open).
+OBJECT_MAP_NAMES = {"vip_addrs": ".data.vip_addrs", "vip_only": ".data.vip_only"}
+REBUILT_MAPS = ("vip_addrs", "vip_only")
 
 
 def obj_map_name(name: str) -> str:
@@ -255,7 +259,7 @@ MAP_SHAPES: dict[str, tuple[int, int]] = {
     "be_names": (4, _sz(Name)), "config": (4, _sz(Config)),
     "rate": (4, _sz(RateState)), "vip_stats": (4, _sz(FlowStats)), "be_stats": (4, _sz(FlowStats)),
     "stats": (4, 8), "vip_addrs": (4, 8 * VIP_FILTER_WORDS), "sc_meta": (4, _sz(ScMeta)), "sc_stats": (4, 8),
-    CT_V4: (_sz(FlowKeyV4), _sz(CtValue)),
+    "vip_only": (4, 2 * VIP_ONLY_ENTRIES), CT_V4: (_sz(FlowKeyV4), _sz(CtValue)),
 }
 CT_SHAPES: dict[str, tuple[int, int]] = {"lru": (_sz(FlowKey), _sz(CtValue)), "direct": (4, _sz(CtEntry))}
 
@@ -302,6 +306,16 @@ def vip_filter_words(addresses) -> list[int]:
         i = vip_filter_bit(fam, addr)
         words[i // 64] |= 1 << (i % 64)
     return words
+
+
+def vip_only_entries(keys) -> dict[int, int]:
+    """vip_only's non-zero entries (maglev.h): pre-filter index -> 1 + vip id, for each index
+    that exactly one VIP's address has. keys: (family, addr16, port, proto, vip id) of every
+    VIP; VIPs sharing an address, or addresses sharing an index, leave their index at 0."""
+    vips: dict[int, set[int]] = {}
+    for fam, addr, _port, _proto, vid in keys:
+        vips.setdefault(vip_filter_bit(fam, addr), set()).add(vid)
+    return {i: next(iter(v)) + 1 for i, v in vips.items() if len(v) == 1}
 
 
 def fragment_owners(keys) -> dict[tuple[int, bytes, int], int]:

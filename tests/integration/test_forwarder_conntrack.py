@@ -14,7 +14,7 @@ import pytest
 
 from node.forwarder import libbpf, maps, packets
 from node.forwarder import model as M
-from node.forwarder.loader import BackendSpec, Forwarder, VipSpec, read_filter, write_filter
+from node.forwarder.loader import BackendSpec, Forwarder, VipSpec, read_filter, read_only, write_filter, write_only
 from node.forwarder.testing import make_config, temp_bpffs, temp_forwarder
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -110,6 +110,58 @@ def test_address_filter_and_fragment_keys_follow_syncs_and_a_restart() -> None:
             fwd.close()
             fwd.remove_pins()
 
+
+
+def test_vip_only_names_an_address_s_only_vip_and_a_wrong_entry_changes_no_packet() -> None:
+    """vip_only (maglev.h) saves a new flow's vips lookup where one VIP has the address; an
+    entry naming another VIP (stale, or another address) falls back to the lookup, so every
+    packet goes where the vips map says, bytes for bytes."""
+    def one(name, address, port, backend, proto="tcp"):
+        b = BackendSpec(backend, ip_address("10.2.0." + backend), "active")
+        return VipSpec(name, ip_address(address), proto, port, (b,), [backend] * 13)
+
+    vips = [one("web", VIP, 80, "1"), one("dns", VIP, 53, "2", "udp"), one("solo", "10.1.1.9", 80, "3"),
+            one("v6", "2001:db8::1", "all", "4")]
+    with temp_bpffs() as root:
+        cfg = make_config(root / "maglev")
+        fwd = Forwarder(cfg, table_capacity=1 << 16)
+        fwd.open()
+        try:
+            fwd.sync(vips)
+            ids = fwd.vip_ids
+            only = read_only(fwd.fds["vip_only"])
+            index = {a: maps.vip_filter_bit(*maps.addr_bytes(a)) for a in (VIP, "10.1.1.9", "2001:db8::1")}
+            assert only[index[VIP]] == 0  # two VIPs on the address
+            assert only[index["10.1.1.9"]] == ids["solo"] + 1 and only[index["2001:db8::1"]] == ids["v6"] + 1
+            assert sum(1 for e in only if e) == 2
+            frames = [packets.flow_packet("192.0.2.1", VIP, 4000, 80, tcp_flags=0x02),
+                      packets.flow_packet("192.0.2.1", VIP, 4000, 53, proto="udp"),
+                      packets.flow_packet("192.0.2.1", "10.1.1.9", 4001, 80, tcp_flags=0x02),
+                      packets.flow_packet("192.0.2.1", "10.1.1.9", 4001, 81, tcp_flags=0x02),
+                      packets.flow_packet("2001:db8::9", "2001:db8::1", 4002, 8443, tcp_flags=0x02)]
+            expected = [fwd.test_run(f, selftest=True) for f in frames]  # no inserts: all via the table
+            assert [v for v, _ in expected] == [M.XDP_TX, M.XDP_TX, M.XDP_TX, M.XDP_PASS, M.XDP_TX]
+            # every index names a VIP of another address, or a VIP on the address that does not
+            # own the flow (dns for TCP to VIP:80): the packets still go where vips says
+            wrong = list(only)
+            wrong[index[VIP]] = ids["dns"] + 1
+            wrong[index["10.1.1.9"]] = ids["v6"] + 1
+            wrong[index["2001:db8::1"]] = ids["solo"] + 1
+            write_only(fwd.fds["vip_only"], wrong)
+            assert [fwd.test_run(f, selftest=True) for f in frames] == expected
+            fwd.close()
+            # an older version's pins have no vip_only: made and written at open
+            (root / "maglev" / "vip_only").unlink()
+            fwd = Forwarder(cfg, table_capacity=1 << 16)
+            fwd.open()
+            assert read_only(fwd.fds["vip_only"]) == only
+            assert [fwd.test_run(f, selftest=True) for f in frames] == expected
+            fwd.sync(vips[:1])  # solo and v6 gone, web alone on its address
+            assert read_only(fwd.fds["vip_only"]) == [0] * index[VIP] + [ids["web"] + 1] + \
+                [0] * (maps.VIP_ONLY_ENTRIES - index[VIP] - 1)
+        finally:
+            fwd.close()
+            fwd.remove_pins()
 
 
 def _two_backend_vip(address: str) -> VipSpec:

@@ -173,8 +173,12 @@ def test_conntrack_hit_versus_miss_and_counters(fwd) -> None:
     vips[0] = vip("web4", VIP4, "tcp", 80, vips[0].backends, [other] * 13)
     fwd.sync(vips)
     assert run(fwd, frame)[1] == out2
-    # a SYN on the same 5-tuple is a new connection: it follows the table
+    # a SYN on the same 5-tuple is a new connection: it follows the table, and its entry
+    # ("lru": rewritten in place) sends the connection's next packets there too
+    entries = fwd.conntrack_count()
     assert key_for(fwd, "web4", outer_dst(run(fwd, syn)[1])) == other
+    assert key_for(fwd, "web4", outer_dst(run(fwd, frame)[1])) == other
+    assert fwd.conntrack_count() == entries
     new_flow = P.flow_packet(CLIENT4, VIP4, 40002, 80)
     assert key_for(fwd, "web4", outer_dst(run(fwd, new_flow)[1])) == other
 

@@ -47,8 +47,13 @@ static __always_inline int rate_allows(const struct config *cfg, __u64 now)
  *     NULL; *copy then holds a consistent copy of it.
  *   ct_insert(p, cfg, old, v): track p's flow with value v; old is ct_lookup's result for this
  *     packet (NULL when it missed or was skipped). 1 when the flow is now tracked.
- *   ct_forget(p, cfg): stop tracking p's flow. */
+ *   ct_forget(p, cfg): stop tracking p's flow.
+ * and CT_SYN_LOOKUP: whether a SYN, which the table steers and whose insert replaces any entry
+ * of its 5-tuple, looks that entry up first (never to steer by it; xdp_lb.c). */
 #ifdef CT_DIRECT
+
+/* A SYN's slot is overwritten with stores alone: nothing to look up first. */
+#define CT_SYN_LOOKUP 0
 
 /* An array, not the kernel's LRU hash: the loader sets max_entries (a power of two) and
  * config.ct_mask; mmapable so user space can count, read and clear a million entries in one
@@ -135,6 +140,12 @@ static __always_inline void ct_forget(struct parsed *p, const struct config *cfg
 }
 
 #else /* the kernel's LRU hash (default) */
+
+/* A SYN looks its 5-tuple up: a found entry (a retransmitted SYN, a reused port) is rewritten
+ * in place, where the kernel's insert over it would take a new element and free the old one
+ * (a SYN on the same 5-tuple ~40 % cheaper, bench/forwarder.py); a new flow's miss costs
+ * little, as it brings in the hash bucket the insert then needs. */
+#define CT_SYN_LOOKUP 1
 
 /* Two maps, one per family (maglev.h): the kernel hashes and compares the whole key on every
  * lookup, and an IPv4 flow's 16-byte key costs much less than the 40 bytes IPv6 needs. */

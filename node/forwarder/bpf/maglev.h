@@ -70,6 +70,16 @@ struct vip_value {
 #define VIP_FILTER_WORDS ((1 << VIP_FILTER_LOG2) / 64)
 #define VIP_FILTER_MUL 0x9e3779b1u
 #define VIP_FILTER_SECTION ".data.vip_addrs"
+/* ---- the only VIP of an address index: vip_only ((1 << VIP_FILTER_LOG2) __u16) ------------
+ * Global data of xdp_lb.c in a section of its own (VIP_ONLY_SECTION; the loader pins it as
+ * vip_only), indexed like the pre-filter's bits: 1 + the VIP's id where exactly one VIP has an
+ * address with that index (whatever its protocol and port), else 0. A packet that goes to the
+ * table (a new flow, a conntrack miss) and whose entry names a VIP owning its flow (vip_meta's
+ * key, the check a conntrack hit makes) needs no vips hash lookup: ~35 ns of every new flow
+ * (bench/forwarder.py). Any other packet, and every fragment, looks vips up as before. The only
+ * VIP of an index has no port-VIP / "all ports" precedence to get wrong, and a hint that names
+ * a VIP not owning the flow (stale, or another address) only costs the lookup it was to save. */
+#define VIP_ONLY_SECTION ".data.vip_only"
 
 /* ---- per-VIP metadata: vip_meta (array, mmapable) indexed by vip id ----------------------
  * Two table slots; the data path reads slot[active & 1]. User space writes the spare slot's

@@ -68,6 +68,9 @@ struct {
  * compiler cannot assume it keeps its initial zeros. */
 __u64 vip_addrs[VIP_FILTER_WORDS] SEC(VIP_FILTER_SECTION);
 
+/* The only VIP of each pre-filter index (maglev.h), global data read the same way. */
+__u16 vip_only[1 << VIP_FILTER_LOG2] SEC(VIP_ONLY_SECTION);
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_VIPS);
@@ -126,12 +129,17 @@ struct {
 
 /* ---- steering --------------------------------------------------------------------------- */
 
-/* May the destination address have a VIP? The address pre-filter of maglev.h, on the XOR of
- * the address's words: one multiply and one load, so traffic for the node itself never pays
- * for a hash lookup. */
+/* The pre-filter's index of an address (maglev.h), from the XOR of its words. */
+static __always_inline __u32 vip_addr_index(__u32 folded)
+{
+	return (folded * VIP_FILTER_MUL) >> (32 - VIP_FILTER_LOG2);
+}
+
+/* May the destination address have a VIP? The address pre-filter of maglev.h: one multiply
+ * and one load, so traffic for the node itself never pays for a hash lookup. */
 static __always_inline int vip_addr_maybe(__u32 folded)
 {
-	__u32 i = (folded * VIP_FILTER_MUL) >> (32 - VIP_FILTER_LOG2);
+	__u32 i = vip_addr_index(folded);
 
 	return (vip_addrs[i / 64] >> (i % 64)) & 1;
 }
@@ -195,11 +203,12 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	if (!cfg)
 		return XDP_PASS;
 	/* Conntrack first: an established flow needs no VIP hash lookup. A SYN opens a new
-	 * connection and skips it (as Katran does); the insert below overwrites whatever an
-	 * earlier connection on the same 5-tuple left. Fragments never use conntrack. */
-	if (!p->is_frag && !p->syn) {
+	 * connection and goes to the table whatever conntrack holds (as Katran does); the insert
+	 * below overwrites what an earlier connection on the same 5-tuple left ("lru" finds that
+	 * entry first to rewrite it in place: CT_SYN_LOOKUP). Fragments never use conntrack. */
+	if (!p->is_frag && (!p->syn || CT_SYN_LOOKUP)) {
 		ct = ct_lookup(p, cfg, &cv);
-		if (ct && ct_usable(&cv, ct, p, cfg, selftest, &meta, &be)) {
+		if (ct && !p->syn && ct_usable(&cv, ct, p, cfg, selftest, &meta, &be)) {
 			hit = 1;
 			vip_id = cv.vip_id;
 			be_id = cv.backend_id;
@@ -207,6 +216,15 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 		}
 	}
 
+	/* The address's only VIP, if it owns the flow, saves the hash lookup (maglev.h). */
+	if (!p->is_frag) {
+		const __u32 *d = p->fk.dst;
+		__u32 only = vip_only[vip_addr_index(d[0] ^ d[1] ^ d[2] ^ d[3])];
+
+		vip_id = only - 1;
+		if (only && (meta = bpf_map_lookup_elem(&vip_meta, &vip_id)) && !vip_mismatch(meta, &p->fk))
+			goto vip_found;
+	}
 	__builtin_memcpy(vk.addr, p->fk.dst, 16);
 	vk.port_be = p->fk.dport_be;
 	vk.proto = p->fk.proto;
@@ -236,7 +254,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	meta = bpf_map_lookup_elem(&vip_meta, &vip_id);
 	if (!meta)
 		return XDP_PASS;
-
+vip_found:
 	{
 		struct table_slot slot;
 		struct table_chunk *c;

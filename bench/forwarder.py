@@ -33,7 +33,8 @@ Second chance (issue 17), on a second VIP (SC_VIP) whose table just gained an 11
 These run on "lru+sc" / "direct+sc" (the same objects on maps of their own, so their inserts do
 not fill the conntrack of the other cases); each is compared with its case on the VIP without
 second chance of the same program and run ("x no-sc"). `--reference main` compares the plain
-programs (the bench VIP only) with main's on the same maps.
+programs (the bench VIP only) with main's on the same maps (the pre-filter and vip_only too,
+where the revision has them).
 Programs: the two designs (forwarder.conntrack "lru", the default, and "direct"; bpf/maglev.h
 explains the trade), "lru/percpu" (the same program with per-CPU LRU lists,
 BPF_F_NO_COMMON_LRU: the previous design, to show the choice), and with --reference REV the
@@ -42,8 +43,8 @@ xdp_lb.c of that git revision in both designs ("REV lru", "REV direct"), compile
 "x REV" column is the median of the per-round ratios of the costs above the floor.
 
 For scale it also measures the kernel's LRU hash insert alone, shared LRU and per-CPU lists
-(xdp_lru_insert*, conntrack's key and value, distinct keys per call): the part of the "lru"
-new-flow cost no program can avoid while it keeps an LRU conntrack. And (unless
+(xdp_lru_insert*, conntrack_v4's 16-byte key and value, distinct keys per call): the part of
+the "lru" new-flow cost no program can avoid while it keeps an LRU conntrack. And (unless
 --no-displacement) the displacement check of the README: FLOWS distinct flows arriving on one
 CPU of a conntrack map of conntrack_size entries, then how many are still tracked, for the
 shared LRU and for per-CPU lists.
@@ -220,7 +221,7 @@ def load_reference(path: Path, fwd: Forwarder, ct_size: int) -> libbpf.BpfObject
         if name in ("conntrack", maps.CT_V4, *maps.COUNTER_MAPS):
             continue
         with contextlib.suppress(KeyError):  # a map the reference does not have
-            obj.reuse_map_fd(name, fd)
+            obj.reuse_map_fd(maps.obj_map_name(name), fd)
     obj.load()
     return obj
 

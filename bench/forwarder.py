@@ -3,7 +3,8 @@
 Method (see the datapath field notes): repeat=1 calls, never `repeat N` (the program would see
 its own encapsulated output from the second iteration on), >= 200k calls per case, 64-byte TCP
 frames (60 bytes + FCS). Every program is loaded side by side and every case interleaved in
-rounds, so drift and the other work on this shared machine hit them alike; each figure is the
+rounds (in a seeded random order, new each round), so drift and the other work on this shared
+machine hit them alike; each figure is the
 median over the rounds of that round's value, and comparisons are ratios within a round.
 Each program is loaded --loads times (default 3) and every load measured in every round; a
 round's figure for a program is the median over its loads. The kernel places each JIT image at
@@ -58,6 +59,7 @@ import argparse
 import contextlib
 import ctypes as C
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", metavar="REV", help="also measure xdp_lb.c of this git revision")
     ap.add_argument("--loads", type=int, default=3,
                     help="loads of each program (JIT placement varies per load); a round's figure is their median")
+    ap.add_argument("--seed", type=int, default=1, help="seeds the order of the cases in each round")
     ap.add_argument("--displacement-flows", type=int, default=800_000,
                     help="flows for the one-CPU displacement check (0 to skip)")
     args = ap.parse_args(argv)
@@ -352,8 +355,11 @@ def main(argv: list[str] | None = None) -> int:
             for c in cases:
                 c.round(2000)  # warm up, then forget the warm-up
                 c.reset()
+            order = random.Random(args.seed)
             for _ in range(args.rounds):
-                for c in cases:
+                # a fresh order every round: no case always runs right after the same one
+                # (two loads of one object measured up to 8 % apart in a fixed order)
+                for c in order.sample(cases, len(cases)):
                     c.round(per_round)
             counters = {m: f.counters()["vips"]["bench"] for m, f in fwds.items()}
             hints = {m: f.counters()["events"]["second_chance_hinted"] for m, f in fwds.items() if m.endswith("+sc")}

@@ -512,7 +512,9 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
     be_id: int | None = None
     be: ModelBackend | None = None
     h = flow_hash(f)
-    # conntrack first (SYNs and fragments skip it): a usable entry needs no VIP lookup
+    # conntrack first (SYNs and fragments skip it): a usable entry needs no VIP lookup. (The
+    # "lru" program looks a SYN's entry up, only to rewrite it in place: the same entry as
+    # ct_put's. Its vip_only shortcut finds the VIP _find_vip finds.)
     ct = None if p.is_frag or p.syn else st.ct.get(f)
     if ct is not None and _ct_usable(st, ct, p, now, selftest):
         hit, be_id, vid = True, ct[0], ct[2]

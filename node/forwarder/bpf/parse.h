@@ -183,7 +183,7 @@ static __always_inline int parse_icmp6_err(void *icmp, void *end, struct parsed 
 static __always_inline int parse_v6(void *data, void *end, __u32 l3, struct parsed *p)
 {
 	struct ipv6hdr *ip = data + l3;
-	__u32 plen, l4off = sizeof(*ip);
+	__u32 plen;
 	__u8 nh;
 	__u16 *ports;
 
@@ -203,7 +203,6 @@ static __always_inline int parse_v6(void *data, void *end, __u32 l3, struct pars
 			return P_MALFORMED;
 		nh = fh[0];
 		p->is_frag = 1;
-		l4off += 8;
 		if (!is_l4(nh))
 			return P_NOT_OURS;
 		copy6(p->fk.src, &ip->saddr);

@@ -9,7 +9,9 @@
  *
  * Policies (mirrored in model.py):
  * - Address pre-filter first (maglev.h): a packet whose destination address has no VIP goes
- *   to the kernel after one load, before any parse or hash lookup, uncounted.
+ *   to the kernel after one load, before any parse or hash lookup, uncounted. A packet for
+ *   the table whose address index has one VIP (vip_only, maglev.h) that owns its flow needs
+ *   no vips lookup; the others look vips up.
  * - Ethernet with at most one 802.1Q tag; the tag is kept on the encapsulated frame.
  * - Truncated/malformed IP headers, or TCP/UDP without 4 bytes of ports: XDP_PASS, counted
  *   PASS_MALFORMED (the kernel drops them). Never forwarded.
@@ -22,7 +24,9 @@
  *   several port VIPs a first fragment whose port has a VIP is dropped (DROP_FRAGMENT): the
  *   rest of the datagram could not follow it. Any other fragment goes to the kernel.
  * - Conntrack (two designs, see maglev.h; CT_DIRECT picks one at build time): a TCP SYN (SYN
- *   set, ACK clear) skips the lookup and goes to the table, then inserts (Katran does the same).
+ *   set, ACK clear) goes to the table whatever conntrack holds, then inserts, replacing any
+ *   entry of its 5-tuple (Katran does the same; "lru" looks that entry up to rewrite it in
+ *   place, conntrack.h: CT_SYN_LOOKUP).
  *   "lru" (default): the kernel's LRU hash, one LRU shared by the CPUs. "direct": an insert
  *   replaces whatever flow held the flow's slot. TCP entries never expire by time, UDP entries
  *   after config.udp_idle_ns without packets. A TCP RST is steered like its flow, then its
@@ -187,6 +191,95 @@ static __always_inline int ct_usable(const struct ct_value *ct, struct ct_value 
 	return 1;
 }
 
+/* Encapsulate and send the packet to be (be_id) and count it: the conntrack hit and the table
+ * path each inline their own copy, so the hit's (no second-chance key, no insert) is compiled
+ * with those known to be 0. */
+static __always_inline int forward(struct xdp_md *ctx, const __u32 l2, struct parsed *p,
+				   const struct config *cfg, const struct backend *be, __u32 be_id,
+				   int hit, int inserted, __u32 hint, int selftest)
+{
+	__u8 dmac[8] __attribute__((aligned(4))); /* encap reads it as 4 + 2 bytes */
+	__u32 hash;
+	int rc;
+
+	if (be->family == FAM_V4 ? !(cfg->flags & CFG_F_HAVE_SRC_V4) : !(cfg->flags & CFG_F_HAVE_SRC_V6)) {
+		count(DROP_NO_ENCAP_SOURCE);
+		return XDP_DROP;
+	}
+	{
+		__u32 overhead = (be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD) +
+				 (hint ? GRE_KEY_LEN : 0);
+
+		if (p->l3_len + overhead > cfg->mtu) {
+			if (p->is_icmp_err || (p->fk.family == FAM_V4 && !p->df)) {
+				count(DROP_TOO_BIG);
+				return XDP_DROP;
+			}
+			if (p->fk.family == FAM_V4)
+				return too_big_v4(ctx, l2, p, cfg->mtu - overhead);
+			return too_big_v6(ctx, l2, p, cfg->mtu - overhead);
+		}
+	}
+	/* only an IPv6 outer header carries the hash (its flow label) */
+	hash = be->family == FAM_V6 ? flow_hash_of(p) : 0;
+
+	if (cfg->flags & CFG_F_FIB_LOOKUP) {
+		struct bpf_fib_lookup fib = {};
+		/* read once: clang would otherwise keep &ctx->ingress_ifindex in a register, a
+		 * modified ctx pointer the verifier refuses */
+		__u32 in_ifindex = ctx->ingress_ifindex;
+
+		fib.ifindex = in_ifindex;
+		if (be->family == FAM_V4) {
+			fib.family = AF_INET;
+			fib.tos = p->tos;
+			fib.tot_len = p->l3_len + GRE_V4_OVERHEAD + (hint ? GRE_KEY_LEN : 0);
+			fib.ipv4_src = cfg->src_v4;
+			fib.ipv4_dst = be->addr[0];
+		} else {
+			fib.family = AF_INET6;
+			fib.tot_len = p->l3_len + GRE_V6_OVERHEAD;
+			__builtin_memcpy(fib.ipv6_src, cfg->src_v6, 16);
+			__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
+		}
+		fib.l4_protocol = IPPROTO_GRE_;
+		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+			count(DROP_FIB);
+			return XDP_DROP;
+		}
+		__builtin_memcpy(dmac, fib.dmac, 6);
+		rc = encap(ctx, l2, p, be, cfg, dmac, hash, hint);
+		if (rc == XDP_TX) {
+			void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+
+			if (data + 12 > end)
+				return XDP_DROP;
+			__builtin_memcpy(data + 6, fib.smac, 6);
+			if (fib.ifindex != in_ifindex)
+				rc = bpf_redirect(fib.ifindex, 0);
+		}
+	} else {
+		rc = encap(ctx, l2, p, be, cfg, cfg->next_hop_mac, hash, hint);
+	}
+	if (rc == XDP_DROP)
+		return rc;
+	if (selftest) {
+		count(SELF_TEST_PACKETS);
+	} else {
+		if (hit && p->rst)
+			ct_forget(p, cfg);
+		if (p->is_frag)
+			count(FRAG_FORWARDED);
+		if (p->is_icmp_err)
+			count(ICMP_STEERED);
+		if (hint)
+			sc_count(SC_HINTED);
+		count_forwarded(be_id, p->l3_len, hit, inserted);
+	}
+	return rc;
+}
+
 static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct parsed *p, int selftest)
 {
 	struct vip_key vk;
@@ -195,9 +288,8 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	struct config *cfg;
 	struct backend *be = 0;
 	struct ct_value *ct = 0, cv;
-	__u32 zero = 0, vip_id, be_id = 0, hash, active, hint = 0;
-	__u8 dmac[8] __attribute__((aligned(4))); /* encap reads it as 4 + 2 bytes */
-	int hit = 0, inserted = 0, rc;
+	__u32 zero = 0, vip_id, be_id = 0, active, hint = 0;
+	int inserted = 0;
 
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
@@ -209,10 +301,7 @@ static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct pars
 	if (!p->is_frag && (!p->syn || CT_SYN_LOOKUP)) {
 		ct = ct_lookup(p, cfg, &cv);
 		if (ct && !p->syn && ct_usable(&cv, ct, p, cfg, selftest, &meta, &be)) {
-			hit = 1;
-			vip_id = cv.vip_id;
-			be_id = cv.backend_id;
-			goto chosen;
+			return forward(ctx, l2, p, cfg, be, cv.backend_id, 1, 0, 0, selftest);
 		}
 	}
 
@@ -297,82 +386,9 @@ vip_found:
 			}
 		}
 	}
-chosen:
 	if (!be)
 		goto bad_backend;
-	if (be->family == FAM_V4 ? !(cfg->flags & CFG_F_HAVE_SRC_V4) : !(cfg->flags & CFG_F_HAVE_SRC_V6)) {
-		count(DROP_NO_ENCAP_SOURCE);
-		return XDP_DROP;
-	}
-	{
-		__u32 overhead = (be->family == FAM_V4 ? GRE_V4_OVERHEAD : GRE_V6_OVERHEAD) +
-				 (hint ? GRE_KEY_LEN : 0);
-
-		if (p->l3_len + overhead > cfg->mtu) {
-			if (p->is_icmp_err || (p->fk.family == FAM_V4 && !p->df)) {
-				count(DROP_TOO_BIG);
-				return XDP_DROP;
-			}
-			if (p->fk.family == FAM_V4)
-				return too_big_v4(ctx, l2, p, cfg->mtu - overhead);
-			return too_big_v6(ctx, l2, p, cfg->mtu - overhead);
-		}
-	}
-	/* only an IPv6 outer header carries the hash (its flow label) */
-	hash = be->family == FAM_V6 ? flow_hash_of(p) : 0;
-
-	if (cfg->flags & CFG_F_FIB_LOOKUP) {
-		struct bpf_fib_lookup fib = {};
-
-		fib.ifindex = ctx->ingress_ifindex;
-		if (be->family == FAM_V4) {
-			fib.family = AF_INET;
-			fib.tos = p->tos;
-			fib.tot_len = p->l3_len + GRE_V4_OVERHEAD + (hint ? GRE_KEY_LEN : 0);
-			fib.ipv4_src = cfg->src_v4;
-			fib.ipv4_dst = be->addr[0];
-		} else {
-			fib.family = AF_INET6;
-			fib.tot_len = p->l3_len + GRE_V6_OVERHEAD;
-			__builtin_memcpy(fib.ipv6_src, cfg->src_v6, 16);
-			__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
-		}
-		fib.l4_protocol = IPPROTO_GRE_;
-		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-			count(DROP_FIB);
-			return XDP_DROP;
-		}
-		__builtin_memcpy(dmac, fib.dmac, 6);
-		rc = encap(ctx, l2, p, be, cfg, dmac, hash, hint);
-		if (rc == XDP_TX) {
-			void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-
-			if (data + 12 > end)
-				return XDP_DROP;
-			__builtin_memcpy(data + 6, fib.smac, 6);
-			if (fib.ifindex != ctx->ingress_ifindex)
-				rc = bpf_redirect(fib.ifindex, 0);
-		}
-	} else {
-		rc = encap(ctx, l2, p, be, cfg, cfg->next_hop_mac, hash, hint);
-	}
-	if (rc == XDP_DROP)
-		return rc;
-	if (selftest) {
-		count(SELF_TEST_PACKETS);
-	} else {
-		if (hit && p->rst)
-			ct_forget(p, cfg);
-		if (p->is_frag)
-			count(FRAG_FORWARDED);
-		if (p->is_icmp_err)
-			count(ICMP_STEERED);
-		if (hint)
-			sc_count(SC_HINTED);
-		count_forwarded(be_id, p->l3_len, hit, inserted);
-	}
-	return rc;
+	return forward(ctx, l2, p, cfg, be, be_id, 0, inserted, hint, selftest);
 bad_backend:
 	count(DROP_BAD_BACKEND);
 	return XDP_DROP;

@@ -339,3 +339,42 @@ async def test_settle_judges_answers_already_in_without_an_event_loop_wakeup():
     finally:
         listener.close()
         closed.close()
+
+
+async def test_a_low_rate_schedule_starts_several_probes_per_wakeup_and_keeps_every_slot(monkeypatch):
+    """Few probes due (40 targets every second): the schedule wakes on ticks that each start
+    several probes, not once per probe; no probe starts before its slot, and each target's
+    slots stay exactly one interval apart (the tick delays starts, never the schedule)."""
+    listeners = []
+    for _ in range(40):
+        listeners.append(socket.socket())
+        listeners[-1].bind(("127.0.0.1", 0))
+        listeners[-1].listen(64)
+    check = _checks.validate_python({"type": "tcp", "interval": 1, "timeout": 0.5})
+    local = ipaddress.ip_address("127.0.0.1")
+    targets = [Target(local, s.getsockname()[1], check) for s in listeners]
+    from healthcheck.schedule import Schedule
+
+    wakeups = []
+    fire = Schedule._fire
+    monkeypatch.setattr(Schedule, "_fire", lambda self: (wakeups.append(len(seen)), fire(self)))
+    seen: list[tuple[Target, float, float, Any]] = []
+    mon = HealthMonitor(on_probe=lambda t, scheduled, start, r: seen.append((t, scheduled, start, r)))
+    mon.update(targets)
+    try:
+        await mon.start()
+        while len({t for t, *_ in seen}) < 40 or len(seen) < 80:
+            await asyncio.sleep(0.1)
+    finally:
+        await mon.stop()
+        for s in listeners:
+            s.close()
+    assert all(r.ok for *_, r in seen), {r.reason for *_, r in seen if not r.ok}
+    assert all(start >= scheduled for _, scheduled, start, _ in seen)
+    first_round = [w for w in wakeups if w < 40]  # the wake-ups until 40 probes were done
+    assert len(first_round) <= 25, f"{len(first_round)} wake-ups for 40 probes"
+    by_target: dict[Target, list[float]] = {}
+    for t, scheduled, _, _ in seen:
+        by_target.setdefault(t, []).append(scheduled)
+    gaps = [b - a for slots in by_target.values() for a, b in zip(slots, slots[1:])]
+    assert gaps and all(g == pytest.approx(1.0, abs=1e-9) for g in gaps)

@@ -123,7 +123,8 @@ class Controller:
         self.tables = TableCache(defer=True)
         self.metrics = NodeMetrics()
         self.specs = SpecCache(self.spec_builder)
-        self.self_tester = SelfTester(forwarder, self.metrics, self.events, self._self_test_changed)
+        self.self_tester = SelfTester(forwarder, self.metrics, self.events, self._self_test_changed,
+                                      lambda: self.config.forwarder.self_test_interval)
         self.decision_log = DecisionLog(self.events)
         self._reconcile_lock = asyncio.Lock()
         self._forwarder_open = False

@@ -4,6 +4,7 @@ drain semantics, reload keeping the last good config, digest-based no-op."""
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from node.config import parse_node_object
 from node.controller import Controller
 from node.events import EventLog
 from node.maglev import StopGapTable, build_table
+from node.self_test import CYCLE, SAMPLE, SAMPLE_MIN
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -460,8 +462,29 @@ async def test_a_reconcile_programs_and_self_tests_only_what_changed(tmp_path):
     assert e.forwarder.changed[-1] == ["v04"]
     assert e.forwarder.tested[-1] == ["v04"]  # what changed, before it is announced
     await e.c.run_self_test([])  # a periodic round: the next slice of the rotation
-    assert len(e.forwarder.tested[-1]) == 32
+    assert len(e.forwarder.tested[-1]) == SAMPLE_MIN  # 40 VIPs x 5 s / 60 s: 4 a round
     assert set(e.forwarder.last["v04"]["table"]) == {"10.0.1.1", "10.0.3.5"}
+
+
+@pytest.mark.parametrize("count, interval, per_round", [(100, 5.0, 9), (1000, 5.0, SAMPLE), (40, 1.0, SAMPLE_MIN)])
+async def test_periodic_self_tests_cover_every_vip_within_the_cycle(tmp_path, count, interval, per_round):
+    """The periodic rounds test a slice sized from the VIP count and self_test_interval: every
+    VIP is tested within CYCLE seconds of rounds (within VIPs / SAMPLE rounds past SAMPLE x
+    CYCLE / interval VIPs), and a round tests no more than that asks."""
+    e = Env(tmp_path, [vip(f"v{i:04d}", f"10.{100 + i // 250}.0.{i % 250 + 1}", check=False)
+                       for i in range(count)])
+    fwd = e.c.config.forwarder.model_copy(update={"self_test_interval": interval})
+    e.c.config = e.c.config.model_copy(update={"forwarder": fwd})
+    await e.start()
+    e.forwarder.tested.clear()
+    if count * interval <= SAMPLE * CYCLE:
+        rounds = math.floor(CYCLE / interval)  # the documented bound: CYCLE seconds of rounds
+    else:
+        rounds = math.ceil(count / SAMPLE)
+    for _ in range(rounds):
+        await e.c.run_self_test([])
+    assert {len(t) for t in e.forwarder.tested} == {per_round}
+    assert set().union(*e.forwarder.tested) == set(e.c.vips)
 
 
 async def test_a_backend_shared_by_every_vip_leaves_through_stop_gaps_then_exact_tables(tmp_path):

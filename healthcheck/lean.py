@@ -56,6 +56,8 @@ _JIFFY = 0.004  # the kernel counts those milliseconds in jiffies (HZ >= 250)
 PLAN_CACHE_MAX = 200_000  # targets whose address and request are kept ready
 _EV_OUT = select.EPOLLOUT
 _EV_IN = select.EPOLLIN | select.EPOLLRDHUP
+_EV_FAILED = select.EPOLLERR | select.EPOLLHUP
+_CONNECTED = (True, "connected")
 # The C socket type, born non-blocking: the Python wrapper's __init__ and a setblocking() call
 # are a measurable share of a probe.
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
@@ -217,13 +219,20 @@ class LeanProbes:
     def _on_ready(self) -> None:
         finished: list[tuple[_Probe, bool, str]] = []
         by_fd = self._by_fd
-        for fd, _events in self._epoll.poll(0):
+        for fd, events in self._epoll.poll(0):
             probe = by_fd.get(fd)
             if probe is None or probe.finished:
                 continue
-            verdict = self._step_tcp(probe) if probe.http is None else self._step_http(probe)
-            if verdict is not None:
-                finished.append((probe, *verdict))
+            if probe.http is not None:
+                verdict = self._step_http(probe)
+                if verdict is not None:
+                    finished.append((probe, *verdict))
+            elif events & _EV_FAILED:
+                finished.append((probe, *(self._connected(probe) or _CONNECTED)))
+            else:
+                # Writable with no error or hang-up: the handshake completed. The kernel reports
+                # a failed connect as EPOLLERR, so a success needs no SO_ERROR system call.
+                finished.append((probe, True, "connected"))
         # Callbacks run after the whole batch: a callback that starts a probe could get a closed
         # probe's fd number, and a stale event of this batch must not be read as its own.
         now = self.loop.time()
@@ -235,9 +244,6 @@ class LeanProbes:
         if err:
             return False, self._os_reason(OSError(err, _strerror(err)))
         return None
-
-    def _step_tcp(self, probe: _Probe) -> tuple[bool, str]:
-        return self._connected(probe) or (True, "connected")
 
     def _step_http(self, probe: _Probe) -> tuple[bool, str] | None:
         try:

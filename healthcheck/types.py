@@ -36,17 +36,19 @@ class Target:
     check: HealthCheck
     vip: IPv4Address | IPv6Address | None = None
     _key: tuple[str, int | None, str, str | None] = field(init=False, repr=False)
+    # Worked out once: both are read several times per probe, thousands of probes a second.
+    tunnel: bool = field(init=False, repr=False)  # a via: tunnel check
+    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.tunnel and self.vip is None:
+        tunnel = getattr(self.check, "via", "direct") == "tunnel"
+        object.__setattr__(self, "tunnel", tunnel)
+        if tunnel and self.vip is None:
             raise ValueError("a tunnel check's Target needs the VIP address it probes")
         key = (str(self.address), self.probe_port, self.check.model_dump_json(),
-               str(self.vip) if self.tunnel else None)
+               str(self.vip) if tunnel else None)
         object.__setattr__(self, "_key", key)
-
-    @property
-    def tunnel(self) -> bool:
-        return getattr(self.check, "via", "direct") == "tunnel"
+        object.__setattr__(self, "_hash", hash(key))
 
     @property
     def probe_address(self) -> IPv4Address | IPv6Address:
@@ -68,7 +70,7 @@ class Target:
         return self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self._key)
+        return self._hash
 
     def describe(self) -> str:
         """'10.1.0.11:80 (http /healthz)': what logs and events name."""

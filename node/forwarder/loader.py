@@ -25,6 +25,7 @@ differs, so a stale id can only cause a counted drop, never a forward to another
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes as C
 import functools
@@ -63,6 +64,7 @@ PROG_PIN = "prog_xdp_lb"
 SELF_TEST_META = b"MLBT"  # any 4 bytes of XDP metadata mark a self-test packet
 SELF_TEST_SRC = {4: "198.18.0.1", 6: "2001:2::1"}  # benchmarking ranges (RFC 2544 / 5180)
 SELF_TEST_SPORT = 40000
+PARALLEL_PATCH = 64  # tables patched at once (drop_from_tables) from which two threads share them
 SELF_TEST_BATCH = 32  # VIPs whose tables the self-test's model holds at once
 
 
@@ -745,6 +747,7 @@ class Forwarder:
             except BaseException:
                 self._be_specs.clear()  # unsure what was written: convert everything again
                 self._keys_from.clear()
+                self._live_from.clear()  # a table may be staged, not flipped: write them afresh
                 raise
 
     def _sync(self, vips: Sequence[VipSpec], changed: Iterable[str] | None) -> None:
@@ -1196,6 +1199,69 @@ class Forwarder:
             patch_ids(view, entries, before, idmap)
         self._live_from[vid] = (entries, idmap)
         return True
+
+    @_one_at_a_time
+    def drop_from_tables(self, gone: dict[str, Iterable[str]]) -> list[str]:
+        """The stop-gap at once, before any decision is made again (node.stop_gaps): for each
+        VIP, the entries of the backends ``gone[vip]`` (keys) in its live table take the
+        backend of the next entry (cyclically) that remains, the rule of maglev.StopGapTable,
+        a pure function of the live table, so every node writes the same. Each entry is one
+        aligned 32-bit store, as in _patch_in_place; every table goes in one C call
+        (_maglev.patch_tables, a window of the map at a time, without the interpreter lock).
+        Only a live table this process wrote from a build it knows is touched, and only while
+        some backend of it remains; the backends' states and every other map stay as they are
+        (the next sync makes them match the decision, and finds these tables patched already).
+        Returns the VIPs whose tables changed."""
+        self._require_open()
+        jobs = []
+        for vip, keys in gone.items():
+            vid = self.vip_ids.get(vip)
+            last = self._live_from.get(vid) if vid is not None else None
+            if last is None:
+                continue
+            entries, before = last
+            meta = self._meta(vid)
+            live = meta.slot[meta.active & 1]
+            after = array("I", before)
+            for key in keys:
+                bid = self.backend_ids.get((vip, key))
+                if bid is not None and bid in after:
+                    after[after.index(bid)] = 0
+            if not live.size or live.size != len(entries) or after == before or not any(after):
+                continue
+            jobs.append((live.offset, entries, before, after, vid, vip))
+        if not jobs:
+            return []
+        jobs.sort(key=lambda job: job[0])
+        try:
+            self._patch_tables([job[:4] for job in jobs])
+        except BaseException:
+            for job in jobs:  # unsure how far it got: the next sync writes these afresh
+                self._live_from.pop(job[4], None)
+            raise
+        for _, entries, _, after, vid, _ in jobs:
+            self._live_from[vid] = (entries, after)
+        return [job[5] for job in jobs]
+
+    def _patch_tables(self, jobs: list[tuple[int, Sequence[int], array, array]]) -> None:
+        """patch_ids over many live tables: (offset, entries, before, after) each, sorted by
+        offset. The C call runs without the interpreter lock, so a large batch is split in
+        two halves run side by side on two CPUs (the cost is mostly the pages it touches)."""
+        if _ext is not None and hasattr(_ext, "patch_tables"):
+            fd, size = self.fds["tables"], self.table_capacity * 4
+            if len(jobs) < PARALLEL_PATCH or (os.cpu_count() or 1) < 2:
+                _ext.patch_tables(fd, size, jobs)
+                return
+            half = len(jobs) // 2
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="maglev-patch") as pool:
+                first = pool.submit(_ext.patch_tables, fd, size, jobs[:half])
+                _ext.patch_tables(fd, size, jobs[half:])
+                first.result()
+            return
+        with self._batched_windows():
+            for offset, entries, before, after in jobs:
+                with self._table_window(offset, len(entries)) as view:
+                    patch_ids(view, entries, before, after)
 
     def _write_table(self, vid: int, ids: list[int]) -> bool:
         """Write ids into the spare slot and flip; False when the live table already matches."""

@@ -158,6 +158,59 @@ def test_patch_ids_in_c_matches_python_on_every_path():
             assert (fast, n_fast) == (slow, n_slow), (nkeys, size)
 
 
+def test_patch_tables_in_one_call_equals_patch_ids_per_table(tmp_path):
+    """The batch the stop-gap lane uses (tables anywhere in an mmap'able map, several per
+    mapping window and across windows) writes what patch_ids writes table by table; a bad
+    job is refused, naming it, before anything is written."""
+    if loader._ext is None or not hasattr(loader._ext, "patch_tables"):
+        pytest.skip("C extension not built")
+    import mmap
+    import os
+
+    rng = random.Random(7)
+    size = 4099
+    offsets = [0, 5000, 9104, 1 << 20, (1 << 20) + size, (3 << 20) // 4 * 3]  # entries
+    total = (offsets[-1] + size) * 4
+    tables, jobs = [], []
+    for i, off in enumerate(offsets):
+        nkeys = rng.choice([3, 10, 40, 300])
+        t = build_table({f"k{j}": rng.choice([1, 2]) for j in range(nkeys)}, size)
+        before = array("I", [50 + 10 * i + j for j in range(nkeys)])
+        after = array("I", before)
+        for j in rng.sample(range(nkeys), max(1, nkeys // 4)):
+            after[j] = 0
+        tables.append((t, before, after))
+        jobs.append((off, t.entries, before, after))
+    path = tmp_path / "tables"
+    with open(path, "w+b") as fh:
+        fh.truncate(total)
+        with mmap.mmap(fh.fileno(), total) as mm:
+            for off, (t, before, _) in zip(offsets, tables):
+                mm[off * 4:(off + size) * 4] = bytes(_ids(t.entries, before))
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(ValueError, match="before or after marks every backend as gone"):
+                loader._ext.patch_tables(fd, total, jobs + [(0, tables[0][0].entries, tables[0][1],
+                                                            array("I", [0] * len(tables[0][1])))])
+            with pytest.raises(TypeError, match="job 1 must be"):
+                loader._ext.patch_tables(fd, total, [jobs[0], (1, 2)])
+            with pytest.raises(ValueError, match="job 0: .* within the map"):
+                loader._ext.patch_tables(fd, total, [(offsets[-1] + 1, *jobs[-1][1:])])
+            with mmap.mmap(fh.fileno(), total) as mm:  # nothing written by the refused calls
+                for off, (t, before, _) in zip(offsets, tables):
+                    assert mm[off * 4:(off + size) * 4] == bytes(_ids(t.entries, before))
+            written = loader._ext.patch_tables(fd, total, jobs)
+        finally:
+            os.close(fd)
+        expected = 0
+        with mmap.mmap(fh.fileno(), total) as mm:
+            for off, (t, before, after) in zip(offsets, tables):
+                one = bytearray(bytes(_ids(t.entries, before)))
+                expected += loader._ext.patch_ids(one, t.entries, before, after)
+                assert mm[off * 4:(off + size) * 4] == bytes(one) == bytes(_ids(t.entries, after))
+        assert written == expected > 0
+
+
 def test_deciding_again_keeps_the_decisions_of_backends_that_did_not_change():
     from node.config import parse_vip_object
     from node.reconcile import Health, Inputs, TableCache, decide

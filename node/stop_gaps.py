@@ -1,0 +1,69 @@
+"""Backends that stop serving leave the live tables at once, before the reconcile (issue 12).
+
+A backend shared by a thousand VIPs going down used to wait for the whole reconcile before
+its tables stopped sending it new flows: decide the thousand VIPs, build their specs, sync
+them one by one (~0.4 s at 1000 VIPs on two busy CPUs). Yet what every one of those tables
+becomes first is already known: the stop-gap (maglev.StopGapTable), the live table with the
+lost backend's entries handed to the next entry that remains, a pure function of that table,
+so every node computes the same one. Here it is applied as soon as the loss is heard of: the
+forwarder patches every affected live table in one call (``drop_from_tables``), then the
+reconcile runs as always (decide, sync, self-test before anything is announced anew, the
+exact tables built behind), and finds those tables already patched.
+
+Only losses take this path: a backend whose health went DOWN, or that an operator drained
+or disabled. Whatever the decision then says, such a backend gets no new flows, so nothing
+here can put a backend in service that the decision would keep out, nor take a VIP out of
+service (a table whose last backend leaves is left for the reconcile, which withdraws it).
+The backends map (existing flows, the "down" state) is left to the sync, in its usual order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+class StopGaps:
+    """Collects the (VIP, backend key) pairs that stopped serving and has the forwarder patch
+    them out of the live tables, a batch at a time, in a worker thread (``run``, supervised
+    by the controller). ``on_patched(names)`` is called on the event loop with the VIPs whose
+    tables changed, or might have (a failed patch), so the next sync programs them."""
+
+    def __init__(self, forwarder: Any, events: Any, on_patched: Callable[[set[str]], None]) -> None:
+        self.forwarder = forwarder
+        self.events = events
+        self.on_patched = on_patched
+        self._pending: dict[str, set[str]] = {}
+        self._wanted = asyncio.Event()
+        self.tables_patched = 0  # for the metrics and the tests
+
+    def lost(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """These backends stopped serving these VIPs (called on the event loop; cheap)."""
+        for vip, key in pairs:
+            self._pending.setdefault(vip, set()).add(key)
+        if self._pending:
+            self._wanted.set()
+
+    async def run(self) -> None:
+        # A forwarder without the in-place patch (a test's fake): the reconcile does it all.
+        patch = getattr(self.forwarder, "drop_from_tables", None)
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            todo, self._pending = self._pending, {}
+            if patch is None or not todo:
+                continue
+            await self._apply(patch, todo)
+
+    async def _apply(self, patch: Callable[[dict], list[str]], todo: dict[str, set[str]]) -> None:
+        try:
+            done = set(await asyncio.to_thread(patch, todo))
+        except Exception as exc:  # the reconcile that follows programs these VIPs afresh
+            self.events.emit("stop_gap_failed", f"patching {len(todo)} VIP table(s) for lost backends "
+                             f"failed: {exc!r}; the reconcile programs them instead", level="error")
+            self.on_patched(set(todo))
+            return
+        self.tables_patched += len(done)
+        if done:
+            self.on_patched(done)

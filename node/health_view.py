@@ -69,6 +69,44 @@ def health_targets(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConf
     return out
 
 
+def reindex(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConfig],
+            targets: Mapping[tuple[str, str], Any], owners: Mapping[Any, list[tuple[str, str]]],
+            ) -> tuple[dict[tuple[str, str], Any], dict[Any, list[tuple[str, str]]], dict[tuple[str, str], Any]]:
+    """(targets, owners, the targets of the VIPs added or changed) after a reload, from the
+    last ``targets``/``owners`` (of ``previous``): what health_targets and owners_of make, in
+    work proportional to the VIPs the reload touched. At 1000 VIPs x 10 backends the full
+    rebuild hashed 30,000 Targets on the event loop (~0.1 s) to change one backend. A VIP
+    kept as the same config object keeps its pairs and Targets; owners lists keep the VIP
+    order of a full rebuild."""
+    stale = [name for name, vip in previous.items() if vips.get(name) is not vip]
+    fresh = [vip for name, vip in vips.items() if previous.get(name) is not vip]
+    if not stale and not fresh:
+        return dict(targets), dict(owners), {}
+    gone = set(stale)
+    out = {pair: t for pair, t in targets.items() if pair[0] not in gone}
+    lists: dict[Any, list[tuple[str, str]]] = {}  # copies of the owners lists that change
+    for name in stale:
+        for b in previous[name].all_backends:
+            t = targets.get((name, b.key))
+            if t is not None:
+                pairs = lists.setdefault(t, list(owners.get(t, ())))
+                if (name, b.key) in pairs:
+                    pairs.remove((name, b.key))
+    added = health_targets({v.name: v for v in fresh})
+    for pair, t in added.items():
+        out[pair] = t
+        lists.setdefault(t, list(owners.get(t, ()))).append(pair)
+    position = {name: i for i, name in enumerate(vips)}
+    new_owners = dict(owners)
+    for t, pairs in lists.items():
+        if pairs:
+            pairs.sort(key=lambda pair: position[pair[0]])
+            new_owners[t] = pairs
+        else:
+            del new_owners[t]
+    return out, new_owners, added
+
+
 def held_until(snapshot: dict[Any, Any], owners: dict[Any, list[tuple[str, str]]]) -> dict[tuple[str, str], float]:
     """(vip, backend key) -> until when its check's flap dampening holds it DOWN (the
     announce policy de-prefers rather than withdraws a VIP short only because of them)."""

@@ -20,8 +20,11 @@ The backends map (existing flows, the "down" state) is left to the sync, in its 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+SETTLE_WAIT = 1.0  # seconds a reconcile waits for a batch in flight (a stuck one: it goes on)
 
 
 class StopGaps:
@@ -35,7 +38,10 @@ class StopGaps:
         self.events = events
         self.on_patched = on_patched
         self._pending: dict[str, set[str]] = {}
+        self._since: float | None = None  # when the oldest pending loss was heard of
         self._wanted = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.tables_patched = 0  # for the metrics and the tests
 
     def lost(self, pairs: Iterable[tuple[str, str]]) -> None:
@@ -43,7 +49,20 @@ class StopGaps:
         for vip, key in pairs:
             self._pending.setdefault(vip, set()).add(key)
         if self._pending:
+            if self._since is None:
+                self._since = time.perf_counter()
+            self._idle.clear()
             self._wanted.set()
+
+    async def settled(self) -> None:
+        """Wait for the batch in flight (bounded): the reconcile that follows a loss waits for
+        its stop-gaps rather than compete with them for two CPUs and the interpreter lock
+        (its sync would wait for the forwarder's lock anyway)."""
+        if not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), SETTLE_WAIT)
+            except TimeoutError:
+                pass
 
     async def run(self) -> None:
         # A forwarder without the in-place patch (a test's fake): the reconcile does it all.
@@ -52,11 +71,17 @@ class StopGaps:
             await self._wanted.wait()
             self._wanted.clear()
             todo, self._pending = self._pending, {}
-            if patch is None or not todo:
-                continue
-            await self._apply(patch, todo)
+            since, self._since = self._since, None
+            try:
+                if patch is not None and todo:
+                    await self._apply(patch, todo, since)
+            finally:
+                if not self._pending:
+                    self._idle.set()
 
-    async def _apply(self, patch: Callable[[dict], list[str]], todo: dict[str, set[str]]) -> None:
+    async def _apply(self, patch: Callable[[dict], list[str]], todo: dict[str, set[str]],
+                     since: float | None) -> None:
+        started = time.perf_counter()
         try:
             done = set(await asyncio.to_thread(patch, todo))
         except Exception as exc:  # the reconcile that follows programs these VIPs afresh
@@ -65,5 +90,14 @@ class StopGaps:
             self.on_patched(set(todo))
             return
         self.tables_patched += len(done)
-        if done:
-            self.on_patched(done)
+        if not done:
+            return
+        now = time.perf_counter()
+        keys = sorted({k for vip in done for k in todo[vip]})
+        self.events.emit(
+            "tables_stop_gapped",
+            f"backend(s) {', '.join(keys[:5])}{' and more' if len(keys) > 5 else ''} out of {len(done)} "
+            f"live table(s) in {(now - (since or started)) * 1000:.0f} ms (patch {(now - started) * 1000:.0f} ms); "
+            "the exact tables follow", tables=len(done), ms=round((now - (since or started)) * 1000, 1),
+            patch_ms=round((now - started) * 1000, 1))
+        self.on_patched(done)

@@ -236,3 +236,24 @@ def test_vip_dir_signature_sees_edits_of_vip_files_only(tmp_path):
     (tmp_path / "b.yml").symlink_to(tmp_path / "missing.yaml")
     assert vip_dir_signature(tmp_path)[-1] == ("b.yml", None)
     assert vip_dir_signature(tmp_path / "gone") == ()
+
+
+def test_small_and_big_files_parse_the_same():
+    """A file under SMALL_YAML_BYTES is composed by libyaml in C, a bigger one by PyYAML's
+    composer over libyaml's events: the same text gives the same data, aliases and errors."""
+    from node import config as cfg
+
+    body = ("vips:\n  - &one {name: web, address: 10.0.0.1, port: 80, backends: [{address: 10.0.1.1}]}\n"
+            "  - *one\n  - {name: 'x', n: 0x1F, f: 1.5, t: yes, s: [a, b], m: {k: ~}}\n")
+    big = body + "#" + " " * cfg.SMALL_YAML_BYTES + "\n"
+    assert len(body) <= cfg.SMALL_YAML_BYTES < len(big)
+    assert cfg.parse_yaml(body, "f") == cfg.parse_yaml(big, "f")
+    for bad in ("a: *nope\n", "a: [1, 2\n", "&x a: 1\n&x b: 2\n"):
+        errors = []
+        for text in (bad, bad + "#" + " " * cfg.SMALL_YAML_BYTES + "\n"):
+            try:
+                cfg.parse_yaml(text, "f")
+                errors.append(None)
+            except cfg.ConfigError as exc:
+                errors.append(str(exc.problems[0]).split(" in \"")[0].split("\n")[0])
+        assert errors[0] is not None and errors[0] == errors[1], errors

@@ -34,7 +34,8 @@ class StopGaps:
     tables changed, or might have (a failed patch), so the next sync programs them."""
 
     def __init__(self, forwarder: Any, events: Any, on_patched: Callable[[set[str]], None]) -> None:
-        self.forwarder = forwarder
+        # A forwarder without the in-place patch (a test's fake): the reconcile does it all.
+        self._patch = getattr(forwarder, "drop_from_tables", None)
         self.events = events
         self.on_patched = on_patched
         self._pending: dict[str, set[str]] = {}
@@ -46,6 +47,8 @@ class StopGaps:
 
     def lost(self, pairs: Iterable[tuple[str, str]]) -> None:
         """These backends stopped serving these VIPs (called on the event loop; cheap)."""
+        if self._patch is None:
+            return
         for vip, key in pairs:
             self._pending.setdefault(vip, set()).add(key)
         if self._pending:
@@ -65,16 +68,14 @@ class StopGaps:
                 pass
 
     async def run(self) -> None:
-        # A forwarder without the in-place patch (a test's fake): the reconcile does it all.
-        patch = getattr(self.forwarder, "drop_from_tables", None)
         while True:
             await self._wanted.wait()
             self._wanted.clear()
             todo, self._pending = self._pending, {}
             since, self._since = self._since, None
             try:
-                if patch is not None and todo:
-                    await self._apply(patch, todo, since)
+                if todo:
+                    await self._apply(self._patch, todo, since)
             finally:
                 if not self._pending:
                     self._idle.set()

@@ -1102,11 +1102,12 @@ class Forwarder:
         if v.table_gone and self._patch_in_place(vid, entries, idmap):
             return True
         spare = self._stage(vid, len(entries), lambda dest, live: write_ids(dest, entries, idmap, live))
-        self._live_from[vid] = (entries, idmap)
-        if spare is None:
+        if spare is None:  # the live table holds exactly this already
+            self._live_from[vid] = (entries, idmap)
             return False
         self._stage_previous_owners(vid, spare, v.second_chance_window)
         self.flip_table(vid, spare)
+        self._live_from[vid] = (entries, idmap)  # only once it is the live one
         return True
 
     # ---- second chance (node/forwarder/second_chance.py, bpf/second_chance.h) ---------------
@@ -1314,6 +1315,7 @@ class Forwarder:
         index once per packet). The old table's region goes back to the allocator, which keeps
         it out of use for a grace period (packets that read the old slot may still be on it)."""
         C.c_uint32.from_buffer(self._meta_mm, vid * C.sizeof(maps.VipMeta)).value = slot
+        self._live_from.pop(vid, None)  # written by the caller (_write_spec_table) if it knows
         # The old slot keeps its {offset, size} (a packet may be between reading the index
         # and the slot); only the allocator forgets the region.
         self.space.release((vid, slot ^ 1))

@@ -504,7 +504,8 @@ class Controller:
         self._reload_wanted.set()
 
     def _dir_signature(self) -> tuple:
-        return vip_dir_signature(self.vip_dir)
+        # An etcd node does not read its vip_dir: an edit there is no reason to reload.
+        return vip_dir_signature(self.vip_dir) if self.vip_source is None else ()
 
     # ------------------------------------------------------------------ config
 
@@ -529,6 +530,8 @@ class Controller:
     def _dir_warnings(self) -> list[str]:
         """Logged on every load and kept in last_reload: a skipped entry or a file anyone may
         rewrite is not an error, but the operator must hear of it."""
+        if self.vip_source is not None:
+            return []  # the set comes from etcd, not from that directory
         warnings = [str(w) for w in vip_dir_warnings(self.vip_dir)]
         for w in warnings:
             self.events.emit("config_warning", w, level="warning")

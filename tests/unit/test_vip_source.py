@@ -163,6 +163,36 @@ async def test_the_source_is_the_supervised_task_vip_source(tmp_path):
         await node.c.stop()
 
 
+async def test_an_etcd_node_ignores_its_vip_dir(tmp_path):
+    """The directory named by vip_dir is not this node's source: editing it reloads nothing,
+    and its files are not warned about (they were: each poll saw the edit, "VIP directory
+    changed" re-applied the etcd set, and every reload listed the directory's warnings)."""
+    from node.controller import WATCH_INTERVAL
+
+    etcd = FakeEtcd()
+    etcd.put_vip(vip("web"))
+    node = Node(tmp_path, etcd)
+    await node.c.start()
+    try:
+        await wait_for(lambda: "web" in node.c.vips, 5, "web applied")
+        unused = tmp_path / "unused"
+        unused.mkdir(exist_ok=True)
+        stray = unused / "stray.yaml"
+        stray.write_text("name: stray\n")
+        stray.chmod(0o666)  # a file anyone may rewrite: a directory node warns about it
+        node.c.request_reload()  # a reload that would list the directory's warnings
+        await wait_for(lambda: node.c.last_reload is not None and node.c.last_reload.source == "SIGHUP",
+                       5, "the SIGHUP reload")
+        assert node.c.last_reload.ok and node.c.last_reload.warnings == []
+        await asyncio.sleep(WATCH_INTERVAL * 2.5)  # two polls of the watcher
+        msgs = [e["msg"] for e in node.events.recent]
+        assert not any("VIP directory changed" in m for m in msgs), msgs
+        assert not node.events_named("config_warning")
+        assert set(node.c.vips) == {"web"}
+    finally:
+        await node.c.stop()
+
+
 async def test_a_revision_refused_at_start_falls_back_to_the_last_good_set(tmp_path):
     etcd = FakeEtcd()
     good = etcd.put_vip(vip("web"))

@@ -267,10 +267,19 @@ async def put_vip(request: web.Request) -> web.Response:
         if isinstance(plan, web.Response):
             return plan
         vip, previous = plan
-        atomic_write(target, _vip_yaml(vip))
+        try:
+            atomic_write(target, _vip_yaml(vip))
+        except OSError as exc:
+            return error(500, f"cannot write {target}: {exc.strerror or exc} (a full disk, a read-only "
+                              "directory?); nothing was changed")
         result = await c.reload(source)
         if not result.ok:
-            _restore(target, previous)
+            try:
+                _restore(target, previous)
+            except OSError as exc:
+                return error(500, f"the reload rejected the resulting VIP set and {target} could not be "
+                                  f"rolled back ({exc.strerror or exc}): fix or remove it by hand; the node "
+                                  "keeps serving its last good config", result.problems)
             await c.reload(f"{source} (rolled back)")
             return error(409, "the reload rejected the resulting VIP set (was the directory edited "
                               "meanwhile?); the write was rolled back, nothing was changed", result.problems)
@@ -345,7 +354,10 @@ async def delete_vip(request: web.Request) -> web.Response:
         refusal = await asyncio.to_thread(_check_delete, c, name, target)
         if refusal:
             return refusal
-        target.unlink()
+        try:
+            target.unlink()
+        except OSError as exc:
+            return error(500, f"cannot delete {target}: {exc.strerror or exc}; nothing was changed")
         result = await c.reload(source)
     body: dict[str, Any] = {"deleted": name, "file": str(target),
                             "reload": {"ok": result.ok, "problems": result.problems}}

@@ -105,6 +105,35 @@ async def test_put_and_delete_vip(api):
     assert r.status == 200 and sorted(env.c.vips) == ["web"] and not (env.vip_dir / "api.yaml").exists()
 
 
+async def test_a_vip_file_that_cannot_be_written_is_a_clear_error_and_changes_nothing(api, monkeypatch):
+    """An OSError writing or deleting a VIP file (a full disk, a read-only directory) is an
+    answer naming the file and the reason, not an unhandled 500; nothing changes."""
+    import os
+    from pathlib import Path
+
+    env, client = api
+    # A real failure for root: the temp file's name is taken by a directory.
+    blocker = env.vip_dir / f".api.yaml.tmp{os.getpid()}"
+    blocker.mkdir()
+    r = await client.put("/api/v1/vips/api", json=vip("api", "10.100.0.2"), headers=AUTH)
+    body = await r.json()
+    assert r.status == 500 and f"cannot write {env.vip_dir / 'api.yaml'}" in body["error"], body
+    assert "nothing was changed" in body["error"]
+    assert sorted(env.c.vips) == ["web"] and not (env.vip_dir / "api.yaml").exists()
+    blocker.rmdir()
+    r = await client.put("/api/v1/vips/api", json=vip("api", "10.100.0.2"), headers=AUTH)
+    assert r.status == 201, await r.text()
+
+    def refuse(self, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    r = await client.delete("/api/v1/vips/api", headers=AUTH)
+    body = await r.json()
+    assert r.status == 500 and "cannot delete" in body["error"] and "Permission denied" in body["error"], body
+    assert sorted(env.c.vips) == ["api", "web"]
+
+
 async def test_metrics_parse(api):
     env, client = api
     r = await client.get("/metrics")

@@ -44,29 +44,14 @@ def health_of(state: Any) -> Health:
     return {"UP": Health.UP, "DOWN": Health.DOWN}.get(name, Health.UNKNOWN)
 
 
-def health_targets(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConfig] | None = None,
-                   previous_targets: Mapping[tuple[str, str], Any] | None = None) -> dict[tuple[str, str], Any]:
+def health_targets(vips: Mapping[str, VipConfig]) -> dict[tuple[str, str], Any]:
     """(vip, backend key) -> health Target. Identical targets of several VIPs compare equal, so
-    the monitor probes each once.
-
-    Making a Target costs a pydantic dump (its key), and a fleet reload made 10,000 of them to
-    change one backend (~0.2 s on the event loop, issue 12). A VIP whose config object is the
-    one ``previous_targets`` were made from (the reload did not touch its file:
-    node.config.ParsedFiles hands the same frozen object back) keeps its Target objects."""
+    the monitor probes each once. Making a Target costs a pydantic dump (its key): a reload
+    makes them only for the VIPs it touched (``reindex``), the others keep theirs."""
     from node.health_path import health_target  # direct, or through the tunnel (via)
 
-    previous = previous or {}
-    previous_targets = previous_targets or {}
-    out = {}
-    for vip in vips.values():
-        if vip.health_check is None:
-            continue
-        same = previous.get(vip.name) is vip
-        for b in vip.all_backends:
-            pair = (vip.name, b.key)
-            target = previous_targets.get(pair) if same else None
-            out[pair] = target if target is not None else health_target(vip, b)
-    return out
+    return {(vip.name, b.key): health_target(vip, b)
+            for vip in vips.values() if vip.health_check is not None for b in vip.all_backends}
 
 
 def reindex(vips: Mapping[str, VipConfig], previous: Mapping[str, VipConfig],

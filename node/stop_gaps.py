@@ -43,7 +43,7 @@ class StopGaps:
         self._wanted = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.tables_patched = 0  # for the metrics and the tests
+        self.tables_patched = 0  # tables patched so far (the tests read it)
 
     def lost(self, pairs: Iterable[tuple[str, str]]) -> None:
         """These backends stopped serving these VIPs (called on the event loop; cheap)."""

@@ -14,16 +14,20 @@ def vip(name, last="10.0.1.2", check=True):
 
 def test_unchanged_vips_keep_their_targets_and_changed_ones_get_fresh_ones():
     web, api, static = vip("web"), vip("apis"), vip("static", check=False)
-    first = health_targets({"web": web, "apis": api, "static": static})
+    from node.health_view import owners_of, reindex
+
+    before = {"web": web, "apis": api, "static": static}
+    first = health_targets(before)
     assert sorted(first) == [("apis", "10.0.1.1"), ("apis", "10.0.1.2"), ("web", "10.0.1.1"), ("web", "10.0.1.2")]
     api2 = vip("apis", last="10.0.1.3")
-    second = health_targets({"web": web, "apis": api2}, {"web": web, "apis": api}, first)
+    second, _, _ = reindex({"web": web, "apis": api2}, before, first, owners_of(first))
     assert second[("web", "10.0.1.1")] is first[("web", "10.0.1.1")]
     assert second[("apis", "10.0.1.1")] is not first[("apis", "10.0.1.1")]
     assert second[("apis", "10.0.1.1")] == first[("apis", "10.0.1.1")]  # same probe: one target
     assert ("apis", "10.0.1.2") not in second and second[("apis", "10.0.1.3")].probe_port == 80
     # An equal but re-parsed VIP is not trusted by identity: its targets are made again, equal.
-    assert health_targets({"web": vip("web")}, {"web": web}, first) == {k: v for k, v in first.items() if k[0] == "web"}
+    again, _, _ = reindex({"web": vip("web")}, before, first, owners_of(first))
+    assert again == {k: v for k, v in first.items() if k[0] == "web"}
 
 
 def test_reindex_after_reloads_equals_a_full_rebuild():
@@ -56,7 +60,7 @@ def test_reindex_after_reloads_equals_a_full_rebuild():
             new[f"w{i}{rng.randrange(99)}"] = make("w", 200 + i)
         new = {n: (v if v.name == n else make(n, 300 + len(n))) for n, v in new.items()}
         got_targets, got_owners, fresh = reindex(new, vips, targets, owners)
-        want = health_targets(new, vips, targets)
+        want = health_targets(new)
         assert got_targets == want
         assert {t: list(p) for t, p in got_owners.items()} == owners_of(want)
         for t, pairs in owners_of(want).items():

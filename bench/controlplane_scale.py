@@ -8,8 +8,12 @@ measures, reading the kernel's maps itself (the pinned vip_meta/tables maps, fro
 - idle CPU: the node process's CPU over a quiet window (health checks keep running);
 - RSS now and peak (VmRSS / VmHWM of the node process);
 - reload: one backend of one VIP changed in its file + SIGHUP -> that VIP's new table live;
-- shared down: a backend that every VIP has stops answering -> every VIP's table flipped,
-  timed from the controller's first backend_down event (controller time, not detection);
+- shared down: a backend that every VIP has stops answering, timed from the controller's first
+  backend_down event (controller time, not detection) -> out of service: no VIP's data path
+  sends it new flows any more (its entry in the backends map no longer active: the data path
+  hands a draining or down backend's table entries to the next active entry, maglev.h
+  STOP_GAP_STEPS; or its id gone from the live table) -> tables: no VIP's live table holds
+  its id any more (patched in place or flipped);
 - drain: POST .../backends/KEY/drain -> answered, and -> that VIP's table live.
 
 Figures are medians over the runs of one invocation. VIPs are written ten per file (a vips.d
@@ -60,6 +64,7 @@ POOL_NET, SHARED = "10.98.1.", "10.98.2.1"
 POOL_PORT, SHARED_PORT = 8080, 8081
 VIPS_PER_FILE = 10
 META_SIZE = 48
+BACKEND_SIZE, BACKEND_STATE, BE_STATE_ACTIVE = 24, 17, 1  # maglev.h: struct backend, its state byte
 TABLE_SIZE = 65537
 
 LISTENER = r"""
@@ -81,7 +86,8 @@ class KernelView:
     """The node's pinned maps, read from this process: which table is live for each VIP."""
 
     def __init__(self, pin_dir: Path):
-        self.fds = {n: libbpf.obj_get(pin_dir / n) for n in ("vip_meta", "tables", "vip_names", "be_names")}
+        self.fds = {n: libbpf.obj_get(pin_dir / n)
+                    for n in ("vip_meta", "tables", "vip_names", "be_names", "backends")}
         self.nmeta = libbpf.map_info(self.fds["vip_meta"]).max_entries
         self.ntab = libbpf.map_info(self.fds["tables"]).max_entries * 8
         page = mmap.PAGESIZE
@@ -139,6 +145,12 @@ class KernelView:
             if k == key:
                 out[vip] = bid
         return out
+
+    def active(self, bid: int) -> bool:
+        """Whether backend id bid is active (takes new flows) in the backends map."""
+        value = (C.c_uint8 * BACKEND_SIZE)()
+        libbpf.lookup(self.fds["backends"], C.c_uint32(bid), value)
+        return value[BACKEND_STATE] == BE_STATE_ACTIVE
 
     def holds(self, vid: int, bid: int) -> bool:
         """Whether the VIP's live table holds backend id bid (a search in the mapping, no copy)."""
@@ -320,7 +332,7 @@ class Bench:
             res["idle_cpu"] = 100 * (cpu_seconds(pid) - c0) / (time.monotonic() - w0)
             res["rss"], res["rss_peak"] = mem_mb(pid)
             res["reload"] = self.reload_one(kv, pid)
-            res["shared_down"] = self.shared_down(kv)
+            res["shared_out"], res["shared_down"] = self.shared_down(kv)
             self.start_shared()  # back up, and every table exact again, before the drain
             wait(lambda: self._all_serving(), 300, "every VIP serving all its backends again", 0.5)
             time.sleep(3)
@@ -368,19 +380,31 @@ class Bench:
             raise RuntimeError("vip-0000's live table does not hold the new backend")
         return t1 - t0
 
-    def shared_down(self, kv: KernelView) -> float:
-        """Live = no VIP's live table holds the shared backend's id any more (tables may be
-        flipped to a new one or patched in place). The VIP the node programs last (both
-        versions go in name order) is watched alone, since a scan of every table per poll
-        made this process fall behind a fast node on two busy CPUs (it measured itself);
-        then every table is checked, and one still holding the id is waited for, the time
-        being when the last one is seen live."""
+    def shared_down(self, kv: KernelView) -> tuple[float, float]:
+        """(out of service, tables), see the module's docstring. Out of service: the states
+        of the VIPs not yet seen out are read each poll (a lookup each); a VIP whose table
+        lost the id first (a version that flips tables before states) counts when the table
+        poll below sees it. Tables: the VIP the node programs last (both versions go in name
+        order) is watched alone, since a scan of every table per poll made this process fall
+        behind a fast node on two busy CPUs (it measured itself); then every table is
+        checked, and one still holding the id is waited for, the time being when the last
+        one is seen live."""
         ids = kv.vip_ids()
         shared = kv.backend_ids_of(f"{SHARED}:{SHARED_PORT}")
         self.stop_shared()
         last = max(ids)
-        t_live_mono = wait(lambda: not kv.holds(ids[last], shared[last]), 120,
-                           f"{last}'s table without the shared backend", 0.001)
+        serving = dict(ids)
+        out_at: list[float] = []
+
+        def tables_of_last_done() -> bool:
+            for name in [n for n in serving if not kv.active(shared[n])]:
+                del serving[name]
+            if not serving and not out_at:
+                out_at.append(time.monotonic())
+            return not kv.holds(ids[last], shared[last])
+        t_live_mono = wait(tables_of_last_done, 120, f"{last}'s table without the shared backend", 0.001)
+        if not out_at:  # some VIPs still active: out of service when their tables lost it
+            out_at.append(t_live_mono)
         for name, vid in ids.items():
             sid = shared[name]
             if kv.holds(vid, sid):
@@ -388,9 +412,10 @@ class Bench:
                                    f"{name}'s table without the shared backend", 0.001)
         t_live = time.time() - (time.monotonic() - t_live_mono)
         time.sleep(0.5)  # the log line is flushed after the event
+        t_out = time.time() - (time.monotonic() - min(out_at[0], t_live_mono))
         downs = [e for e in self.events("backend_down") if e.get("backend") == f"{SHARED}:{SHARED_PORT}"]
         first = min(e["ts"] for e in downs)
-        return t_live - first
+        return t_out - first, t_live - first
 
     def drain(self, kv: KernelView) -> tuple[float, float]:
         vid = kv.vip_ids()["vip-0001"]
@@ -418,7 +443,7 @@ def fmt_s(v: float) -> str:
 
 def print_table(rows: list) -> None:
     print("| VIPs x backends | start -> programmed | idle CPU | RSS (peak) | 1-backend reload -> live "
-          "| shared backend down -> live (controller) | API drain answer / live |")
+          "| shared backend down -> out of service / tables (controller) | API drain answer / live |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for scale, runs in rows:
         if not runs:
@@ -428,7 +453,7 @@ def print_table(rows: list) -> None:
         def med(k: str) -> float:
             return statistics.median(r[k] for r in runs)
         print(f"| {scale} | {fmt_s(med('start'))} | {med('idle_cpu'):.1f} % | {med('rss'):.0f} MB "
-              f"({max(r['rss_peak'] for r in runs):.0f}) | {fmt_s(med('reload'))} | {fmt_s(med('shared_down'))} "
+              f"({max(r['rss_peak'] for r in runs):.0f}) | {fmt_s(med('reload'))} | {fmt_s(med('shared_out'))} / {fmt_s(med('shared_down'))} "
               f"| {fmt_s(med('drain_answer'))} / {fmt_s(med('drain_live'))} |")
 
 

@@ -330,6 +330,9 @@ class _Windows:
             self._unmap(win)
 
 
+_NO_BACKEND = (b"", 0, maps.BE_STATE_UNUSED, 0)  # a _be_mirror value: nothing written
+
+
 def _one_at_a_time(method):
     """Runs the method under the forwarder's lock. A test run uses the one preallocated buffer
     pair, and a self-test compares the program with a model read from the maps: two overlapping
@@ -497,18 +500,25 @@ class Forwarder:
 
     def _replaced_derived(self, name: str, fd: int) -> bool:
         """A pinned counter map or pre-filter of an older layout (vip_stats/be_stats with
-        ct_misses and per-packet VIP counts; vip_addrs with one word per element) is unlinked so
-        a fresh one is pinned: the counters restart at zero (Prometheus sees a reset), the
-        filter is rebuilt from the VIPs at open; flows, tables and backends are kept."""
-        if name not in maps.COUNTER_MAPS and name not in maps.REBUILT_MAPS:
+        ct_misses and per-packet VIP counts; stats with fewer reasons; vip_addrs with one word
+        per element) is unlinked so a fresh one is pinned: the counters restart at zero
+        (Prometheus sees a reset), the filter is rebuilt from the VIPs at open; flows, tables
+        and backends are kept."""
+        if name not in (*maps.COUNTER_MAPS, *maps.COUNTER_LENGTHS, *maps.REBUILT_MAPS):
             return False
         info = libbpf.map_info(fd)
         shape = maps.map_shape(name, self.conntrack)
-        if (info.key_size, info.value_size) == shape:
+        length = maps.COUNTER_LENGTHS.get(name)
+        if length is not None:  # fewer reasons, same layout: replaced; any other shape: refused
+            if ((info.type, info.key_size, info.value_size) != (maps.BPF_MAP_TYPE_PERCPU_ARRAY, *shape)
+                    or info.max_entries == length):
+                return False
+        elif (info.key_size, info.value_size) == shape:
             return False
-        what = "its counters restart at zero" if name in maps.COUNTER_MAPS else "rebuilt from the VIPs"
-        log.warning("pinned map %s has %d-byte values (an older version's layout), this version "
-                    "needs %d: replaced, %s", self.pin_dir / name, info.value_size, shape[1], what)
+        what = "rebuilt from the VIPs" if name in maps.REBUILT_MAPS else "its counters restart at zero"
+        log.warning("pinned map %s has %d %d-byte values (an older version's layout), this version "
+                    "needs %d of %d: replaced, %s", self.pin_dir / name, info.max_entries, info.value_size,
+                    length or info.max_entries, shape[1], what)
         (self.pin_dir / name).unlink()
         return True
 
@@ -968,7 +978,7 @@ class Forwarder:
             state = want
         else:
             state = want
-            cur_state = self._be_mirror.get(bid, (b"", 0, maps.BE_STATE_UNUSED, 0))[2]
+            cur_state = self._be_mirror.get(bid, _NO_BACKEND)[2]
             if want != maps.BE_STATE_ACTIVE and cur_state == maps.BE_STATE_ACTIVE:
                 state, deferred = cur_state, want  # leave the tables first
         self._write_backend(bid, (raw, fam, state, vid))
@@ -1198,6 +1208,36 @@ class Forwarder:
             patch_ids(view, entries, before, idmap)
         self._live_from[vid] = (entries, idmap)
         return True
+
+    @_one_at_a_time
+    def stop_serving(self, gone: dict[str, Iterable[str]]) -> list[str]:
+        """The stop-gap in the data path, at once (node.stop_gaps): each active backend of
+        ``gone[vip]`` (keys) is set to drain. A table entry naming a draining backend stands
+        for the next entry whose backend is active (maglev.h: STOP_GAP_STEPS), the rule of
+        maglev.StopGapTable, so one store per (VIP, backend) takes the backend out of every
+        table that names it, however many, before any table is rewritten (drop_from_tables
+        follows). Drain, not down: its tracked flows stay until the sync applies the decision
+        (which moves them if it is down). A VIP whose live table would keep no active backend
+        is left to the reconcile (it withdraws such a VIP), as is one whose live table this
+        process did not write. The next sync writes these backends from the decision again,
+        whatever it says. Returns the VIPs whose backends were set to drain."""
+        self._require_open()
+        done = []
+        for vip, keys in gone.items():
+            vid = self.vip_ids.get(vip)
+            last = self._live_from.get(vid) if vid is not None else None
+            if last is None:
+                continue
+            serving = {b for b in last[1] if self._be_mirror.get(b, _NO_BACKEND)[2] == maps.BE_STATE_ACTIVE}
+            stopping = [(self.backend_ids.get((vip, k)), k) for k in keys]
+            stopping = [(bid, k) for bid, k in stopping if bid in serving]
+            if not stopping or serving <= {bid for bid, _ in stopping}:
+                continue
+            for bid, key in stopping:
+                self._set_state(bid, maps.BE_STATE_DRAIN)
+                self._be_specs.pop((vip, key), None)  # the next sync writes the decision's state
+            done.append(vip)
+        return done
 
     @_one_at_a_time
     def drop_from_tables(self, gone: dict[str, Iterable[str]]) -> list[str]:

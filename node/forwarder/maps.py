@@ -17,6 +17,7 @@ MAX_BACKENDS = 65537
 NAME_LEN = 256
 DEFAULT_TABLE_CAPACITY = 4194304
 TABLE_CHUNK = 8
+STOP_GAP_STEPS = 32  # entries a table hit on a draining/down backend walks on (maglev.h)
 DEFAULT_CT_SIZE = 1000000
 DEFAULT_CT_SLOTS = 1048576
 
@@ -83,6 +84,7 @@ class Stat(enum.IntEnum):
     ICMP_STEERED = 11
     CT_INSERT_BYPASSED = 12
     SELF_TEST_PACKETS = 13
+    DROP_STOP_GAP_RUN = 14
 
 
 STAT_MAX = len(Stat)
@@ -179,6 +181,7 @@ class CtEntry(C.Structure):
 # or a direct-mapped array of CtEntry slots.
 CONNTRACK_MODES = ("lru", "direct")
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 CT_MAP_TYPES = {"lru": BPF_MAP_TYPE_LRU_HASH, "direct": BPF_MAP_TYPE_ARRAY}
 
@@ -224,6 +227,9 @@ STORED_STAT_FIELDS = tuple(f for f, _ in FlowStats._fields_)
 STAT_FIELDS = (*STORED_STAT_FIELDS, "ct_misses")
 # counter maps: a pinned one of another shape (an older version's) is replaced, not refused
 COUNTER_MAPS = ("vip_stats", "be_stats")
+# the reasons counter grows with the version (a reason added to enum stat_reason): an older
+# pin of fewer entries is replaced, its counters restart at zero
+COUNTER_LENGTHS = {"stats": STAT_MAX}
 # the pre-filter is global data (maglev.h): libbpf names its map after the section; it is
 # pinned as vip_addrs. An older version's vip_addrs (one word per element) is replaced: the
 # loader rebuilds the filter from the VIPs at every open.

@@ -20,6 +20,7 @@ from typing import Literal
 
 from node.forwarder.maps import (
     BE_STATE_ACTIVE,
+    BE_STATE_DOWN,
     BE_STATE_DRAIN,
     DEFAULT_CT_SLOTS,
     FAM_V4,
@@ -31,6 +32,7 @@ from node.forwarder.maps import (
     GRE_V4_OVERHEAD,
     GRE_V6_OVERHEAD,
     OUTER_TTL,
+    STOP_GAP_STEPS,
     Stat,
     addr_bytes,
     vip_filter_bit,
@@ -528,10 +530,10 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
         if not table:
             return _drop(st, b, Stat.DROP_NO_BACKEND)
         rel = table_index(h, len(table))
-        be_id = table[rel]
-        be = st.backends.get(be_id)
-        if be is None or be.vip_id != vid or be.state != BE_STATE_ACTIVE:
-            return _drop(st, b, Stat.DROP_BAD_BACKEND, be_id)
+        found = _serving(st, vid, table, rel)
+        if not isinstance(found, tuple):
+            return _drop(st, b, found, table[rel])
+        be_id, be = found
         key = b"" if selftest else _sc_hint(st, vid, rel, be, p, now)
         if not p.is_frag and not p.is_icmp_err and not selftest and not p.rst and not key:
             if _rate_allows(st, now):
@@ -564,6 +566,20 @@ def _steer(st: ModelState, b: bytes, l2: int, p: _Parsed, now: int, selftest: bo
         if key:
             st.sc_hinted += 1
     return Result(XDP_TX, out, be_id, hit, inserted)
+
+
+def _serving(st: ModelState, vid: int, table: list[int], rel: int) -> tuple[int, ModelBackend] | Stat:
+    """xdp_lb.c: the table path's backend for entry ``rel``: its own if active; if it drains
+    or is down, the next entry's (cyclically) that is active, within STOP_GAP_STEPS (the
+    stop-gap rule, read by the data path). Otherwise the drop reason."""
+    for i in range(STOP_GAP_STEPS + 1):
+        be_id = table[(rel + i) % len(table)]
+        be = st.backends.get(be_id)
+        if be is None or be.vip_id != vid or be.state not in (BE_STATE_ACTIVE, BE_STATE_DRAIN, BE_STATE_DOWN):
+            return Stat.DROP_BAD_BACKEND
+        if be.state == BE_STATE_ACTIVE:
+            return be_id, be
+    return Stat.DROP_STOP_GAP_RUN
 
 
 def _sc_hint(st: ModelState, vid: int, rel: int, be: ModelBackend, p: _Parsed, now: int) -> bytes:
@@ -601,4 +617,5 @@ def pick(st: ModelState, flow: Flow) -> int | None:
     table = st.tables.get(vid) or []
     if not table:
         return None
-    return table[table_index(flow_hash(flow), len(table))]
+    found = _serving(st, vid, table, table_index(flow_hash(flow), len(table)))
+    return found[0] if isinstance(found, tuple) else None

@@ -115,9 +115,14 @@ def test_older_counter_and_filter_pins_are_replaced_and_flows_kept() -> None:
             _old_map(root / "maglev" / name, 6, 40, maps.MAX_BACKENDS)  # BPF_MAP_TYPE_PERCPU_ARRAY
         (root / "maglev" / "vip_addrs").unlink()
         _old_map(root / "maglev" / "vip_addrs", 2, 8, maps.VIP_FILTER_WORDS)  # BPF_MAP_TYPE_ARRAY
+        # the reasons counter of a version with one reason fewer (before DROP_STOP_GAP_RUN)
+        (root / "maglev" / "stats").unlink()
+        _old_map(root / "maglev" / "stats", 6, 8, maps.STAT_MAX - 1)
         fwd = Forwarder(cfg, table_capacity=1 << 16)
         fwd.open()
         try:
+            assert libbpf.map_info(fwd.fds["stats"]).max_entries == maps.STAT_MAX
+            assert _pinned_id(root / "maglev" / "stats") == libbpf.map_info(fwd.fds["stats"]).id
             for name in maps.COUNTER_MAPS:
                 assert libbpf.map_info(fwd.fds[name]).value_size == C.sizeof(maps.FlowStats)
                 assert _pinned_id(root / "maglev" / name) == libbpf.map_info(fwd.fds[name]).id

@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.root, pytest.mark.integration]
 FRAMES = int(os.environ.get("MAGLEV_DIFF_FRAMES", "100000"))
 SEED = int(os.environ.get("MAGLEV_DIFF_SEED", "13"))
 
-VIPS4 = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.4"]
+VIPS4 = ["10.1.1.1", "10.1.1.2", "10.1.1.3", "10.1.1.4", "10.1.1.5"]
 VIPS6 = ["2001:db8:1::1", "2001:db8:1::2"]
 OTHER4 = ["10.9.9.9", "192.0.2.1"]
 OTHER6 = ["2001:db8:9::9"]
@@ -62,7 +62,18 @@ def _vips() -> list[VipSpec]:
         v("t4b", "10.1.1.4", "tcp", 443, [b("n", "10.2.4.2"), b("o", "2001:db8:2::4")], size=11),
         v("t6", "2001:db8:1::1", "tcp", 443, [b("i", "2001:db8:2::1"), b("j", "2001:db8:2::2")], size=65537),
         v("u6all", "2001:db8:1::2", "udp", "all", [b("k", "2001:db8:2::3")]),
+        # forty backends, each entry's next forty entries all different (see _stop_serving)
+        v("walk", "10.1.1.5", "tcp", 80, [b(f"w{i}", f"10.2.5.{i + 1}") for i in range(40)], size=251),
     ]
+
+
+def _stop_serving(fwd) -> None:
+    """The data path's stop-gap (maglev.h: STOP_GAP_STEPS), as node.stop_gaps starts it: t80
+    loses "a" (its entries fall to the next active entry, next to second chance's previous
+    owners); "walk" keeps only w0, every fortieth entry, so an entry more than STOP_GAP_STEPS
+    before the next w0 is dropped (DROP_STOP_GAP_RUN) until the tables are rewritten."""
+    walk = {f"w{i}" for i in range(1, 40)}
+    assert fwd.stop_serving({"t80": {"a"}, "walk": walk}) == ["t80", "walk"]
 
 
 class Frames:
@@ -237,6 +248,7 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
     with temp_forwarder(table_capacity=1 << 18, conntrack_size=CT_SIZES[mode], conntrack=mode) as fwd:
         fwd.sync(_vips())
         fwd.sync(_second_chance_change(_vips()))  # t80's moved entries name their previous owner
+        _stop_serving(fwd)
         state = fwd.model_state()
         assert state.prev_tables, "no previous-owner table to compare"
 
@@ -277,5 +289,5 @@ def test_program_and_model_agree_on_random_frames(mode: str) -> None:
         kept = fwd.model_state(with_conntrack=True)
         assert {f: (v[0], v[2]) for f, v in kept.ct.items()} == {f: (v[0], v[2]) for f, v in state.ct.items()}
         for name in ("DROP_NO_BACKEND", "ICMP_TOO_BIG_SENT", "ICMP_STEERED", "FRAG_FORWARDED",
-                     "PASS_MALFORMED", "PASS_IPV6_EXT", "DROP_FRAGMENT", "DROP_TOO_BIG"):
+                     "PASS_MALFORMED", "PASS_IPV6_EXT", "DROP_FRAGMENT", "DROP_TOO_BIG", "DROP_STOP_GAP_RUN"):
             assert model[name] > 0, f"{name} never exercised: {model}"

@@ -88,7 +88,7 @@ def test_stat_reasons_match_the_header() -> None:
     names = re.findall(r"^\s*([A-Z][A-Z0-9_]+)(?: = 0)?,", body, re.M)
     assert names[:-1] == [s.name for s in maps.Stat] and names[-1] == "STAT_MAX"
     for const in ("MAX_VIPS", "MAX_BACKENDS", "NAME_LEN", "TABLE_CHUNK", "GRE_V4_OVERHEAD",
-                  "GRE_V6_OVERHEAD", "OUTER_TTL"):
+                  "GRE_V6_OVERHEAD", "OUTER_TTL", "STOP_GAP_STEPS"):
         value = int(re.search(rf"#define {const} (\d+)", text).group(1))
         assert value == getattr(maps, const), const
 

@@ -123,14 +123,14 @@ async def test_shared_backend_down_every_table_gets_the_stop_gap_equal_on_two_no
             for n in nodes:
                 await n.patched(NVIPS)
             # Before any reconcile: every table is the stop-gap of the one it had, patched in
-            # place (no flip), the same on both nodes; the backend itself is still "active" in
-            # the backends map (its existing flows), as the sync leaves it until after the tables.
+            # place (no flip), the same on both nodes; the backend drains (the data path's
+            # stop-gap, set first; its existing flows stay until the sync applies "down").
             for i, name in enumerate(names()):
                 want = StopGapTable.of(exact(i), {shared}).entry_keys()
                 assert nodes[0].keys(name) == nodes[1].keys(name) == want
                 assert shared not in want
                 assert nodes[0].live_slot(name) == slots[name]
-                assert nodes[0].state_of(name, shared) == maps.BE_STATE_ACTIVE
+                assert nodes[0].state_of(name, shared) == maps.BE_STATE_DRAIN
             # The reconcile decides the same stop-gap, finds it written, and takes the backend
             # out of service; the self-test before announcing passes.
             for n in nodes:
@@ -160,10 +160,12 @@ async def test_a_backend_up_again_before_the_reconcile_gets_its_entries_back(tmp
             n.transition(SHARED, State.DOWN)
             await n.patched(NVIPS)
             assert SHARED not in n.keys("v00")
+            assert n.state_of("v00", SHARED) == maps.BE_STATE_DRAIN
             n.transition(SHARED, State.UP)  # the decision is what was programmed last again
             await n.c.reconcile()
             for i, name in enumerate(names()):
                 assert n.keys(name) == exact(i).entry_keys()
+                assert n.state_of(name, SHARED) == maps.BE_STATE_ACTIVE
             assert n.c.self_test.ok, n.c.self_test.reason
         finally:
             n.stop()
@@ -206,3 +208,43 @@ def test_a_table_whose_last_backend_leaves_is_left_to_the_reconcile() -> None:
         assert f.table_ids(f.vip_id("v")) == before
         assert f.drop_from_tables({"v": {"a"}}) == ["v"]
         assert set(f.table_ids(f.vip_id("v"))) == {f.backend_id("v", "b")}
+
+
+def test_a_draining_backend_is_out_of_every_table_before_any_table_is_rewritten() -> None:
+    """stop_serving alone (the first step of node.stop_gaps): packets through the real program
+    go where the stop-gap table sends them, while the table in the kernel still names the lost
+    backend. A VIP whose table would keep no active backend is left alone."""
+    from ipaddress import ip_address
+
+    from node.forwarder import model as M
+    from node.forwarder import packets
+    from node.forwarder.loader import BackendSpec, VipSpec
+
+    keys = ["a", "b", "c", "d"]
+    addr = {k: f"10.97.9.{i + 1}" for i, k in enumerate(keys)}
+    table = build_table({k: 1 for k in keys}, 251)
+
+    def spec(name: str, vip: str, pool: list[str]) -> VipSpec:
+        t = build_table({k: 1 for k in pool}, 251)
+        return VipSpec(name, ip_address(vip), "tcp", 80,
+                       tuple(BackendSpec(k, ip_address(addr[k]), "active") for k in pool),
+                       table_keys=t.backends, table_entries=t.entries)
+
+    with temp_forwarder() as f:
+        f.sync([spec("v", "10.96.1.1", keys), spec("lone", "10.96.1.2", ["a"])])
+        before = f.table_ids(f.vip_id("v"))
+        assert f.stop_serving({"v": {"a"}, "lone": {"a"}}) == ["v"]
+        assert f.table_ids(f.vip_id("v")) == before  # the table still names "a"
+        want = StopGapTable.of(table, {"a"}).entry_keys()
+        moved = 0
+        for port in range(1000, 1600):
+            verdict, out = f.test_run(packets.flow_packet("192.0.2.7", "10.96.1.1", port, 80))
+            assert verdict == M.XDP_TX
+            idx = M.table_index(M.flow_hash(M.Flow.of("192.0.2.7", "10.96.1.1", port, 80, "tcp")), 251)
+            assert str(ip_address(out[30:34])) == addr[want[idx]], port  # outer IPv4 destination
+            moved += table.entry_keys()[idx] == "a"
+        assert moved > 50  # about a quarter of the flows hashed to "a"'s entries
+        verdict, out = f.test_run(packets.flow_packet("192.0.2.7", "10.96.1.2", 1000, 80))
+        assert verdict == M.XDP_TX and str(ip_address(out[30:34])) == addr["a"]  # left to the reconcile
+        assert f._be_mirror[f.backend_id("v", "a")][2] == maps.BE_STATE_DRAIN
+        assert f._be_mirror[f.backend_id("lone", "a")][2] == maps.BE_STATE_ACTIVE

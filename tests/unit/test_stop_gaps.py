@@ -24,6 +24,22 @@ class Patcher:
         return sorted(v for v in gone if v != "untouched")
 
 
+class StopsFirst(Patcher):
+    """A forwarder that also stops the backends in the data path (the real one does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def stop_serving(self, gone):
+        self.order.append("stop_serving")
+        return sorted(v for v in gone if v != "untouched")
+
+    def drop_from_tables(self, gone):
+        self.order.append("drop_from_tables")
+        return super().drop_from_tables(gone)
+
+
 async def test_losses_go_in_one_batch_and_patched_vips_are_handed_on():
     fwd, events, handed = Patcher(), EventLog(), []
     lane = StopGaps(fwd, events, handed.append)
@@ -63,3 +79,19 @@ async def test_a_forwarder_without_the_patch_leaves_it_to_the_reconcile():
     lane.lost([("a", "b1")])
     await asyncio.wait_for(lane.settled(), 0.5)  # nothing in flight: returns at once
     assert handed == []
+
+
+async def test_the_data_path_stops_the_backends_before_the_tables_are_patched():
+    fwd, events, handed = StopsFirst(), EventLog(), []
+    lane = StopGaps(fwd, events, handed.append)
+    lane.lost([("a", "b1"), ("untouched", "b1")])
+    task = asyncio.create_task(lane.run())
+    try:
+        await asyncio.wait_for(lane.settled(), 5)
+        assert fwd.order == ["stop_serving", "drop_from_tables"]
+        assert lane.serving_stopped == 1 and lane.tables_patched == 1 and handed == [{"a"}]
+        (event,) = [e for e in events.recent if e["event"] == "tables_stop_gapped"]
+        assert "out of service in the data path in" in event["msg"]
+        assert 0 <= event["serving_ms"] <= event["ms"]
+    finally:
+        task.cancel()

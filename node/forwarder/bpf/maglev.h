@@ -31,6 +31,13 @@
 #define BE_STATE_DRAIN 2       /* keeps connection-tracked flows, takes no new ones */
 #define BE_STATE_DOWN 3        /* unhealthy or disabled: conntrack hits are ignored */
 
+/* A table entry whose backend is this VIP's but drains or is down stands for the next entry
+ * (cyclically) whose backend is active: the stop-gap rule (node/maglev.py StopGapTable) read
+ * by the data path itself. So one store of a backend's state takes it out of every table
+ * that names it, at once, whatever the number of VIPs; the tables are rewritten behind. A run
+ * longer than this (most of a pool down at once) is dropped until they are. */
+#define STOP_GAP_STEPS 32
+
 /* ---- VIP lookup: vips (hash) key -> vip id ------------------------------------------------
  * port 0 = the "all ports" VIP of that address and protocol. An IPv4 address is in addr[0]
  * with addr[1..3] zero; family tells the two apart. */
@@ -280,6 +287,8 @@ enum stat_reason {
 	ICMP_STEERED,              /* inbound ICMP error sent to the backend owning the flow */
 	CT_INSERT_BYPASSED,        /* new flow not tracked: per-CPU insert rate exceeded */
 	SELF_TEST_PACKETS,         /* synthetic self-test packets (no CT insert, no VIP stats) */
+	DROP_STOP_GAP_RUN,         /* the entry's backend stopped serving, and so had the next
+	                            * STOP_GAP_STEPS entries' (until the tables are rewritten) */
 	STAT_MAX,
 };
 

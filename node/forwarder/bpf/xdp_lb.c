@@ -280,6 +280,37 @@ static __always_inline int forward(struct xdp_md *ctx, const __u32 l2, struct pa
 	return rc;
 }
 
+/* The entry rel of a VIP's live table names one of its backends that drains or is down
+ * (state): the backend of the next entry that is active takes the packet (maglev.h:
+ * STOP_GAP_STEPS). 1: *be_id/*be_out name it; 0: none within STOP_GAP_STEPS entries; -1: an
+ * entry names a free or foreign id. Off the common path: an active backend never gets here. */
+static __always_inline int next_serving(const struct table_slot *slot, __u32 rel, __u32 vip_id,
+					__u8 state, __u32 *be_id, struct backend **be_out)
+{
+	if ((__u8)(state - BE_STATE_DRAIN) > 1)
+		return -1;
+	for (__u32 i = 1; i <= STOP_GAP_STEPS; i++) {
+		__u32 idx = slot->offset + (rel + i) % slot->size, chunk = idx / TABLE_CHUNK, id;
+		struct table_chunk *c = bpf_map_lookup_elem(&tables, &chunk);
+		struct backend *be;
+
+		if (!c)
+			return -1;
+		id = c->ids[idx % TABLE_CHUNK];
+		be = bpf_map_lookup_elem(&backends, &id);
+		if (!be || be->vip_id != vip_id)
+			return -1;
+		if (be->state == BE_STATE_ACTIVE) {
+			*be_id = id;
+			*be_out = be;
+			return 1;
+		}
+		if ((__u8)(be->state - BE_STATE_DRAIN) > 1)
+			return -1;
+	}
+	return 0;
+}
+
 static __always_inline int steer(struct xdp_md *ctx, const __u32 l2, struct parsed *p, int selftest)
 {
 	struct vip_key vk;
@@ -363,8 +394,18 @@ vip_found:
 			goto bad_backend;
 		be_id = c->ids[idx % TABLE_CHUNK];
 		be = bpf_map_lookup_elem(&backends, &be_id);
-		if (!be || be->vip_id != vip_id || be->state != BE_STATE_ACTIVE)
+		if (!be || be->vip_id != vip_id)
 			goto bad_backend;
+		if (__builtin_expect(be->state != BE_STATE_ACTIVE, 0)) {
+			int found = next_serving(&slot, rel, vip_id, be->state, &be_id, &be);
+
+			if (found < 0)
+				goto bad_backend;
+			if (!found) {
+				count(DROP_STOP_GAP_RUN);
+				return XDP_DROP;
+			}
+		}
 		/* self-test packets are never hinted: their expected output must not depend on
 		 * which side of a window's deadline the check ran */
 		hint = selftest ? 0 : sc_hint(vip_id, active, rel, be, p);

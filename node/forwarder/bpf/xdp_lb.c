@@ -280,17 +280,15 @@ static __always_inline int forward(struct xdp_md *ctx, const __u32 l2, struct pa
 	return rc;
 }
 
-/* The entry rel of a VIP's live table names one of its backends that drains or is down
- * (state): the backend of the next entry that is active takes the packet (maglev.h:
- * STOP_GAP_STEPS). 1: *be_id/*be_out name it; 0: none within STOP_GAP_STEPS entries; -1: an
- * entry names a free or foreign id. Off the common path: an active backend never gets here. */
-static __always_inline int next_serving(const struct table_slot *slot, __u32 rel, __u32 vip_id,
-					__u8 state, __u32 *be_id, struct backend **be_out)
+/* The entry rel of a VIP's live table names one of its backends that drains or is down: the
+ * id of the backend of the next entry that is active takes the packet (maglev.h:
+ * STOP_GAP_STEPS); 0: none within STOP_GAP_STEPS entries; -1: an entry names a free or foreign
+ * id. A function of its own (a BPF-to-BPF call, ids in and out): off the common path, an
+ * active backend never gets here, and inlined it moved the common path's code around. */
+static __attribute__((noinline)) long next_serving(__u32 offset, __u32 size, __u32 rel, __u32 vip_id)
 {
-	if ((__u8)(state - BE_STATE_DRAIN) > 1)
-		return -1;
 	for (__u32 i = 1; i <= STOP_GAP_STEPS; i++) {
-		__u32 idx = slot->offset + (rel + i) % slot->size, chunk = idx / TABLE_CHUNK, id;
+		__u32 idx = offset + (rel + i) % size, chunk = idx / TABLE_CHUNK, id;
 		struct table_chunk *c = bpf_map_lookup_elem(&tables, &chunk);
 		struct backend *be;
 
@@ -300,11 +298,8 @@ static __always_inline int next_serving(const struct table_slot *slot, __u32 rel
 		be = bpf_map_lookup_elem(&backends, &id);
 		if (!be || be->vip_id != vip_id)
 			return -1;
-		if (be->state == BE_STATE_ACTIVE) {
-			*be_id = id;
-			*be_out = be;
-			return 1;
-		}
+		if (be->state == BE_STATE_ACTIVE)
+			return id;
 		if ((__u8)(be->state - BE_STATE_DRAIN) > 1)
 			return -1;
 	}
@@ -397,14 +392,21 @@ vip_found:
 		if (!be || be->vip_id != vip_id)
 			goto bad_backend;
 		if (__builtin_expect(be->state != BE_STATE_ACTIVE, 0)) {
-			int found = next_serving(&slot, rel, vip_id, be->state, &be_id, &be);
+			long next;
 
-			if (found < 0)
+			if ((__u8)(be->state - BE_STATE_DRAIN) > 1)
 				goto bad_backend;
-			if (!found) {
+			next = next_serving(slot.offset, slot.size, rel, vip_id);
+			if (next < 0)
+				goto bad_backend;
+			if (!next) {
 				count(DROP_STOP_GAP_RUN);
 				return XDP_DROP;
 			}
+			be_id = next;
+			be = bpf_map_lookup_elem(&backends, &be_id);
+			if (!be)
+				goto bad_backend;
 		}
 		/* self-test packets are never hinted: their expected output must not depend on
 		 * which side of a window's deadline the check ran */

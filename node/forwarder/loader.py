@@ -1209,6 +1209,15 @@ class Forwarder:
         self._live_from[vid] = (entries, idmap)
         return True
 
+    def _known_live(self, gone: dict[str, Iterable[str]]):
+        """(vip, vip id, keys, entries, backend id per index) of each VIP of ``gone`` whose
+        live table this process wrote from a build it knows (the stop-gap's inputs)."""
+        for vip, keys in gone.items():
+            vid = self.vip_ids.get(vip)
+            last = self._live_from.get(vid) if vid is not None else None
+            if last is not None:
+                yield vip, vid, keys, *last
+
     @_one_at_a_time
     def stop_serving(self, gone: dict[str, Iterable[str]]) -> list[str]:
         """The stop-gap in the data path, at once (node.stop_gaps): each active backend of
@@ -1223,12 +1232,8 @@ class Forwarder:
         whatever it says. Returns the VIPs whose backends were set to drain."""
         self._require_open()
         done = []
-        for vip, keys in gone.items():
-            vid = self.vip_ids.get(vip)
-            last = self._live_from.get(vid) if vid is not None else None
-            if last is None:
-                continue
-            serving = {b for b in last[1] if self._be_mirror.get(b, _NO_BACKEND)[2] == maps.BE_STATE_ACTIVE}
+        for vip, _, keys, _, idmap in self._known_live(gone):
+            serving = {b for b in idmap if self._be_mirror.get(b, _NO_BACKEND)[2] == maps.BE_STATE_ACTIVE}
             stopping = [(self.backend_ids.get((vip, k)), k) for k in keys]
             stopping = [(bid, k) for bid, k in stopping if bid in serving]
             if not stopping or serving <= {bid for bid, _ in stopping}:
@@ -1248,17 +1253,12 @@ class Forwarder:
         aligned 32-bit store, as in _patch_in_place; every table goes in one C call
         (_maglev.patch_tables, a window of the map at a time, without the interpreter lock).
         Only a live table this process wrote from a build it knows is touched, and only while
-        some backend of it remains; the backends' states and every other map stay as they are
-        (the next sync makes them match the decision, and finds these tables patched already).
-        Returns the VIPs whose tables changed."""
+        some backend of it remains; the backends' states (stop_serving's) and every other map
+        stay as they are (the next sync makes them match the decision, and finds these tables
+        patched already). Returns the VIPs whose tables changed."""
         self._require_open()
         jobs = []
-        for vip, keys in gone.items():
-            vid = self.vip_ids.get(vip)
-            last = self._live_from.get(vid) if vid is not None else None
-            if last is None:
-                continue
-            entries, before = last
+        for vip, vid, keys, entries, before in self._known_live(gone):
             meta = self._meta(vid)
             live = meta.slot[meta.active & 1]
             after = array("I", before)

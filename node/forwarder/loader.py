@@ -1226,9 +1226,10 @@ class Forwarder:
         maglev.StopGapTable, so one store per (VIP, backend) takes the backend out of every
         table that names it, however many, before any table is rewritten (drop_from_tables
         follows). Drain, not down: its tracked flows stay until the sync applies the decision
-        (which moves them if it is down). A VIP whose live table would keep no active backend
-        is left to the reconcile (it withdraws such a VIP), as is one whose live table this
-        process did not write. The next sync writes these backends from the decision again,
+        (which moves them if it is down). A VIP that would lose more than half of its active
+        backends is left to drop_from_tables (with equal weights, a run of more than
+        STOP_GAP_STEPS lost entries is then below one in 2^32), and so is one whose live table
+        this process did not write. The next sync writes these backends from the decision again,
         whatever it says. Returns the VIPs whose backends were set to drain."""
         self._require_open()
         done = []
@@ -1236,7 +1237,9 @@ class Forwarder:
             serving = {b for b in idmap if self._be_mirror.get(b, _NO_BACKEND)[2] == maps.BE_STATE_ACTIVE}
             stopping = [(self.backend_ids.get((vip, k)), k) for k in keys]
             stopping = [(bid, k) for bid, k in stopping if bid in serving]
-            if not stopping or serving <= {bid for bid, _ in stopping}:
+            # More than half of its serving backends at once: runs of their entries could pass
+            # STOP_GAP_STEPS (and be dropped), so that VIP waits for its table patch instead.
+            if not stopping or 2 * len(stopping) > len(serving):
                 continue
             for bid, key in stopping:
                 self._set_state(bid, maps.BE_STATE_DRAIN)

@@ -213,7 +213,8 @@ def test_a_table_whose_last_backend_leaves_is_left_to_the_reconcile() -> None:
 def test_a_draining_backend_is_out_of_every_table_before_any_table_is_rewritten() -> None:
     """stop_serving alone (the first step of node.stop_gaps): packets through the real program
     go where the stop-gap table sends them, while the table in the kernel still names the lost
-    backend. A VIP whose table would keep no active backend is left alone."""
+    backend. A VIP that would lose more than half of its active backends is left alone (to the
+    table patch), one that would lose its last one included."""
     from ipaddress import ip_address
 
     from node.forwarder import model as M
@@ -248,3 +249,8 @@ def test_a_draining_backend_is_out_of_every_table_before_any_table_is_rewritten(
         assert verdict == M.XDP_TX and str(ip_address(out[30:34])) == addr["a"]  # left to the reconcile
         assert f._be_mirror[f.backend_id("v", "a")][2] == maps.BE_STATE_DRAIN
         assert f._be_mirror[f.backend_id("lone", "a")][2] == maps.BE_STATE_ACTIVE
+        # at most half of the backends still serving go this way: b and c of b, c, d are more
+        assert f.stop_serving({"v": {"b", "c"}}) == []
+        assert f.stop_serving({"v": {"b"}}) == ["v"]
+        assert [f._be_mirror[f.backend_id("v", k)][2] for k in keys] == [maps.BE_STATE_DRAIN] * 2 + [
+            maps.BE_STATE_ACTIVE] * 2

@@ -115,7 +115,7 @@ class StopGaps:
         def ms(t: float) -> float:  # since the oldest loss of the batch was heard of
             return round((t - since) * 1000, 1)
 
-        serving = "" if stopped_at is None else f"out of service in the data path in {ms(stopped_at):.0f} ms, "
+        serving = "" if not stopped else f"out of service in {len(stopped)} VIP(s)' data path in {ms(stopped_at):.0f} ms, "
         self.events.emit(
             "tables_stop_gapped",
             f"backend(s) {', '.join(keys[:5])}{' and more' if len(keys) > 5 else ''}: {serving}out of "

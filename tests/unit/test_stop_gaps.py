@@ -91,7 +91,7 @@ async def test_the_data_path_stops_the_backends_before_the_tables_are_patched():
         assert fwd.order == ["stop_serving", "drop_from_tables"]
         assert lane.serving_stopped == 1 and lane.tables_patched == 1 and handed == [{"a"}]
         (event,) = [e for e in events.recent if e["event"] == "tables_stop_gapped"]
-        assert "out of service in the data path in" in event["msg"]
+        assert "out of service in 1 VIP(s)' data path in" in event["msg"]
         assert 0 <= event["serving_ms"] <= event["ms"]
     finally:
         task.cancel()

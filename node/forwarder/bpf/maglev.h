@@ -35,7 +35,8 @@
  * (cyclically) whose backend is active: the stop-gap rule (node/maglev.py StopGapTable) read
  * by the data path itself. So one store of a backend's state takes it out of every table
  * that names it, at once, whatever the number of VIPs; the tables are rewritten behind. A run
- * longer than this (most of a pool down at once) is dropped until they are. */
+ * longer than this is dropped until they are (node/stop_gaps.py sets up none: a VIP losing
+ * more than half of its backends at once waits for its table patch instead). */
 #define STOP_GAP_STEPS 32
 
 /* ---- VIP lookup: vips (hash) key -> vip id ------------------------------------------------

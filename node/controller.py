@@ -7,8 +7,8 @@ backend state changed; BGP routes when the announced set changed). Any input cha
 the state dirty; one loop does the work, so effects never interleave.
 
 The controller holds the state and the loop; its parts live beside it: the persisted operator
-overrides (node.admin_state), the health lookup (node.health_view), the self-test policy
-(node.self_test), what a decision turns into for the forwarder and BGP (node.effects), the
+overrides (node.admin_state), the health lookup (node.health_view), installing a VIP set and
+the reload boundary (node.installer), the self-test policy (node.self_test), what a decision turns into for the forwarder and BGP (node.effects), the
 operator events about decisions (node.decision_log) and the API's views (node.views).
 """
 
@@ -17,29 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from node.admin_state import AdminStore
 from node.announce_policy import DampingParams
 from node.config import (
-    ConfigError,
     NodeConfig,
     VipConfig,
     table_regions,
     tables_needed,
     vip_dir_signature,
-    vip_dir_warnings,
 )
 from node.decision_log import DecisionLog
 from node.dirs import node_dirs
 from node.disable_switch import DisableSwitch
 from node.effects import forwarder_spec, routes_for
 from node.events import EventLog
-from node.handover import handover
-from node.health_view import HealthView, held_until, health_of, reindex
-from node import health_path
+from node.health_view import HealthView, held_until, health_of
+from node import health_path, installer
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
 from node.programming import SpecCache
@@ -50,7 +46,8 @@ from node.stop_gaps import StopGaps
 from node.supervisor import Supervisor
 from node.transitions import transition_events
 from node.vip_reader import VipReader
-from node.vip_source import initial_vips, read_vips, source_label, watcher
+from node.installer import ReloadResult
+from node.vip_source import initial_vips, watcher
 from node import views
 
 log = logging.getLogger("maglev.controller")
@@ -58,18 +55,6 @@ log = logging.getLogger("maglev.controller")
 RECONCILE_DEBOUNCE = 0.02
 WATCH_INTERVAL = 1.0
 INLINE_BUILDS = 8  # exact tables built within the reconcile; more: stop-gaps, built behind
-
-
-@dataclass
-class ReloadResult:
-    ok: bool
-    at: float
-    source: str
-    problems: list[str] = field(default_factory=list)
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # skipped entries, unsafe file modes
 
 
 class Controller:
@@ -510,43 +495,12 @@ class Controller:
     # ------------------------------------------------------------------ config
 
     async def reload(self, source: str = "SIGHUP") -> ReloadResult:
-        """Read and validate the whole VIP directory in a worker thread, then apply it at once.
-        This is the reload boundary: any error, expected (ConfigError) or not, is caught,
-        logged with the file and the reason and reported in last_reload, and the node keeps
-        serving the last good config."""
+        """Read, validate and apply the whole VIP set, or keep the last good one (node.installer)."""
         async with self._reload_lock:
-            try:
-                sources = await read_vips(self, self.fixed_table_capacity())
-                result = self._install_vips(sources, source)
-            except ConfigError as exc:
-                return self._reload_failed(source, [str(p) for p in exc.problems])
-            except Exception as exc:
-                where = source_label(self)
-                log.exception("config reload (%s) of %s failed", source, where)
-                return self._reload_failed(source, [f"{where}: reload failed unexpectedly: {exc!r}"])
-            self.mark_dirty()
-            return result
+            return await installer.reload(self, source)
 
-    def _dir_warnings(self) -> list[str]:
-        """Logged on every load and kept in last_reload: a skipped entry or a file anyone may
-        rewrite is not an error, but the operator must hear of it."""
-        if self.vip_source is not None:
-            return []  # the set comes from etcd, not from that directory
-        warnings = [str(w) for w in vip_dir_warnings(self.vip_dir)]
-        for w in warnings:
-            self.events.emit("config_warning", w, level="warning")
-        return warnings
-
-    def _reload_failed(self, source: str, problems: list[str]) -> ReloadResult:
-        result = ReloadResult(False, time.time(), source, problems, warnings=self._dir_warnings())
-        self.last_reload = result
-        self.metrics.reloads[False] = self.metrics.reloads.get(False, 0) + 1
-        self.events.emit(
-            "config_rejected",
-            f"config reload ({source}) rejected, still serving the last good config: " + "; ".join(problems),
-            level="error",
-        )
-        return result
+    def _install_vips(self, sources: dict[str, tuple[Path, VipConfig]], source: str) -> ReloadResult:
+        return installer.install_vips(self, sources, source)
 
     def fixed_table_capacity(self) -> int | None:
         """The open forwarder's tables map size (fixed until a restart), which every reload and
@@ -555,46 +509,6 @@ class Controller:
             return None
         capacity = getattr(self.forwarder, "table_capacity", None)
         return capacity if isinstance(capacity, int) else None
-
-    def _install_vips(self, sources: dict[str, tuple[Path, VipConfig]], source: str) -> ReloadResult:
-        new = {name: vip for name, (_, vip) in sources.items()}
-        old = self.vips
-        result = ReloadResult(
-            True,
-            time.time(),
-            source,
-            added=sorted(set(new) - set(old)),
-            removed=sorted(set(old) - set(new)),
-            changed=sorted(n for n in set(new) & set(old) if new[n] is not old[n] and new[n] != old[n]),
-            warnings=self._dir_warnings(),
-        )
-        targets, owners, fresh = reindex(new, old, self.targets, self._owners)
-        # Kept backends keep their verdict, whatever changed about their check (node.handover);
-        # the VIPs the reload did not touch keep their targets, probed already.
-        inherit = handover(self.targets, self._health_view(), fresh, self.health.snapshot())
-        if health_path.sync_tunnel(self.tunnel, targets.values(), self.events) and self._forwarder_open:
-            # the first tunnel check since start: set the tunnel up (probes fail until it is)
-            self.supervisor.spawn("health-tunnel", lambda: health_path.open_tunnel(
-                self.tunnel, self.events, self.targets.values()), once=True)
-        self.health.update(set(owners), inherit)
-        self.vips = new
-        self.vip_sources = {name: path for name, (path, _) in sources.items()}
-        self.targets = targets
-        self._owners = owners  # target -> (vip, backend key)
-        self._mark_vips(result.added + result.changed)
-        # Backends of VIPs without a health check: a static pool, always UP.
-        self._static_pairs = {(v.name, b.key) for v in new.values() if v.health_check is None for b in v.all_backends}
-        if self.overrides:
-            self.admin.forget_missing({(v.name, b.key) for v in new.values() for b in v.all_backends})
-        self.last_reload = result
-        self.metrics.reloads[True] = self.metrics.reloads.get(True, 0) + 1
-        self._watch_signature = self._dir_signature()
-        self.events.emit(
-            "config_applied",
-            f"config applied ({source}): {len(new)} VIP(s); added {result.added or 'none'}, "
-            f"removed {result.removed or 'none'}, changed {result.changed or 'none'}",
-        )
-        return result
 
     # ------------------------------------------------------------------ operator actions
 

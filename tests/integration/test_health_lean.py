@@ -240,20 +240,26 @@ async def test_monitor_probes_tcp_http_and_exec_side_by_side_on_schedule(tmp_pat
     assert seen["tcp"] > counts["tcp"]
 
 
+def _listening_targets(n: int, check: dict) -> tuple[list[socket.socket], list[Target]]:
+    """n listening sockets on loopback (connects complete from the backlog; nobody needs to
+    accept) and a target of ``check`` on each; the caller closes the sockets."""
+    listeners = []
+    for _ in range(n):
+        listeners.append(socket.socket())
+        listeners[-1].bind(("127.0.0.1", 0))
+        listeners[-1].listen(64)
+    spec = _checks.validate_python(check)
+    local = ipaddress.ip_address("127.0.0.1")
+    return listeners, [Target(local, s.getsockname()[1], spec) for s in listeners]
+
+
 async def test_after_a_stall_every_due_probe_starts_in_batches_and_none_is_lost(monkeypatch):
     """A stall makes every target due at once; the schedule starts them BATCH at a time (reading
     replies in between) and loses none: each target is probed after the stall, none fails."""
     from healthcheck import schedule
 
     monkeypatch.setattr(schedule, "BATCH", 16)
-    listeners = []
-    for _ in range(100):  # connects complete from the backlog; nobody needs to accept
-        listeners.append(socket.socket())
-        listeners[-1].bind(("127.0.0.1", 0))
-        listeners[-1].listen(64)
-    check = _checks.validate_python({"type": "tcp", "interval": 0.2, "timeout": 0.1})
-    local = ipaddress.ip_address("127.0.0.1")
-    targets = [Target(local, s.getsockname()[1], check) for s in listeners]
+    listeners, targets = _listening_targets(100, {"type": "tcp", "interval": 0.2, "timeout": 0.1})
     started: dict[Target, list[float]] = {t: [] for t in targets}
     failures: list[str] = []
 
@@ -345,14 +351,7 @@ async def test_a_low_rate_schedule_starts_several_probes_per_wakeup_and_keeps_ev
     """Few probes due (40 targets every second): the schedule wakes on ticks that each start
     several probes, not once per probe; no probe starts before its slot, and each target's
     slots stay exactly one interval apart (the tick delays starts, never the schedule)."""
-    listeners = []
-    for _ in range(40):
-        listeners.append(socket.socket())
-        listeners[-1].bind(("127.0.0.1", 0))
-        listeners[-1].listen(64)
-    check = _checks.validate_python({"type": "tcp", "interval": 1, "timeout": 0.5})
-    local = ipaddress.ip_address("127.0.0.1")
-    targets = [Target(local, s.getsockname()[1], check) for s in listeners]
+    listeners, targets = _listening_targets(40, {"type": "tcp", "interval": 1, "timeout": 0.5})
     from healthcheck.schedule import Schedule
 
     wakeups = []

@@ -8,6 +8,7 @@ entries back. An operator drain takes the same path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ class Node:
             self.lane.cancel()
 
 
+@contextlib.asynccontextmanager
+async def one_node(tmp_path: Path):
+    """A Node on a forwarder of its own, its backends up and its stop-gap lane running."""
+    with temp_forwarder() as f:
+        n = Node(tmp_path / "n", f)
+        try:
+            await n.up()
+            yield n
+        finally:
+            n.stop()
+
+
 def names() -> list[str]:
     return [f"v{i:02d}" for i in range(NVIPS)]
 
@@ -153,39 +166,29 @@ async def test_shared_backend_down_every_table_gets_the_stop_gap_equal_on_two_no
 
 
 async def test_a_backend_up_again_before_the_reconcile_gets_its_entries_back(tmp_path):
-    with temp_forwarder() as f:
-        n = Node(tmp_path / "n", f)
-        try:
-            await n.up()
-            n.transition(SHARED, State.DOWN)
-            await n.patched(NVIPS)
-            assert SHARED not in n.keys("v00")
-            assert n.state_of("v00", SHARED) == maps.BE_STATE_DRAIN
-            n.transition(SHARED, State.UP)  # the decision is what was programmed last again
-            await n.c.reconcile()
-            for i, name in enumerate(names()):
-                assert n.keys(name) == exact(i).entry_keys()
-                assert n.state_of(name, SHARED) == maps.BE_STATE_ACTIVE
-            assert n.c.self_test.ok, n.c.self_test.reason
-        finally:
-            n.stop()
+    async with one_node(tmp_path) as n:
+        n.transition(SHARED, State.DOWN)
+        await n.patched(NVIPS)
+        assert SHARED not in n.keys("v00")
+        assert n.state_of("v00", SHARED) == maps.BE_STATE_DRAIN
+        n.transition(SHARED, State.UP)  # the decision is what was programmed last again
+        await n.c.reconcile()
+        for i, name in enumerate(names()):
+            assert n.keys(name) == exact(i).entry_keys()
+            assert n.state_of(name, SHARED) == maps.BE_STATE_ACTIVE
+        assert n.c.self_test.ok, n.c.self_test.reason
 
 
 async def test_an_operator_drain_leaves_the_live_table_at_once(tmp_path):
-    with temp_forwarder() as f:
-        n = Node(tmp_path / "n", f)
-        try:
-            await n.up()
-            key = own(3)[0]
-            n.c.set_backend_state("v03", key, "drain")
-            await n.patched(1)
-            assert n.keys("v03") == StopGapTable.of(exact(3), {key}).entry_keys()
-            assert n.keys("v04") == exact(4).entry_keys()  # the other VIPs are left alone
-            await n.c.reconcile()
-            assert key not in n.keys("v03")
-            assert n.state_of("v03", key) == maps.BE_STATE_DRAIN
-        finally:
-            n.stop()
+    async with one_node(tmp_path) as n:
+        key = own(3)[0]
+        n.c.set_backend_state("v03", key, "drain")
+        await n.patched(1)
+        assert n.keys("v03") == StopGapTable.of(exact(3), {key}).entry_keys()
+        assert n.keys("v04") == exact(4).entry_keys()  # the other VIPs are left alone
+        await n.c.reconcile()
+        assert key not in n.keys("v03")
+        assert n.state_of("v03", key) == maps.BE_STATE_DRAIN
 
 
 def test_a_table_whose_last_backend_leaves_is_left_to_the_reconcile() -> None:

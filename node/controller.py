@@ -8,8 +8,9 @@ the state dirty; one loop does the work, so effects never interleave.
 
 The controller holds the state and the loop; its parts live beside it: the persisted operator
 overrides (node.admin_state), the health lookup (node.health_view), installing a VIP set and
-the reload boundary (node.installer), the self-test policy (node.self_test), what a decision turns into for the forwarder and BGP (node.effects), the
-operator events about decisions (node.decision_log) and the API's views (node.views).
+the reload boundary (node.installer), the self-test policy (node.self_test), what a decision
+turns into for the forwarder and BGP (node.effects), the operator events about decisions
+(node.decision_log) and the API's views (node.views).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from node.disable_switch import DisableSwitch
 from node.effects import forwarder_spec, routes_for
 from node.events import EventLog
 from node.health_view import HealthView, held_until, health_of
+from node.installer import ReloadResult
 from node import health_path, installer
 from node.metrics import NodeMetrics
 from node.ports import ForwarderPort, HealthPort, SpeakerPort
@@ -46,7 +48,6 @@ from node.stop_gaps import StopGaps
 from node.supervisor import Supervisor
 from node.transitions import transition_events
 from node.vip_reader import VipReader
-from node.installer import ReloadResult
 from node.vip_source import initial_vips, watcher
 from node import views
 
